@@ -570,7 +570,7 @@ def ppo_loss(
 ) -> tuple[Array, dict[str, Array]]:
     """Total PPO loss of Algorithm 1: ``L = L_π + ζ · L_V`` (TRL ``loss = pg_loss + vf_coef*vf_loss``).
 
-    See :func:`ppo_policy_loss` (Eq. 4, clip ε) and :func:`ppo_value_loss` (clip η, the ½ of
+    See :func:`ppo_policy_loss` (Eq. (4), clip ε) and :func:`ppo_value_loss` (clip η, the ½ of
     TRL when ``half_value_loss``). Both terms are token-level means over the minibatch, as in
     Algorithm 1's ``1 / Σ T``. Defaults are TRL's: ε = η = 0.2, ζ = 0.1, ½ on the value loss.
     Advantages should already be whitened if wanted (TRL whitens once per rollout batch:

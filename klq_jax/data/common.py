@@ -1,0 +1,342 @@
+"""The prompt dataset type shared by every loader, and the loading/padding helpers they share.
+
+Every loader (`tldr.load_tldr`, `hh.load_hh`, `imdb.load_imdb`) returns a :class:`PromptDataset`:
+numpy arrays of LEFT-padded prompt token ids and a float mask, the prompt texts, optional reference
+responses for evaluation, and how many source rows were dropped (and why).
+
+Left padding (pads first, then the prompt) is what TRL and the N+ details use for generation
+(rlhf_facts.md §1 "Tokenizer: padding_side=left", §2 "Short queries are left-padded with the [PAD]
+id"): every prompt then ends at the same column, so sampling appends tokens at column ``Tq`` for the
+whole batch.
+
+Loading goes through :func:`load_split`, which runs ``datasets.load_dataset`` on a hub name *or* a
+local directory / data files, so the same code reads the real hub datasets and the tiny copies that
+:mod:`klq_jax.data.fixtures` writes to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "PromptDataset",
+    "require_pad_id",
+    "load_split",
+    "encode_texts",
+    "left_pad",
+    "mask_from_left_padded",
+    "prompt_dataset_from_tokens",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class PromptDataset:
+    """Prompts for online RLHF, left-padded to one width.
+
+    Attributes:
+      prompt_ids: ``[N, Tq]`` int32 token ids, LEFT-padded with ``pad_id``.
+      prompt_mask: ``[N, Tq]`` float32, 1.0 on real prompt tokens and 0.0 on the left padding.
+        Each row is 0...0 then 1...1 (at least one real token).
+      prompt_texts: ``N`` prompt strings (the text the ids encode).
+      references: ``N`` reference responses for evaluation (TL;DR: the human summary " ...",
+        HH: the chosen reply " ..."), or None when the dataset has none (IMDb).
+      pad_id: the tokenizer's pad id used for the left padding.
+      dropped: number of source rows dropped (too long for the budget, filtered out, malformed).
+      drop_reasons: the same count split by reason, e.g. ``{"too_long": 3, "multi_turn": 10}``.
+      extras: optional per-prompt numpy arrays of length ``N`` (e.g. IMDb ``label``).
+      name: a short description of the source (dataset and split), for logs.
+
+    Example:
+      >>> import numpy as np
+      >>> ds = PromptDataset(prompt_ids=np.array([[9, 5, 6], [4, 5, 6]], np.int32),
+      ...                    prompt_mask=np.array([[0, 1, 1], [1, 1, 1]], np.float32),
+      ...                    prompt_texts=["ab", "cab"], references=None, pad_id=9)
+      >>> len(ds), ds.width, ds.lengths.tolist()
+      (2, 3, [2, 3])
+    """
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    prompt_texts: list[str]
+    references: list[str] | None
+    pad_id: int
+    dropped: int = 0
+    drop_reasons: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    extras: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    name: str = ""
+
+    def __post_init__(self):
+        ids, mask = self.prompt_ids, self.prompt_mask
+        if not isinstance(ids, np.ndarray) or ids.ndim != 2 or ids.dtype != np.int32:
+            raise ValueError(
+                "PromptDataset.prompt_ids must be a [N, Tq] int32 numpy array, got "
+                f"{type(ids).__name__} {getattr(ids, 'shape', None)} {getattr(ids, 'dtype', None)}."
+            )
+        if not isinstance(mask, np.ndarray) or mask.shape != ids.shape or mask.dtype != np.float32:
+            raise ValueError(
+                f"PromptDataset.prompt_mask must be a float32 array of shape {ids.shape}, got "
+                f"{getattr(mask, 'shape', None)} {getattr(mask, 'dtype', None)}."
+            )
+        n = ids.shape[0]
+        if len(self.prompt_texts) != n:
+            raise ValueError(f"{len(self.prompt_texts)} prompt_texts for {n} prompts.")
+        if self.references is not None and len(self.references) != n:
+            raise ValueError(f"{len(self.references)} references for {n} prompts.")
+        for key, value in self.extras.items():
+            if len(value) != n:
+                raise ValueError(f"extras[{key!r}] has {len(value)} entries for {n} prompts.")
+        if n:
+            if not np.all((mask == 0.0) | (mask == 1.0)):
+                raise ValueError("prompt_mask must hold only 0.0 and 1.0.")
+            if np.any(np.diff(mask, axis=1) < 0):
+                raise ValueError(
+                    "prompts must be LEFT-padded: each prompt_mask row must be 0...0 then 1...1."
+                )
+            if ids.shape[1] == 0 or np.any(mask[:, -1] != 1.0):
+                raise ValueError("every prompt needs at least one real token (its last column).")
+            if np.any(ids[mask == 0.0] != self.pad_id):
+                raise ValueError(f"padding positions must hold pad_id={self.pad_id}.")
+
+    def __len__(self) -> int:
+        return int(self.prompt_ids.shape[0])
+
+    @property
+    def width(self) -> int:
+        """``Tq``, the padded prompt length."""
+        return int(self.prompt_ids.shape[1])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """``[N]`` int32 number of real tokens per prompt."""
+        return self.prompt_mask.sum(axis=1).astype(np.int32)
+
+    def select(self, indices: Sequence[int] | np.ndarray) -> "PromptDataset":
+        """The prompts at ``indices`` (in that order), same width; drop counts are kept.
+
+        Example:
+          >>> import numpy as np
+          >>> ds = PromptDataset(np.array([[1], [2]], np.int32), np.ones((2, 1), np.float32),
+          ...                    ["a", "b"], None, pad_id=0)
+          >>> ds.select([1]).prompt_texts
+          ['b']
+        """
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        return dataclasses.replace(
+            self,
+            prompt_ids=self.prompt_ids[idx],
+            prompt_mask=self.prompt_mask[idx],
+            prompt_texts=[self.prompt_texts[i] for i in idx],
+            references=None if self.references is None else [self.references[i] for i in idx],
+            extras={k: np.asarray(v)[idx] for k, v in self.extras.items()},
+        )
+
+    def left_trim(self, multiple_of: int = 1) -> "PromptDataset":
+        """Drop leading columns that are padding in every row (keeping the width a multiple of
+        ``multiple_of`` where possible): same prompts, smaller ``Tq``.
+
+        Example:
+          >>> import numpy as np
+          >>> ds = PromptDataset(np.array([[0, 0, 5], [0, 4, 5]], np.int32),
+          ...                    np.array([[0, 0, 1], [0, 1, 1]], np.float32), ["x", "yx"], None, 0)
+          >>> ds.left_trim().prompt_ids.tolist()
+          [[0, 5], [4, 5]]
+        """
+        longest = int(self.lengths.max()) if len(self) else 0
+        width = max(1, -(-longest // multiple_of) * multiple_of)
+        width = min(width, self.width)
+        return dataclasses.replace(
+            self,
+            prompt_ids=np.ascontiguousarray(self.prompt_ids[:, self.width - width :]),
+            prompt_mask=np.ascontiguousarray(self.prompt_mask[:, self.width - width :]),
+        )
+
+
+def require_pad_id(tokenizer) -> int:
+    """The tokenizer's pad id, or a clear error if it has none.
+
+    Pythia's tokenizer has no pad token; TRL and the N+ details add one with
+    ``tokenizer.add_special_tokens({"pad_token": "[PAD]"})`` (rlhf_facts.md §1, §4), which is the id
+    the pre-tokenised TL;DR queries are padded with.
+
+    Example:
+      >>> from klq_jax.data.fixtures import make_tiny_tokenizer
+      >>> require_pad_id(make_tiny_tokenizer()) == make_tiny_tokenizer().pad_token_id
+      True
+    """
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        raise ValueError(
+            f"The tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} has "
+            "no pad token, which the left-padded prompts need. Add one as TRL and the N+ details do: "
+            "tokenizer.add_special_tokens({'pad_token': '[PAD]'}) (its id must lie inside the policy's "
+            "embedding; Pythia's 50304-row embedding covers '[PAD]' = 50277), or pass the policy's "
+            "tokenizer as saved by the SFT run, which already has it."
+        )
+    return int(pad_id)
+
+
+_SAVED_MARKERS = ("dataset_dict.json", "state.json")
+_EXT_TO_BUILDER = {
+    ".json": "json", ".jsonl": "json", ".json.gz": "json", ".jsonl.gz": "json",
+    ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
+}
+
+
+def load_split(
+    name_or_path: str,
+    split: str,
+    *,
+    data_dir: str | None = None,
+    data_files: Any = None,
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+):
+    """Load one split as a ``datasets.Dataset`` from the hub or from local files, by the same code.
+
+    * a hub name (``"Anthropic/hh-rlhf"``) or a local directory in a hub repo's layout (data files,
+      optionally a README.md with ``configs``) -> ``datasets.load_dataset(name_or_path,
+      name=config_name, data_dir=data_dir, data_files=data_files, split=split)``;
+    * a directory written by ``Dataset(Dict).save_to_disk`` -> ``datasets.load_from_disk``;
+    * a single data file (.jsonl[.gz], .json, .parquet, .csv, .arrow) -> the matching builder with
+      ``data_files={split: path}``.
+
+    Example (a local copy of hh-rlhf's layout; ``fixtures.write_tiny_hh`` writes one):
+      >>> import tempfile
+      >>> from klq_jax.data import fixtures
+      >>> d = fixtures.write_tiny_hh(tempfile.mkdtemp(), n=4)
+      >>> len(load_split(d, "test", data_dir="helpful-base")) > 0
+      True
+    """
+    import datasets  # local import: keeps `import klq_jax.data` light
+
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _SAVED_MARKERS):
+        loaded = datasets.load_from_disk(path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if split not in loaded:
+                raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}.")
+            return loaded[split]
+        return loaded
+    if os.path.isfile(path):
+        lower = path.lower()
+        builder = next((b for ext, b in sorted(_EXT_TO_BUILDER.items(), key=lambda kv: -len(kv[0]))
+                        if lower.endswith(ext)), None)
+        if builder is None:
+            raise ValueError(
+                f"Cannot tell the format of {path}: use one of {sorted(_EXT_TO_BUILDER)}, or pass a "
+                "directory in the hub dataset's layout."
+            )
+        return datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
+    try:
+        return datasets.load_dataset(
+            path, name=config_name, data_dir=data_dir, data_files=data_files, split=split,
+            cache_dir=cache_dir,
+        )
+    except (FileNotFoundError, ConnectionError, ValueError) as err:
+        raise type(err)(
+            f"Could not load split {split!r} of {path!r} (data_dir={data_dir!r}): {err}\n"
+            "Without network access, pass a local directory in the hub repo's layout (see "
+            "klq_jax.data.fixtures for the layouts) or a data file instead of a hub name."
+        ) from err
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text, without special tokens (N+/TRL encode prompts the same way with
+    Pythia's tokenizer, which adds none)."""
+    if not texts:
+        return []
+    return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def left_pad(token_lists: Sequence[Sequence[int]], width: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad each token list to ``width``: ``(ids [N, width] int32, mask [N, width] float32)``.
+
+    Example:
+      >>> ids, mask = left_pad([[5, 6], [7]], 3, pad_id=0)
+      >>> ids.tolist(), mask.tolist()
+      ([[0, 5, 6], [0, 0, 7]], [[0.0, 1.0, 1.0], [0.0, 0.0, 1.0]])
+    """
+    n = len(token_lists)
+    ids = np.full((n, width), pad_id, dtype=np.int32)
+    mask = np.zeros((n, width), dtype=np.float32)
+    for i, toks in enumerate(token_lists):
+        k = len(toks)
+        if k > width:
+            raise ValueError(f"prompt {i} has {k} tokens, more than the width {width}.")
+        if k:
+            ids[i, width - k :] = np.asarray(toks, dtype=np.int32)
+            mask[i, width - k :] = 1.0
+    return ids, mask
+
+
+def mask_from_left_padded(ids: np.ndarray, pad_id: int) -> np.ndarray:
+    """``[N, T]`` float32 mask of a left-padded ``[N, T]`` id array: 0 on the leading run of
+    ``pad_id`` and 1 from the first other token on (a pad id *inside* a prompt stays real).
+
+    Example:
+      >>> import numpy as np
+      >>> mask_from_left_padded(np.array([[9, 9, 3, 9, 4]]), 9).tolist()
+      [[0.0, 0.0, 1.0, 1.0, 1.0]]
+    """
+    ids = np.asarray(ids)
+    return np.maximum.accumulate(ids != pad_id, axis=1).astype(np.float32)
+
+
+def prompt_dataset_from_tokens(
+    token_lists: Sequence[Sequence[int]],
+    texts: Sequence[str],
+    references: Sequence[str] | None,
+    *,
+    pad_id: int,
+    max_length: int,
+    width: int | None = None,
+    drop_reasons: Mapping[str, int] | None = None,
+    extras: Mapping[str, np.ndarray] | None = None,
+    name: str = "",
+) -> PromptDataset:
+    """Drop prompts longer than ``max_length`` tokens (or empty), left-pad the rest.
+
+    ``width`` is the padded width; None pads to the longest kept prompt. The drop counts are added
+    to ``drop_reasons`` ("too_long", "empty") and logged.
+    """
+    reasons = dict(drop_reasons or {})
+    keep = []
+    for i, toks in enumerate(token_lists):
+        if len(toks) == 0:
+            reasons["empty"] = reasons.get("empty", 0) + 1
+        elif len(toks) > max_length:
+            reasons["too_long"] = reasons.get("too_long", 0) + 1
+        else:
+            keep.append(i)
+    if not keep:
+        raise ValueError(
+            f"{name or 'dataset'}: no prompt left after filtering ({reasons}); raise the token budget "
+            f"(max_length={max_length}) or relax the filters."
+        )
+    kept_tokens = [token_lists[i] for i in keep]
+    if width is None:
+        width = max(len(t) for t in kept_tokens)
+    ids, mask = left_pad(kept_tokens, width, pad_id)
+    reasons = {k: v for k, v in reasons.items() if v}
+    dropped = int(sum(reasons.values()))
+    if dropped:
+        logger.warning("%s: dropped %d of %d rows %s", name or "dataset", dropped, dropped + len(keep), reasons)
+    return PromptDataset(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        prompt_texts=[texts[i] for i in keep],
+        references=None if references is None else [references[i] for i in keep],
+        pad_id=int(pad_id),
+        dropped=dropped,
+        drop_reasons=reasons,
+        extras={k: np.asarray(v)[keep] for k, v in (extras or {}).items()},
+        name=name,
+    )

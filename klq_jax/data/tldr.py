@@ -1,0 +1,296 @@
+"""TL;DR summarisation prompts (paper §5: TL;DR, Syed et al. 2018; setup of the N+ details).
+
+Two sources, one output (:class:`~klq_jax.data.common.PromptDataset`, queries left-padded to 512):
+
+1. **Pre-tokenised** (the default, what the N+ PPO script trains on; rlhf_facts.md §2):
+   ``vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144``, splits
+   ``train`` / ``validation`` / ``test`` (116,722 / 6,447 / 6,553 rows). Column ``query_token`` holds
+   512 ids already LEFT-padded with the Pythia ``[PAD]`` id; ``query`` is its text;
+   ``reference_response`` is ``" " + summary + "<|endoftext|>"``. The ids are used as they are; the
+   mask is 0 on the leading run of the tokenizer's pad id, so the tokenizer passed in must be the
+   policy's (Pythia + ``[PAD]``) tokenizer the ids were made with.
+
+2. **Raw rows** with columns ``subreddit``, ``title``, ``post`` (and ``summary``), e.g. the N+ source
+   ``vwxyzjn/summarize_from_feedback_tldr_3_filtered`` or the columns of the dataset above. The
+   query is built as N+ (vwxyzjn/summarize_from_feedback_details ``tldr_dataset.py``, OpenAI's
+   ``lm-human-preferences`` recipe) does it::
+
+       "SUBREDDIT: r/{subreddit}\\n\\nTITLE: {title}\\n\\nPOST: {post}\\n\\nTL;DR:"
+
+   *Smart truncation*: while the encoded query is longer than ``query_length`` (512), ``post`` is
+   cut back to just before its last ``"\\n"`` (the newline itself goes too) and the query is
+   re-encoded. When the post has no newline left, N+ removes one character at a time; here
+   ``no_newline_cut`` chooses:
+
+   * ``"tokens"`` (default, fast): encode the post on its own, keep its first
+     ``len(post_tokens) - excess`` tokens (cut at the end character of the last kept token, so no
+     character is split), re-encode the query, and drop one more post token until it fits;
+   * ``"chars"``: N+'s loop exactly, one character at a time (slow for long newline-free posts).
+
+   If the post is empty and the query is still too long (a very long title), the row is dropped and
+   counted (``drop_reasons["too_long"]``); N+ raises instead. Queries are encoded without special
+   tokens and LEFT-padded with the pad id to ``query_length``.
+
+References (for evaluation) are the human summaries as a response text, ``" " + summary`` (from
+``reference_response`` without its trailing EOS string, or built from ``summary``).
+
+Example (offline, with the tiny fixtures):
+
+    >>> import tempfile
+    >>> from klq_jax.data import fixtures, tldr
+    >>> tok = fixtures.make_tiny_tokenizer()
+    >>> d = fixtures.write_tiny_tldr(tempfile.mkdtemp(), tok, n=4, query_length=128)
+    >>> ds = tldr.load_tldr(tok, "validation", name_or_path=d, query_length=128)
+    >>> ds.prompt_ids.shape[1], ds.prompt_texts[0].endswith("\\n\\nTL;DR:")
+    (128, True)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+
+from klq_jax.data.common import (
+    PromptDataset,
+    encode_texts,
+    left_pad,
+    load_split,
+    mask_from_left_padded,
+    require_pad_id,
+)
+
+__all__ = [
+    "TLDR_DATASET",
+    "TLDR_RAW_DATASET",
+    "QUERY_FORMAT",
+    "QUERY_LENGTH",
+    "format_query",
+    "truncate_query",
+    "load_tldr",
+]
+
+logger = logging.getLogger(__name__)
+
+TLDR_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144"
+TLDR_RAW_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
+QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
+QUERY_LENGTH = 512
+
+
+def format_query(subreddit: str, title: str, post: str) -> str:
+    """The N+ / OpenAI TL;DR query text.
+
+    Example:
+      >>> format_query("cats", "Help", "My cat.")
+      'SUBREDDIT: r/cats\\n\\nTITLE: Help\\n\\nPOST: My cat.\\n\\nTL;DR:'
+    """
+    return QUERY_FORMAT.format(subreddit=subreddit, title=title, post=post)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _post_prefix_by_tokens(tokenizer, post: str, keep: int) -> str:
+    """The post cut after its first ``keep`` tokens (encoded on its own)."""
+    if keep <= 0:
+        return ""
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(post, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        if keep >= len(offsets):
+            return post
+        return post[: offsets[keep - 1][1]]
+    ids = _encode(tokenizer, post)
+    return tokenizer.decode(ids[:keep]).rstrip("\ufffd")
+
+
+def truncate_query(
+    tokenizer,
+    subreddit: str,
+    title: str,
+    post: str,
+    query_length: int = QUERY_LENGTH,
+    *,
+    no_newline_cut: Literal["tokens", "chars"] = "tokens",
+    ids: list[int] | None = None,
+) -> tuple[str, list[int]] | None:
+    """Smart-truncate the post until the query fits ``query_length`` tokens (see module docstring).
+
+    Args:
+      tokenizer: a Hugging Face tokenizer (encoded without special tokens).
+      subreddit, title, post: the raw row's fields.
+      query_length: the token budget (N+: 512).
+      no_newline_cut: ``"tokens"`` (fast hard cut of the post's tokens) or ``"chars"`` (N+'s
+        one-character-at-a-time loop) once the post has no newline left.
+      ids: the ids of the untruncated query, if already computed.
+
+    Returns:
+      ``(query_text, query_ids)`` with ``len(query_ids) <= query_length`` (not padded), or None when
+      even an empty post does not fit.
+
+    Example:
+      >>> from klq_jax.data.fixtures import make_tiny_tokenizer
+      >>> tok = make_tiny_tokenizer()
+      >>> text, ids = truncate_query(tok, "a", "b", "first line\\nsecond line", 10**6)
+      >>> text.endswith("second line\\n\\nTL;DR:")
+      True
+    """
+    if no_newline_cut not in ("tokens", "chars"):
+        raise ValueError(f"no_newline_cut must be 'tokens' or 'chars', got {no_newline_cut!r}.")
+    if ids is None:
+        ids = _encode(tokenizer, format_query(subreddit, title, post))
+    while len(ids) > query_length:
+        if not post:
+            return None
+        cut = post.rfind("\n")
+        if cut >= 0:
+            post = post[:cut]
+        elif no_newline_cut == "chars":
+            post = post[:-1]
+        else:
+            post_len = len(_encode(tokenizer, post))
+            keep = post_len - (len(ids) - query_length)
+            while True:
+                candidate = _post_prefix_by_tokens(tokenizer, post, keep)
+                if keep <= 0 or candidate == "":
+                    post = ""
+                    break
+                cand_ids = _encode(tokenizer, format_query(subreddit, title, candidate))
+                if len(cand_ids) <= query_length:
+                    post = candidate
+                    break
+                keep -= 1
+        ids = _encode(tokenizer, format_query(subreddit, title, post))
+    return format_query(subreddit, title, post), ids
+
+
+def _reference_from_response(text: str, eos: str | None) -> str:
+    if eos and text.endswith(eos):
+        return text[: -len(eos)]
+    return text
+
+
+def load_tldr(
+    tokenizer,
+    split: str = "train",
+    *,
+    name_or_path: str = TLDR_DATASET,
+    source: Literal["auto", "query_token", "raw"] = "auto",
+    query_length: int = QUERY_LENGTH,
+    data_dir: str | None = None,
+    data_files=None,
+    max_rows: int | None = None,
+    no_newline_cut: Literal["tokens", "chars"] = "tokens",
+) -> PromptDataset:
+    """TL;DR prompts as a :class:`PromptDataset` of width ``query_length``.
+
+    Args:
+      tokenizer: the policy's tokenizer, with a pad token (Pythia + ``[PAD]``).
+      split: ``"train"``, ``"validation"`` or ``"test"``.
+      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file.
+      source: ``"query_token"`` uses the pre-tokenised ids, ``"raw"`` re-encodes from
+        ``subreddit``/``title``/``post``; ``"auto"`` picks ``query_token`` when the column exists.
+      query_length: the token budget and padded width (N+: 512). Pre-tokenised rows of another
+        width are re-padded; those with more real tokens than ``query_length`` are dropped.
+      data_dir, data_files: passed to ``datasets.load_dataset``.
+      max_rows: use only the first ``max_rows`` rows of the split (quick runs).
+      no_newline_cut: see :func:`truncate_query`.
+
+    Returns:
+      A PromptDataset with ``prompt_ids [N, query_length]`` and ``references`` = ``" " + summary``
+      when the split has summaries.
+
+    Example: see the module docstring.
+    """
+    pad_id = require_pad_id(tokenizer)
+    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files)
+    if max_rows is not None:
+        rows = rows.select(range(min(int(max_rows), len(rows))))
+    columns = set(rows.column_names)
+    if source == "auto":
+        source = "query_token" if "query_token" in columns else "raw"
+    name = f"tldr:{name_or_path}:{split}"
+    eos = getattr(tokenizer, "eos_token", None)
+
+    references = None
+    if "reference_response" in columns:
+        references = [_reference_from_response(t, eos) for t in rows["reference_response"]]
+    elif "summary" in columns:
+        references = [" " + s for s in rows["summary"]]
+
+    if source == "query_token":
+        if "query_token" not in columns:
+            raise ValueError(f"{name}: no 'query_token' column (columns: {sorted(columns)}); use source='raw'.")
+        ids = np.asarray(rows.with_format("numpy")["query_token"])
+        if ids.ndim != 2:
+            raise ValueError(f"{name}: 'query_token' rows must all have the same length.")
+        vocab = len(tokenizer)
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise ValueError(
+                f"{name}: query_token ids lie in [{ids.min()}, {ids.max()}] but the tokenizer has {vocab} "
+                "tokens: pass the tokenizer the ids were made with (Pythia's, with '[PAD]' added)."
+            )
+        mask = mask_from_left_padded(ids, pad_id)
+        lengths = mask.sum(axis=1).astype(np.int64)
+        if "query" in columns:
+            texts = list(rows["query"])
+        else:
+            texts = [tokenizer.decode(r[m > 0], skip_special_tokens=True).lstrip() for r, m in zip(ids, mask)]
+        keep = np.nonzero((lengths > 0) & (lengths <= query_length))[0]
+        reasons = {"too_long": int(np.sum(lengths > query_length)), "empty": int(np.sum(lengths == 0))}
+        token_lists = [ids[i, ids.shape[1] - lengths[i]:] for i in keep]
+        out_ids, out_mask = left_pad(token_lists, query_length, pad_id)
+        reasons = {k: v for k, v in reasons.items() if v}
+        if reasons:
+            logger.warning("%s: dropped %d of %d rows %s", name, sum(reasons.values()), len(ids), reasons)
+        return PromptDataset(
+            prompt_ids=out_ids,
+            prompt_mask=out_mask,
+            prompt_texts=[texts[i] for i in keep],
+            references=None if references is None else [references[i] for i in keep],
+            pad_id=pad_id,
+            dropped=int(sum(reasons.values())),
+            drop_reasons=reasons,
+            name=name,
+        )
+
+    if source != "raw":
+        raise ValueError(f"source must be 'auto', 'query_token' or 'raw', got {source!r}.")
+    missing = {"subreddit", "title", "post"} - columns
+    if missing:
+        raise ValueError(f"{name}: raw TL;DR rows need columns subreddit/title/post; missing {sorted(missing)}.")
+    subreddits, titles, posts = rows["subreddit"], rows["title"], rows["post"]
+    full_texts = [format_query(s, t, p) for s, t, p in zip(subreddits, titles, posts)]
+    full_ids = encode_texts(tokenizer, full_texts)
+    texts, token_lists, keep = [], [], []
+    for i, ids in enumerate(full_ids):
+        if len(ids) <= query_length:
+            out = (full_texts[i], ids)
+        else:
+            out = truncate_query(tokenizer, subreddits[i], titles[i], posts[i], query_length,
+                                 no_newline_cut=no_newline_cut, ids=ids)
+        if out is not None and len(out[1]) > 0:
+            keep.append(i)
+            texts.append(out[0])
+            token_lists.append(out[1])
+    n_dropped = len(full_ids) - len(keep)
+    if not keep:
+        raise ValueError(f"{name}: no query fits query_length={query_length} tokens.")
+    ids_arr, mask_arr = left_pad(token_lists, query_length, pad_id)
+    reasons = {"too_long": n_dropped} if n_dropped else {}
+    if n_dropped:
+        logger.warning("%s: dropped %d of %d rows whose query does not fit %d tokens even with an "
+                       "empty post", name, n_dropped, len(full_ids), query_length)
+    return PromptDataset(
+        prompt_ids=ids_arr,
+        prompt_mask=mask_arr,
+        prompt_texts=texts,
+        references=None if references is None else [references[i] for i in keep],
+        pad_id=pad_id,
+        dropped=n_dropped,
+        drop_reasons=reasons,
+        name=name,
+    )
