@@ -26,7 +26,8 @@ Conditions under which this holds (and under which it is checked):
     population losses, not about a finite-sample or finite-gradient-step fit.
   * Reading of Eqs. (16)-(17): Â[π_k, V_k] is the non-conservative (α = 1) λ-return of
     Q[π_k, V_k] minus V_k(s), i.e. GAE with KL-shaped rewards plus τ log(π_k(a|s)/π_b(a|s)) of the
-    first action (not PPO's GAE alone). Eq. (17)'s ratio term E_{π_k}[π/π_k Â] is the on-policy
+    first action (not Algorithm 1's GAE alone, which breaks the equivalence:
+    ``test_eq17_needs_the_advantage_of_eq16``). Eq. (17)'s ratio term E_{π_k}[π/π_k Â] is the on-policy
     importance-weighted form of Σ_a π(a|s) Â(s, a). For α = 1, β = 0 and Eq. (17) has no proximal term.
   * Reading of Eq. (20): G^{λ,α}[V_k, π_k] is the *conservative* return of Q[π_k, V_k], and the
     log-ratio uses the *new* policy π_{k+1}; ``test_eq20_needs_the_new_policy`` shows that π_k there
@@ -319,3 +320,19 @@ def test_iterates_reach_the_sequence_level_optimum():
         log_star = log_b + ret / TAU - logsumexp(log_b + ret / TAU)
         np.testing.assert_allclose(log_p, log_star, atol=1e-10)
         np.testing.assert_allclose(v[root], TAU * logsumexp(log_b + ret / TAU), atol=1e-10)
+
+
+def test_eq17_needs_the_advantage_of_eq16():
+    """Sensitivity: Algorithm 1's GAE (KL folded into the rewards, without the τ log(π_k/π_b) of the
+    first action that Eq. (16)'s G^λ[π_k, V_k] - V_k contains) in Eq. (17) breaks the equivalence."""
+    mdp = MDPS[1.0]
+    pi_b, pi_k, v_k = _start(mdp, 13)
+    alpha, lam = 0.5, 0.9
+    q_next = tb.klq_step(mdp, tb.q_from_policy_value(pi_k, v_k, pi_b, TAU), pi_b, TAU, lam, alpha)
+    pi_want, _ = _boltzmann_ref(q_next, pi_b, TAU)
+    beta = tb.beta_from_alpha(alpha, TAU)
+    adv = tb.lambda_advantage_pv(mdp, pi_k, v_k, pi_b, TAU, lam)
+    gae = adv - TAU * np.log(pi_k / pi_b)
+    pi_gae = tb.proximal_policy_closed_form(pi_k, pi_b, gae, beta, TAU)
+    assert np.max(np.abs(pi_gae - pi_want)) > 1e-2
+    assert np.max(np.abs(tb.proximal_policy_closed_form(pi_k, pi_b, adv, beta, TAU) - pi_want)) <= TOL
