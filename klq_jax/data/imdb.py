@@ -1,0 +1,98 @@
+"""IMDb positive-sentiment prompts (the paper's App. D IMDb task; the old TRL sentiment example).
+
+Source: ``stanfordnlp/imdb``, config ``plain_text``, splits ``train`` (25k), ``test`` (25k) and
+``unsupervised`` (50k, label -1); columns ``text`` (str) and ``label`` (ClassLabel 0=neg, 1=pos)
+(rlhf_facts.md §3).
+
+Prompts follow the old TRL example (huggingface/trl@v0.9.6 ``examples/scripts/ppo.py``; rlhf_facts.md
+§3): keep reviews of more than ``min_review_chars`` characters (TRL: ``len(review) > 200``), encode
+each review without special tokens and keep its first ``k`` tokens, with ``k`` drawn per review from
+``range(*prompt_length_range)`` (TRL's ``LengthSampler(2, 8)``: ``np.random.choice(range(2, 8))``, so
+2..7 tokens; the range is half-open). Here the draws come from ``np.random.default_rng(seed)`` in row
+order, so the prompts are a pure function of (dataset, tokenizer, seed). The prompt text is the
+decoded prefix; prompts are LEFT-padded to ``max(range)`` tokens. The review labels go to
+``extras["label"]``; there are no references.
+
+Example (offline):
+
+    >>> import tempfile
+    >>> from klq_jax.data import fixtures, imdb
+    >>> tok = fixtures.make_tiny_tokenizer()
+    >>> d = fixtures.write_tiny_imdb(tempfile.mkdtemp(), n=6)
+    >>> ds = imdb.load_imdb(tok, "train", name_or_path=d, seed=0)
+    >>> ds.width, bool(((ds.lengths >= 2) & (ds.lengths <= 7)).all())
+    (7, True)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from klq_jax.data.common import (
+    PromptDataset,
+    encode_texts,
+    load_split,
+    prompt_dataset_from_tokens,
+    require_pad_id,
+)
+
+__all__ = ["IMDB_DATASET", "load_imdb"]
+
+IMDB_DATASET = "stanfordnlp/imdb"
+
+
+def load_imdb(
+    tokenizer,
+    split: str = "train",
+    *,
+    name_or_path: str = IMDB_DATASET,
+    data_dir: str | None = None,
+    data_files=None,
+    prompt_length_range: tuple[int, int] = (2, 8),
+    min_review_chars: int | None = 200,
+    seed: int = 0,
+    max_rows: int | None = None,
+) -> PromptDataset:
+    """IMDb review-prefix prompts as a :class:`PromptDataset` of width ``prompt_length_range[1] - 1``.
+
+    Args:
+      tokenizer: the policy's tokenizer, with a pad token.
+      split: ``"train"``, ``"test"`` or ``"unsupervised"``.
+      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file.
+      data_dir, data_files: passed to ``datasets.load_dataset``.
+      prompt_length_range: half-open ``[lo, hi)`` range of prompt token counts (TRL: (2, 8)).
+      min_review_chars: keep reviews with strictly more characters (None keeps all).
+      seed: seeds the per-review prompt lengths.
+      max_rows: use only the first ``max_rows`` rows of the split (before filtering).
+
+    Example: see the module docstring.
+    """
+    lo, hi = (int(x) for x in prompt_length_range)
+    if not 1 <= lo < hi:
+        raise ValueError(f"prompt_length_range must be a half-open range [lo, hi) with 1 <= lo < hi, got {prompt_length_range}.")
+    pad_id = require_pad_id(tokenizer)
+    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files)
+    if max_rows is not None:
+        rows = rows.select(range(min(int(max_rows), len(rows))))
+    if "text" not in rows.column_names:
+        raise ValueError(f"IMDb rows need a 'text' column; {name_or_path} has {rows.column_names}.")
+    texts = list(rows["text"])
+    labels = np.asarray(rows["label"], dtype=np.int32) if "label" in rows.column_names else None
+    keep = [i for i, t in enumerate(texts) if min_review_chars is None or len(t) > min_review_chars]
+    reasons = {"short_review": len(texts) - len(keep)}
+    rng = np.random.default_rng(seed)
+    ks = rng.integers(lo, hi, size=len(keep))
+    full = encode_texts(tokenizer, [texts[i] for i in keep])
+    token_lists = [toks[:k] for toks, k in zip(full, ks)]
+    prompts = [tokenizer.decode(t) for t in token_lists]
+    return prompt_dataset_from_tokens(
+        token_lists,
+        prompts,
+        None,
+        pad_id=pad_id,
+        max_length=hi - 1,
+        width=hi - 1,
+        drop_reasons=reasons,
+        extras={} if labels is None else {"label": labels[keep]},
+        name=f"imdb:{name_or_path}:{split}",
+    )

@@ -1,0 +1,44 @@
+"""IMDb data: seeded review-prefix prompts and the review-length filter."""
+import numpy as np
+import pytest
+
+from klq_jax.data import fixtures, imdb
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fixtures.make_tiny_tokenizer()
+
+
+def test_prefix_prompts_exact(tok, tmp_path):
+    d = fixtures.write_tiny_imdb(tmp_path, n=9)
+    import datasets
+
+    raw = datasets.load_dataset(d, split="train")
+    assert raw.features["label"].names == ["neg", "pos"]
+    ds = imdb.load_imdb(tok, "train", name_or_path=d, seed=5)
+    kept = [r for r in raw if len(r["text"]) > 200]
+    assert ds.drop_reasons == {"short_review": 9 - len(kept)} and len(ds) == len(kept) == 6
+    assert ds.width == 7 and ds.references is None
+    assert ds.extras["label"].tolist() == [r["label"] for r in kept]
+    ks = ds.lengths.tolist()
+    assert all(2 <= k <= 7 for k in ks)
+    for row, k, ids, text in zip(kept, ks, ds.prompt_ids.tolist(), ds.prompt_texts):
+        first = tok(row["text"], add_special_tokens=False)["input_ids"][:k]
+        assert ids == [tok.pad_token_id] * (7 - k) + first
+        assert text == tok.decode(first) and row["text"].startswith(text)
+    # same seed -> same prompts; another seed -> other lengths
+    again = imdb.load_imdb(tok, "train", name_or_path=d, seed=5)
+    np.testing.assert_array_equal(again.prompt_ids, ds.prompt_ids)
+    others = [imdb.load_imdb(tok, "train", name_or_path=d, seed=s).lengths.tolist() for s in range(6, 10)]
+    assert any(o != ks for o in others)
+
+
+def test_no_filter_and_splits(tok, tmp_path):
+    d = fixtures.write_tiny_imdb(tmp_path, n=6)
+    ds = imdb.load_imdb(tok, "unsupervised", name_or_path=d, min_review_chars=None, prompt_length_range=(4, 5))
+    assert len(ds) == 6 and ds.dropped == 0 and ds.lengths.tolist() == [4] * 6
+    assert ds.extras["label"].tolist() == [-1] * 6
+    assert len(imdb.load_imdb(tok, "test", name_or_path=d, min_review_chars=None)) == 3
+    with pytest.raises(ValueError, match="half-open"):
+        imdb.load_imdb(tok, "train", name_or_path=d, prompt_length_range=(3, 3))
