@@ -1,0 +1,183 @@
+"""KLQ and PPO as data: each is a pair (targets, loss) over the same rollout and update loop.
+
+* ``targets(cfg, experience) -> dict`` runs once per iteration on the rollout of θ_old (no
+  gradient): KLQ computes the λ-returns Ĝ of Eq. (7)/(14); PPO computes the KL-shaped rewards,
+  GAE advantages (optionally whitened) and value targets of Algorithm 1.
+* ``loss(cfg, logp, values, batch) -> (loss, metrics)`` is evaluated on each minibatch with the
+  current θ: KLQ is the ℓ² loss of Eq. (6) on Q_θ = τ·log(π_θ/π_b) + V_θ (Eq. 13); PPO is the
+  clipped policy loss plus ζ times the clipped value loss.
+
+Everything else — sampling, scoring, the epochs × minibatches × micro-batches update, sharding,
+checkpoints — is shared (``klq_jax.train``).
+
+Example::
+
+    >>> import jax.numpy as jnp
+    >>> from klq_jax import algorithms
+    >>> cfg = algorithms.AlgoConfig(name="klq", tau=0.05)
+    >>> exp = dict(logp=jnp.zeros((2, 3)), ref_logp=jnp.zeros((2, 3)), values=jnp.zeros((2, 3)),
+    ...            rewards=jnp.array([[0., 0., 1.], [0., 2., 0.]]),
+    ...            response_mask=jnp.array([[1., 1., 1.], [1., 1., 0.]]))
+    >>> algorithms.get(cfg.name).targets(cfg, exp)["targets"].tolist()
+    [[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from klq_jax import losses, returns
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    """Hyperparameters of KLQ (Algorithm 2) and PPO (Algorithm 1). Defaults: paper Table 2 + TRL.
+
+    Attributes:
+      name: ``"klq"`` or ``"ppo"``.
+      tau: KL coefficient τ (both algorithms; paper: 0.05).
+      gamma: discount γ (paper: 1).
+      lam: λ of the λ-returns / GAE (paper: 0.95).
+      alpha: KLQ's conservativeness α of Eq. (7) (paper experiments: 1).
+      clip_eps: PPO ratio clip ε (TRL: 0.2).
+      value_clip: PPO value clip η (TRL: 0.2); ``None`` disables it.
+      vf_coef: PPO value-loss coefficient ζ (TRL: 0.1).
+      whiten_advantages: masked whitening of GAE advantages (TRL: on; Algorithm 1: off).
+      value_target: ``"trl"`` (advantages + old values) or ``"mc"`` (Algorithm 1's Monte-Carlo sum).
+      half_value_loss: the ½ in TRL's value loss (Algorithm 1 has none).
+    """
+
+    name: Literal["klq", "ppo"] = "klq"
+    tau: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    alpha: float = 1.0
+    clip_eps: float = 0.2
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    value_target: Literal["trl", "mc"] = "trl"
+    half_value_loss: bool = True
+
+    def __post_init__(self):
+        problems = []
+        if self.name not in ALGORITHMS_NAMES:
+            problems.append(f"name={self.name!r} is not one of {ALGORITHMS_NAMES}")
+        if self.tau < 0:
+            problems.append(f"tau={self.tau} must be >= 0")
+        if not 0.0 <= self.gamma <= 1.0:
+            problems.append(f"gamma={self.gamma} must be in [0, 1]")
+        if not 0.0 <= self.lam <= 1.0:
+            problems.append(f"lam={self.lam} must be in [0, 1]")
+        if not 0.0 < self.alpha <= 1.0:
+            problems.append(f"alpha={self.alpha} must be in (0, 1]")
+        if self.clip_eps <= 0:
+            problems.append(f"clip_eps={self.clip_eps} must be > 0")
+        if self.value_target not in ("trl", "mc"):
+            problems.append(f"value_target={self.value_target!r} must be 'trl' or 'mc'")
+        if problems:
+            raise ValueError("Invalid AlgoConfig: " + "; ".join(problems))
+
+
+ALGORITHMS_NAMES = ("klq", "ppo")
+
+
+class Algorithm(NamedTuple):
+    """An RLHF algorithm = how targets are made from a rollout + the minibatch loss."""
+
+    name: str
+    targets: Callable[[AlgoConfig, dict], dict]
+    loss: Callable[[AlgoConfig, Array, Array, dict], tuple[Array, dict]]
+
+
+# ------------------------------------------------------------------------------------------
+# KLQ (Algorithm 2)
+# ------------------------------------------------------------------------------------------
+
+
+def klq_compute_targets(cfg: AlgoConfig, exp: dict) -> dict:
+    """Ĝ_t of Eq. (7) with δ_t of Eq. (14), from θ_old's log π, log π_b and V (held fixed).
+
+    ``exp`` holds ``logp, ref_logp, values, rewards, response_mask``, all ``[B, T]``.
+    Returns ``{"targets": [B, T]}``.
+    """
+    g = returns.klq_targets(
+        exp["logp"],
+        exp["ref_logp"],
+        exp["values"],
+        exp["rewards"],
+        exp["response_mask"],
+        tau=cfg.tau,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        alpha=cfg.alpha,
+    )
+    return {"targets": g}
+
+
+def klq_minibatch_loss(cfg: AlgoConfig, logp: Array, values: Array, batch: dict):
+    """Eq. (6) on Q_θ = τ·log(π_θ/π_b) + V_θ against the fixed targets (Algorithm 2)."""
+    return losses.klq_loss(
+        logp, batch["ref_logp"], values, batch["targets"], batch["response_mask"], tau=cfg.tau
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# PPO (Algorithm 1, TRL's defaults)
+# ------------------------------------------------------------------------------------------
+
+
+def ppo_compute_targets(cfg: AlgoConfig, exp: dict) -> dict:
+    """KL-shaped rewards r̄, GAE advantages (optionally whitened) and value targets (Alg. 1).
+
+    Returns ``{"advantages": [B, T], "returns": [B, T]}``.
+    """
+    adv, ret = returns.ppo_targets(
+        exp["rewards"],
+        exp["logp"],
+        exp["ref_logp"],
+        exp["values"],
+        exp["response_mask"],
+        tau=cfg.tau,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        whiten=cfg.whiten_advantages,
+        value_target=cfg.value_target,
+    )
+    return {"advantages": adv, "returns": ret}
+
+
+def ppo_minibatch_loss(cfg: AlgoConfig, logp: Array, values: Array, batch: dict):
+    """Clipped policy loss + ζ · clipped value loss (Algorithm 1)."""
+    return losses.ppo_loss(
+        logp,
+        batch["logp"],
+        values,
+        batch["values"],
+        batch["advantages"],
+        batch["returns"],
+        batch["response_mask"],
+        clip_eps=cfg.clip_eps,
+        value_clip=cfg.value_clip,
+        vf_coef=cfg.vf_coef,
+        half_value_loss=cfg.half_value_loss,
+    )
+
+
+KLQ = Algorithm("klq", klq_compute_targets, klq_minibatch_loss)
+PPO = Algorithm("ppo", ppo_compute_targets, ppo_minibatch_loss)
+_REGISTRY = {"klq": KLQ, "ppo": PPO}
+
+
+def get(name: str) -> Algorithm:
+    """The :class:`Algorithm` called ``name`` (``"klq"`` or ``"ppo"``)."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"Unknown algorithm {name!r}; choose one of {sorted(_REGISTRY)}") from None

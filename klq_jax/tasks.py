@@ -1,0 +1,231 @@
+"""Tasks: how a config becomes models + prompts + a reward (an :class:`Experiment`).
+
+A task is named by :attr:`TaskConfig.kind`:
+
+* ``"synthetic"``: random or given GPT-NeoX policy, random prompts over its vocabulary, and a
+  programmatic reward (no tokenizer, no network) — for tests and CPU smoke runs.
+* ``"tldr"``, ``"hh"``, ``"imdb"``: the paper's experiments (see :mod:`klq_jax.presets`).
+
+Model sources (``TaskConfig.policy`` / ``reference`` / ``reward_model``) are resolved by
+:func:`load_model`: ``"random:<preset>"`` (a Pythia preset name or ``tiny``), a local Hugging Face
+directory, a directory written by ``klq-convert hf-to-flax``, or a hub name (needs the network; set
+``KLQ_LOCAL_MODELS=/dir`` to map ``org/name`` onto ``/dir/org/name``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from klq_jax.models import gpt_neox
+
+# ------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Which models, prompts and reward an experiment uses.
+
+    Attributes:
+      kind: ``"synthetic"``, ``"tldr"``, ``"hh"`` or ``"imdb"``.
+      policy: the initial policy (and π_b unless ``reference`` is set); see the module docstring.
+      reference: the reference policy π_b (default: the initial policy).
+      reward_model: a reward model (score head) source, for the RM-based tasks.
+      reward: the programmatic reward of the synthetic task: ``"target_token"`` (fraction of
+        response tokens equal to ``target_token``) or ``"length"`` (response length / T_max).
+      target_token: the token the ``"target_token"`` reward likes.
+      dataset: dataset hub name or local path (the task's default when ``None``).
+      dataset_subset: e.g. HH's ``"helpful-base"``.
+      split: dataset split for training prompts.
+      max_prompt_len: prompt token budget (TL;DR: 512).
+      tokenizer: tokenizer source (default: the policy's directory).
+      reward_tokenizer: the reward model's tokenizer when it differs from the policy's (HH).
+      dtype: compute dtype of every model (``"float32"``, ``"bfloat16"``).
+      num_prompts: size of the synthetic prompt set.
+      prompt_len: longest synthetic prompt.
+      stop_token_id: the stop token (Pythia's EOS ``<|endoftext|>`` is 0).
+      pad_token_id: the padding id for prompts/responses (synthetic: 0).
+    """
+
+    kind: Literal["synthetic", "tldr", "hh", "imdb"] = "synthetic"
+    policy: str = "random:tiny"
+    reference: str | None = None
+    reward_model: str | None = None
+    reward: Literal["target_token", "length"] = "target_token"
+    target_token: int = 7
+    dataset: str | None = None
+    dataset_subset: str | None = None
+    split: str = "train"
+    max_prompt_len: int = 512
+    tokenizer: str | None = None
+    reward_tokenizer: str | None = None
+    dtype: str = "float32"
+    num_prompts: int = 256
+    prompt_len: int = 8
+    stop_token_id: int = 0
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "tldr", "hh", "imdb"):
+            raise ValueError(
+                f"TaskConfig.kind={self.kind!r} is not one of 'synthetic', 'tldr', 'hh', 'imdb'"
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"TaskConfig.dtype={self.dtype!r} must be float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What a task provides to :func:`klq_jax.train.train`.
+
+    Attributes:
+      graphdef, params: the policy (with a value head); ``params`` become θ_0.
+      reward_fn: ``(prompt_ids, prompt_mask, response_ids, response_mask) -> scores [B]`` (R_φ).
+      prompts: an iterator with ``next()``, ``state_dict()``, ``load_state_dict()`` yielding
+        ``{"prompt_ids": [B, Tq], "prompt_mask": [B, Tq], ...}`` (numpy, global batch).
+      ref_graphdef, ref_params: the frozen reference policy π_b (default: a copy of θ_0).
+      stop_token_ids, pad_token_id: for the sampler.
+      decode: optional ``token ids -> str`` for logged samples.
+    """
+
+    graphdef: Any
+    params: Any
+    reward_fn: Callable
+    prompts: Any
+    ref_graphdef: Any = None
+    ref_params: Any = None
+    stop_token_ids: tuple[int, ...] = (0,)
+    pad_token_id: int = 0
+    decode: Callable | None = None
+
+
+# ------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------
+
+
+def resolve_source(source: str) -> str:
+    """Map a hub name onto a local copy when ``KLQ_LOCAL_MODELS`` is set (else return it as is)."""
+    root = os.environ.get("KLQ_LOCAL_MODELS")
+    if root and not os.path.exists(source) and not source.startswith("random:"):
+        candidate = os.path.join(root, source)
+        if os.path.exists(candidate):
+            return candidate
+    return source
+
+
+def load_model(source: str, *, key, value_head: bool = False, dtype: str = "float32"):
+    """``(config, graphdef, params)`` of a GPT-NeoX model from ``source`` (see the module doc)."""
+    source = resolve_source(source)
+    if source.startswith("random:"):
+        name = source.split(":", 1)[1]
+        cfg = (
+            gpt_neox.GPTNeoXConfig.tiny()
+            if name == "tiny"
+            else gpt_neox.GPTNeoXConfig.from_preset(name)
+        )
+        cfg = cfg.replace(value_head=value_head, dtype=dtype)
+        graphdef, params = gpt_neox.init(cfg, key)
+        return cfg, graphdef, params
+    from klq_jax.models import hf
+
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "klq_config.json")):
+        cfg, graphdef, params = hf.load_flax(source)
+        if value_head and not cfg.value_head:
+            cfg2 = cfg.replace(value_head=True, dtype=dtype)
+            graphdef2, fresh = gpt_neox.init(cfg2, key)
+            from flax import nnx
+
+            pure = nnx.to_pure_dict(fresh)
+            pure.update(nnx.to_pure_dict(params))
+            nnx.replace_by_pure_dict(fresh, pure)
+            return cfg2, graphdef2, fresh
+        return cfg, graphdef, params
+    return hf.load_hf(source, dtype=dtype, value_head=value_head, key=key)
+
+
+# ------------------------------------------------------------------------------------------
+# The synthetic task
+# ------------------------------------------------------------------------------------------
+
+
+def synthetic_prompts(num_prompts: int, max_len: int, vocab_size: int, seed: int, pad_id: int = 0):
+    """Random left-padded prompts of lengths 1..max_len over tokens ``1..vocab_size-1``."""
+    from klq_jax.data import PromptDataset
+
+    rng = np.random.RandomState(seed)
+    lengths = rng.randint(1, max_len + 1, size=num_prompts)
+    ids = np.full((num_prompts, max_len), pad_id, np.int32)
+    mask = np.zeros((num_prompts, max_len), np.float32)
+    for i, n in enumerate(lengths):
+        ids[i, max_len - n :] = rng.randint(1, vocab_size, size=n)
+        mask[i, max_len - n :] = 1.0
+    return PromptDataset(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        prompt_texts=[" ".join(map(str, r[m > 0])) for r, m in zip(ids, mask)],
+        references=None,
+        pad_id=pad_id,
+        name="synthetic",
+    )
+
+
+def programmatic_reward(kind: str, *, target_token: int = 7) -> Callable:
+    """A jitted ``(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`` reward.
+
+    ``"target_token"``: fraction of real response tokens equal to ``target_token``.
+    ``"length"``: response length divided by the response width.
+    """
+
+    if kind == "target_token":
+
+        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+            m = response_mask.astype(jnp.float32)
+            hits = (response_ids == target_token).astype(jnp.float32) * m
+            return hits.sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+    elif kind == "length":
+
+        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+            return response_mask.astype(jnp.float32).sum(1) / response_mask.shape[1]
+
+    else:
+        raise ValueError(f"Unknown programmatic reward {kind!r}; choose 'target_token' or 'length'")
+    return jax.jit(fn)
+
+
+def build_experiment(task: TaskConfig, *, batch_size: int, seed: int) -> Experiment:
+    """Build the :class:`Experiment` of ``task`` for global batches of ``batch_size`` prompts."""
+    if task.kind == "synthetic":
+        return _build_synthetic(task, batch_size=batch_size, seed=seed)
+    from klq_jax import paper_tasks
+
+    return paper_tasks.build(task, batch_size=batch_size, seed=seed)
+
+
+def _build_synthetic(task: TaskConfig, *, batch_size: int, seed: int) -> Experiment:
+    from klq_jax.data import PromptIterator
+
+    key = jax.random.key(seed)
+    cfg, graphdef, params = load_model(task.policy, key=key, value_head=True, dtype=task.dtype)
+    ref_graphdef = ref_params = None
+    if task.reference is not None:
+        _, ref_graphdef, ref_params = load_model(task.reference, key=key, dtype=task.dtype)
+    ds = synthetic_prompts(task.num_prompts, task.prompt_len, cfg.vocab_size, seed, task.pad_token_id)
+    return Experiment(
+        graphdef=graphdef,
+        params=params,
+        reward_fn=programmatic_reward(task.reward, target_token=task.target_token),
+        prompts=PromptIterator(ds, batch_size=batch_size, seed=seed),
+        ref_graphdef=ref_graphdef,
+        ref_params=ref_params,
+        stop_token_ids=(task.stop_token_id,),
+        pad_token_id=task.pad_token_id,
+    )
