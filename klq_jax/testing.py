@@ -1,0 +1,180 @@
+"""Tiny checkpoints and batches shared by the tests (and handy for demos).
+
+Everything here runs offline on CPU. The Hugging Face builders need ``torch`` and ``transformers``
+(the ``test`` extra); they are imported lazily, so importing this module never needs torch.
+
+Stable names (other tests import them):
+
+* :func:`tiny_hf_gpt_neox` — save a tiny random ``GPTNeoXForCausalLM`` and return the torch model.
+* :func:`tiny_hf_gpt_neox_reward` — the same for ``GPTNeoXForSequenceClassification(num_labels=1)``.
+* :func:`make_left_padded_batch` — random left-padded ``tokens [B, T]`` and ``mask [B, T]``.
+* :func:`position_ids` — ``max(cumsum(mask) - 1, 0)``, the positions our model uses (pass them to HF).
+* :func:`hf_forward` — run a torch HF model on a (left-padded) numpy batch, return float32 numpy.
+* :data:`TINY_HF_CONFIG` — the default tiny HF config values.
+
+Example::
+
+    >>> import tempfile, numpy as np
+    >>> from klq_jax.testing import tiny_hf_gpt_neox, make_left_padded_batch
+    >>> d = tempfile.mkdtemp()
+    >>> model = tiny_hf_gpt_neox(d, num_attention_heads=3, hidden_size=24)
+    >>> tokens, mask = make_left_padded_batch(np.random.default_rng(0), 2, 6, 64, [6, 3])
+    >>> mask.tolist()
+    [[1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1]]
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "TINY_HF_CONFIG",
+    "tiny_hf_gpt_neox",
+    "tiny_hf_gpt_neox_reward",
+    "make_left_padded_batch",
+    "position_ids",
+    "hf_forward",
+]
+
+# Defaults for the tiny HF GPT-NeoX checkpoints (transformers' GPTNeoXConfig keyword names).
+TINY_HF_CONFIG: dict[str, Any] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    rotary_pct=0.25,
+    rotary_emb_base=10000,
+    max_position_embeddings=128,
+    use_parallel_residual=True,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+
+def _randomise(model, seed: int, init_std: float):
+    """Overwrite every parameter with seeded noise large enough that mapping mistakes show up.
+
+    HF's default init (std 0.02, zero biases, unit LayerNorm) makes logits nearly constant, which
+    would hide a wrong transpose or a dropped bias.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "layernorm" in name or "layer_norm" in name:
+                p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(init_std * noise)
+
+
+def _build(cls, directory, seed, init_std, overrides, extra):
+    import torch
+    from transformers import GPTNeoXConfig
+
+    kwargs = {**TINY_HF_CONFIG, **extra, **overrides}
+    torch.manual_seed(seed)
+    model = cls(GPTNeoXConfig(**kwargs))
+    _randomise(model, seed, init_std)
+    model.eval()
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+        model.save_pretrained(directory)
+    return model
+
+
+def tiny_hf_gpt_neox(directory=None, *, seed: int = 0, init_std: float = 0.2, **config_overrides):
+    """Save a tiny random ``transformers.GPTNeoXForCausalLM`` to ``directory``; return it (eval mode).
+
+    Args:
+      directory: where ``save_pretrained`` writes (``config.json`` + ``model.safetensors``); None to
+        only build the model.
+      seed: torch seed of the weights.
+      init_std: std of the weight matrices (LayerNorms get ``1 + 0.1 N(0,1)``, biases ``0.1 N(0,1)``).
+      **config_overrides: ``transformers.GPTNeoXConfig`` keywords over :data:`TINY_HF_CONFIG`
+        (e.g. ``use_parallel_residual=False``, ``rotary_pct=1.0``, ``num_attention_heads=3``).
+
+    Example::
+
+        >>> m = tiny_hf_gpt_neox("/tmp/tiny-neox", hidden_size=20, num_attention_heads=5)  # doctest: +SKIP
+    """
+    from transformers import GPTNeoXForCausalLM
+
+    return _build(GPTNeoXForCausalLM, directory, seed, init_std, config_overrides, {})
+
+
+def tiny_hf_gpt_neox_reward(
+    directory=None, *, seed: int = 0, init_std: float = 0.2, pad_token_id: int = 0, **config_overrides
+):
+    """Save a tiny random ``GPTNeoXForSequenceClassification(num_labels=1)`` (a reward model).
+
+    ``pad_token_id`` (default 0) is what HF uses to find each row's last real token, so batches
+    from :func:`make_left_padded_batch` (pad 0, real tokens ≥ 1) agree with a mask-based read-out.
+
+    Example::
+
+        >>> rm = tiny_hf_gpt_neox_reward("/tmp/tiny-rm")                            # doctest: +SKIP
+    """
+    from transformers import GPTNeoXForSequenceClassification
+
+    extra = dict(num_labels=1, pad_token_id=pad_token_id)
+    return _build(GPTNeoXForSequenceClassification, directory, seed, init_std, config_overrides, extra)
+
+
+def make_left_padded_batch(rng, B: int, T: int, vocab: int, lengths: Sequence[int]):
+    """Random left-padded ``tokens [B, T]`` (int32, ids in ``[1, vocab)``, pad 0) and ``mask [B, T]``.
+
+    Args:
+      rng: ``np.random.Generator`` (or an int seed).
+      B, T: batch size and padded length.
+      vocab: vocabulary size (real tokens avoid 0, the pad id).
+      lengths: ``B`` real lengths, each in ``[0, T]``; row ``b`` has ``T - lengths[b]`` pads on the left.
+
+    Returns:
+      ``(tokens, mask)`` numpy int32 arrays.
+
+    Example::
+
+        >>> t, m = make_left_padded_batch(0, 2, 4, 10, [4, 2]); m.tolist()
+        [[1, 1, 1, 1], [0, 0, 1, 1]]
+    """
+    rng = np.random.default_rng(rng)
+    lengths = list(lengths)
+    if len(lengths) != B or any(not 0 <= n <= T for n in lengths):
+        raise ValueError(f"lengths must be {B} ints in [0, {T}]; got {lengths}")
+    if vocab < 2:
+        raise ValueError(f"vocab must be at least 2 (0 is the pad id); got {vocab}")
+    mask = (np.arange(T)[None, :] >= (T - np.asarray(lengths))[:, None]).astype(np.int32)
+    tokens = rng.integers(1, vocab, size=(B, T)).astype(np.int32) * mask
+    return tokens, mask
+
+
+def position_ids(mask) -> np.ndarray:
+    """``max(cumsum(mask) - 1, 0)`` ``[B, T]`` int64: the position ids of our model, for HF."""
+    mask = np.asarray(mask)
+    return np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
+
+
+def hf_forward(model, tokens, mask) -> np.ndarray:
+    """Float32 numpy logits of a torch HF model on a left-padded batch (positions from the mask).
+
+    Returns ``[B, T, V]`` for a causal LM, ``[B, num_labels]`` for a sequence classifier.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long),
+            attention_mask=torch.as_tensor(np.asarray(mask), dtype=torch.long),
+            position_ids=torch.as_tensor(position_ids(mask)),
+        )
+    return out.logits.float().numpy()
