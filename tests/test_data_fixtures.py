@@ -53,3 +53,11 @@ def test_left_trim_and_select():
     s = ds.select([1, 1, 0])
     assert s.prompt_texts == ["b", "b", "a"] and s.references == ["y", "y", "x"]
     assert tldr.QUERY_FORMAT.count("{") == 3 and tok is not None
+
+
+def test_hub_name_offline_gives_a_clear_error(monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises((ConnectionError, FileNotFoundError, ValueError), match="local directory"):
+        load_split("Anthropic/hh-rlhf", "train", data_dir="helpful-base")

@@ -30,6 +30,8 @@ __all__ = [
     "PromptDataset",
     "require_pad_id",
     "load_split",
+    "read_columns",
+    "read_token_matrix",
     "encode_texts",
     "left_pad",
     "mask_from_left_padded",
@@ -241,11 +243,46 @@ def load_split(
             cache_dir=cache_dir,
         )
     except (FileNotFoundError, ConnectionError, ValueError) as err:
-        raise type(err)(
+        message = (
             f"Could not load split {split!r} of {path!r} (data_dir={data_dir!r}): {err}\n"
             "Without network access, pass a local directory in the hub repo's layout (see "
             "klq_jax.data.fixtures for the layouts) or a data file instead of a hub name."
-        ) from err
+        )
+        try:
+            new_err = type(err)(message)
+        except Exception:  # an exception class with another constructor: keep the original
+            raise err
+        raise new_err from err
+
+
+def _arrow_table(rows):
+    # One arrow table of the rows, honouring any indices mapping (select/shuffle); reading columns
+    # through arrow is ~50x faster than iterating a datasets Column row by row.
+    return rows.with_format("arrow")[0 : len(rows)]
+
+
+def read_columns(rows, names: Sequence[str]) -> dict[str, list]:
+    """Python lists of the named columns of a ``datasets.Dataset`` (fast, through arrow)."""
+    table = _arrow_table(rows)
+    return {name: table.column(name).to_pylist() for name in names}
+
+
+def read_token_matrix(rows, name: str) -> np.ndarray:
+    """``[N, T]`` int32 array of a column of equal-length token-id lists (e.g. ``query_token``)."""
+    import pyarrow.compute as pc
+
+    col = _arrow_table(rows).column(name).combine_chunks()
+    n = len(col)
+    if n == 0:
+        return np.zeros((0, 0), np.int32)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if np.any(lengths != lengths[0]):
+        raise ValueError(
+            f"column {name!r} holds token lists of different lengths ({lengths.min()}..{lengths.max()}); "
+            "pre-tokenised prompts must all be padded to one length."
+        )
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return np.asarray(flat, dtype=np.int64).reshape(n, int(lengths[0])).astype(np.int32)
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:

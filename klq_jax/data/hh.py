@@ -52,6 +52,7 @@ from klq_jax.data.common import (
     encode_texts,
     load_split,
     prompt_dataset_from_tokens,
+    read_columns,
     require_pad_id,
 )
 
@@ -132,7 +133,8 @@ def load_hh(
         raise ValueError(f"hh-rlhf rows need columns chosen/rejected; {name_or_path} lacks {sorted(missing)}.")
     reasons = {"no_assistant_turn": 0, "diverges_early": 0, "multi_turn": 0}
     prompts, replies = [], []
-    for chosen, rejected in zip(rows["chosen"], rows["rejected"]):
+    cols = read_columns(rows, ["chosen", "rejected"])
+    for chosen, rejected in zip(cols["chosen"], cols["rejected"]):
         out = extract_prompt(chosen, rejected)
         if out is None:
             reasons["no_assistant_turn"] += 1

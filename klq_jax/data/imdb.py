@@ -33,6 +33,7 @@ from klq_jax.data.common import (
     encode_texts,
     load_split,
     prompt_dataset_from_tokens,
+    read_columns,
     require_pad_id,
 )
 
@@ -76,8 +77,10 @@ def load_imdb(
         rows = rows.select(range(min(int(max_rows), len(rows))))
     if "text" not in rows.column_names:
         raise ValueError(f"IMDb rows need a 'text' column; {name_or_path} has {rows.column_names}.")
-    texts = list(rows["text"])
-    labels = np.asarray(rows["label"], dtype=np.int32) if "label" in rows.column_names else None
+    has_label = "label" in rows.column_names
+    cols = read_columns(rows, ["text", "label"] if has_label else ["text"])
+    texts = cols["text"]
+    labels = np.asarray(cols["label"], dtype=np.int32) if has_label else None
     keep = [i for i, t in enumerate(texts) if min_review_chars is None or len(t) > min_review_chars]
     reasons = {"short_review": len(texts) - len(keep)}
     rng = np.random.default_rng(seed)

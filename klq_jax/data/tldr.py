@@ -58,6 +58,8 @@ from klq_jax.data.common import (
     left_pad,
     load_split,
     mask_from_left_padded,
+    read_columns,
+    read_token_matrix,
     require_pad_id,
 )
 
@@ -93,18 +95,22 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _post_prefix_by_tokens(tokenizer, post: str, keep: int) -> str:
-    """The post cut after its first ``keep`` tokens (encoded on its own)."""
-    if keep <= 0:
-        return ""
+def _post_prefixes_by_tokens(tokenizer, post: str):
+    """``(num_tokens, prefix(k))``: the post encoded on its own, and a function giving the post cut
+    after its first ``k`` tokens (at a character boundary)."""
     if getattr(tokenizer, "is_fast", False):
-        enc = tokenizer(post, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = enc["offset_mapping"]
-        if keep >= len(offsets):
-            return post
-        return post[: offsets[keep - 1][1]]
+        offsets = tokenizer(post, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+
+        def prefix(k: int) -> str:
+            return "" if k <= 0 else post if k >= len(offsets) else post[: offsets[k - 1][1]]
+
+        return len(offsets), prefix
     ids = _encode(tokenizer, post)
-    return tokenizer.decode(ids[:keep]).rstrip("\ufffd")
+
+    def prefix(k: int) -> str:  # slow tokenizers: decode, dropping a split trailing character
+        return "" if k <= 0 else tokenizer.decode(ids[:k]).rstrip("\ufffd")
+
+    return len(ids), prefix
 
 
 def truncate_query(
@@ -151,11 +157,11 @@ def truncate_query(
         elif no_newline_cut == "chars":
             post = post[:-1]
         else:
-            post_len = len(_encode(tokenizer, post))
+            post_len, prefix = _post_prefixes_by_tokens(tokenizer, post)
             keep = post_len - (len(ids) - query_length)
             while True:
-                candidate = _post_prefix_by_tokens(tokenizer, post, keep)
-                if keep <= 0 or candidate == "":
+                candidate = prefix(keep)
+                if candidate == "":
                     post = ""
                     break
                 cand_ids = _encode(tokenizer, format_query(subreddit, title, candidate))
@@ -217,16 +223,15 @@ def load_tldr(
 
     references = None
     if "reference_response" in columns:
-        references = [_reference_from_response(t, eos) for t in rows["reference_response"]]
+        references = [_reference_from_response(t, eos)
+                      for t in read_columns(rows, ["reference_response"])["reference_response"]]
     elif "summary" in columns:
-        references = [" " + s for s in rows["summary"]]
+        references = [" " + s for s in read_columns(rows, ["summary"])["summary"]]
 
     if source == "query_token":
         if "query_token" not in columns:
             raise ValueError(f"{name}: no 'query_token' column (columns: {sorted(columns)}); use source='raw'.")
-        ids = np.asarray(rows.with_format("numpy")["query_token"])
-        if ids.ndim != 2:
-            raise ValueError(f"{name}: 'query_token' rows must all have the same length.")
+        ids = read_token_matrix(rows, "query_token")
         vocab = len(tokenizer)
         if ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise ValueError(
@@ -236,13 +241,16 @@ def load_tldr(
         mask = mask_from_left_padded(ids, pad_id)
         lengths = mask.sum(axis=1).astype(np.int64)
         if "query" in columns:
-            texts = list(rows["query"])
+            texts = read_columns(rows, ["query"])["query"]
         else:
             texts = [tokenizer.decode(r[m > 0], skip_special_tokens=True).lstrip() for r, m in zip(ids, mask)]
         keep = np.nonzero((lengths > 0) & (lengths <= query_length))[0]
         reasons = {"too_long": int(np.sum(lengths > query_length)), "empty": int(np.sum(lengths == 0))}
-        token_lists = [ids[i, ids.shape[1] - lengths[i]:] for i in keep]
-        out_ids, out_mask = left_pad(token_lists, query_length, pad_id)
+        if ids.shape[1] == query_length:  # the usual case: use the ids as they are
+            out_ids, out_mask = np.ascontiguousarray(ids[keep]), np.ascontiguousarray(mask[keep])
+        else:
+            token_lists = [ids[i, ids.shape[1] - lengths[i]:] for i in keep]
+            out_ids, out_mask = left_pad(token_lists, query_length, pad_id)
         reasons = {k: v for k, v in reasons.items() if v}
         if reasons:
             logger.warning("%s: dropped %d of %d rows %s", name, sum(reasons.values()), len(ids), reasons)
@@ -262,7 +270,8 @@ def load_tldr(
     missing = {"subreddit", "title", "post"} - columns
     if missing:
         raise ValueError(f"{name}: raw TL;DR rows need columns subreddit/title/post; missing {sorted(missing)}.")
-    subreddits, titles, posts = rows["subreddit"], rows["title"], rows["post"]
+    cols = read_columns(rows, ["subreddit", "title", "post"])
+    subreddits, titles, posts = cols["subreddit"], cols["title"], cols["post"]
     full_texts = [format_query(s, t, p) for s, t, p in zip(subreddits, titles, posts)]
     full_ids = encode_texts(tokenizer, full_texts)
     texts, token_lists, keep = [], [], []
