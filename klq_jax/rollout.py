@@ -1,0 +1,371 @@
+"""The experience phase of Algorithms 1 and 2 (Appendix B) as pure functions over params.
+
+For a batch of prompts ``x`` (left-padded ``[B, Tq]``):
+
+1. sample responses ``y`` from the current policy until a stop token or ``T_max``
+   (:func:`klq_jax.sampling.sample`);
+2. one forward pass of the policy over ``x ⧺ y`` gives ``log π(a_t|s_t)`` and ``V(s_t)`` for every
+   response token (:func:`response_logprobs`), one of the frozen reference policy gives
+   ``log π_b(a_t|s_t)``;
+3. the reward model scores ``(x, y)`` (:func:`reward_model_scores`, or any ``reward_fn``);
+4. ``R = R_φ(x, y) − ω·1[T = T_max]`` is placed at the last real response token
+   (:func:`sequence_rewards`).
+
+Time index (the paper's): ``s_t = (x, y_1..y_t)``, ``a_t = y_{t+1}``. Position ``t`` of every
+``[B, Tr]`` array refers to ``s_t`` / ``a_t``: ``logp[:, t] = log π(y_{t+1} | x, y_1..y_t)`` is read
+from the hidden state of the token just before ``y_{t+1}`` (the last prompt token for ``t = 0``),
+and ``values[:, t] = V(s_t)`` from the same hidden state.
+
+Temperature: with a sampling temperature ``T``, ``π`` and ``π_b`` are both the temperature-scaled
+distributions ``softmax(logits / T)``, as in TRL, so the sampler's log-probs, the KL and ``Q``
+all refer to the distribution that sampled.
+
+Responses are right-padded ``[B, Tr]`` with a float ``response_mask`` (1 on real tokens, the stop
+token included), exactly what :func:`klq_jax.sampling.sample` returns.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from klq_jax.losses import token_logprobs
+from klq_jax.models import gpt_neox
+from klq_jax.sampling import SamplingConfig, sample
+
+Array = jax.Array
+
+__all__ = [
+    "Rollout",
+    "response_logprobs",
+    "reward_model_scores",
+    "sequence_rewards",
+    "make_rollout",
+]
+
+
+def _check_pair(prompt_ids, prompt_mask, response_ids, response_mask, fn: str):
+    pi, pm, ri, rm = (jnp.shape(a) for a in (prompt_ids, prompt_mask, response_ids, response_mask))
+    if len(pi) != 2 or pi != pm or len(ri) != 2 or ri != rm or pi[0] != ri[0]:
+        raise ValueError(
+            f"{fn}: expected prompt_ids/prompt_mask [B, Tq] and response_ids/response_mask [B, Tr] "
+            f"with one batch size B; got prompt_ids {pi}, prompt_mask {pm}, response_ids {ri}, "
+            f"response_mask {rm}."
+        )
+    for name, a in (("prompt_ids", prompt_ids), ("response_ids", response_ids)):
+        if not jnp.issubdtype(jnp.result_type(a), jnp.integer):
+            raise ValueError(f"{fn}: {name} must be integer token ids, got {jnp.result_type(a)}.")
+
+
+def _micro_map(fn: Callable, arrays: tuple, micro_batch_size: int | None):
+    """``fn(*arrays)`` over the leading (batch) axis in chunks of ``micro_batch_size`` (``lax.map``).
+
+    The batch is padded (fully masked rows) up to a multiple of the chunk size, the results are
+    un-padded. ``None`` (or a size >= B) runs ``fn`` once on the whole batch.
+    """
+    B = arrays[0].shape[0]
+    if micro_batch_size is None or micro_batch_size >= B:
+        return fn(*arrays)
+    mb = int(micro_batch_size)
+    n = -(-B // mb)
+    pad = n * mb - B
+
+    def prep(a):
+        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) if pad else a
+        return a.reshape((n, mb) + a.shape[1:])
+
+    out = jax.lax.map(lambda xs: fn(*xs), tuple(prep(a) for a in arrays))
+    return jax.tree_util.tree_map(lambda o: o.reshape((n * mb,) + o.shape[2:])[:B], out)
+
+
+def _check_micro(micro_batch_size):
+    if micro_batch_size is not None and (
+        not isinstance(micro_batch_size, int) or micro_batch_size < 1
+    ):
+        raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int or None.")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
+def _response_logprobs(
+    graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
+    micro_batch_size,
+):
+    Tq = prompt_ids.shape[1]
+    Tr = response_ids.shape[1]
+
+    def forward(p_ids, p_mask, r_ids, r_mask):
+        model = nnx.merge(graphdef, params)
+        tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
+        mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
+        hidden = model(tokens, mask, logits=False).hidden
+        h = hidden[:, Tq - 1 : Tq + Tr - 1]  # the hidden state that predicts each response token
+        real = r_mask != 0
+        logits = model.logits(h)
+        logp = jnp.where(real, token_logprobs(logits, r_ids.astype(jnp.int32), temperature=temperature), 0.0)
+        values = jnp.where(real, model.values(h), 0.0) if model.config.value_head else None
+        return logp, values
+
+    return _micro_map(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
+
+
+def response_logprobs(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    response_ids: Array,
+    response_mask: Array,
+    *,
+    temperature: float = 1.0,
+    micro_batch_size: int | None = None,
+) -> tuple[Array, Array | None]:
+    """``log π(a_t|s_t)`` and ``V(s_t)`` of every response token from ONE forward over prompt+response.
+
+    ``logp[:, t] = log softmax(logits(h_{t}) / temperature)[y_{t+1}]`` and ``values[:, t] = V(h_t)``
+    where ``h_t`` is the final hidden state at the token preceding response token ``t`` (the last
+    prompt token for ``t = 0``): the quantities ``log π(a_t|s_t)`` and ``V(s_t)`` of Algorithms 1-2
+    (Eqs. 12-13 build ``Q`` from them). Only the ``Tr`` response positions are unembedded.
+    Differentiable (the trainer calls it inside its loss) and jitted (one compile per shape).
+
+    Args:
+      graphdef, params: a GPT-NeoX with an LM head (and optionally a value head).
+      prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts.
+      response_ids, response_mask: ``[B, Tr]`` right-padded responses (mask 1 on real tokens).
+      temperature: the sampling temperature ``T`` (the distributions are ``softmax(logits / T)``,
+        as in TRL).
+      micro_batch_size: run the forward in ``lax.map`` chunks of this many rows (bounds the
+        ``[mb, Tr, V]`` logits in memory); ``None`` = the whole batch at once.
+
+    Returns:
+      ``(logp [B, Tr] float32, values [B, Tr] float32 or None when there is no value head)``,
+      both 0 on padding.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from klq_jax.models import gpt_neox
+      >>> from klq_jax.rollout import response_logprobs
+      >>> gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(value_head=True), jax.random.key(0))
+      >>> logp, v = response_logprobs(gd, p, jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]]),
+      ...                             jnp.array([[7, 0]]), jnp.array([[1.0, 0.0]]))
+      >>> logp.shape, v.shape, float(logp[0, 1])
+      ((1, 2), (1, 2), 0.0)
+    """
+    _check_pair(prompt_ids, prompt_mask, response_ids, response_mask, "response_logprobs")
+    _check_micro(micro_batch_size)
+    return _response_logprobs(
+        graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,
+        jnp.asarray(temperature, jnp.float32), micro_batch_size,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
+def _reward_model_scores(graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,
+                         micro_batch_size):
+    def forward(p_ids, p_mask, r_ids, r_mask):
+        model = nnx.merge(graphdef, params)
+        tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
+        mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
+        return model(tokens, mask, logits=False).scores
+
+    return _micro_map(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
+
+
+def reward_model_scores(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    response_ids: Array,
+    response_mask: Array,
+    *,
+    micro_batch_size: int | None = None,
+) -> Array:
+    """``R_φ(x, y)``: a GPT-NeoX score-head reward model read at the last real token of ``x ⧺ y``.
+
+    The reward model must share the policy's tokenizer (for another tokenizer, decode and
+    re-encode on the host and pass your own ``reward_fn`` to :func:`make_rollout`). As TRL's
+    ``get_reward``, the score is the score head applied to the final hidden state of the last
+    real response token (the stop token when there is one).
+
+    Args:
+      graphdef, params: a GPT-NeoX built with ``score_head=True`` (``load_hf`` of a
+        ``GPTNeoXForSequenceClassification``).
+      prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts.
+      response_ids, response_mask: ``[B, Tr]`` right-padded responses.
+      micro_batch_size: forward in ``lax.map`` chunks of this many rows (``None``: all at once).
+
+    Returns:
+      ``[B]`` float32 scores.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from klq_jax.models import gpt_neox
+      >>> from klq_jax.rollout import reward_model_scores
+      >>> cfg = gpt_neox.GPTNeoXConfig.tiny(lm_head=False, score_head=True)
+      >>> gd, p = gpt_neox.init(cfg, jax.random.key(0))
+      >>> reward_model_scores(gd, p, jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]]),
+      ...                     jnp.array([[7, 0]]), jnp.array([[1.0, 0.0]])).shape
+      (1,)
+    """
+    _check_pair(prompt_ids, prompt_mask, response_ids, response_mask, "reward_model_scores")
+    _check_micro(micro_batch_size)
+    if not nnx.merge(graphdef, params).config.score_head:
+        raise ValueError(
+            "reward_model_scores needs a reward model with a score head (GPTNeoXConfig(score_head=True), "
+            "e.g. load_hf of a GPTNeoXForSequenceClassification checkpoint)."
+        )
+    return _reward_model_scores(
+        graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask, micro_batch_size
+    )
+
+
+def sequence_rewards(scores: Array, response_mask: Array, stopped: Array, *, omega: float) -> Array:
+    """Per-token rewards of Algorithms 1-2: ``r_T = R_φ(x, y) − ω·1[no stop token]``, 0 elsewhere.
+
+    ``R_i = R_φ(x_i, y_i) − ω·1[T_i = T_max]`` is placed on the **last real response token** of each
+    row (``rewards[:, t]`` holds ``r_{t+1}``, the reward following action ``a_t``), as Algorithms 1
+    and 2 write ``r_{T} = R`` (Appendix B). TRL instead adds the score one slot later (the first
+    padding slot after the EOS, falling back to the last slot); for returns with ``V(s_T) = 0`` and
+    a mask that ends at the stop token, this library's placement is the paper's. A row with no
+    real response token gets no reward.
+
+    Args:
+      scores: ``[B]`` reward-model scores ``R_φ``.
+      response_mask: ``[B, Tr]`` 1 on real response tokens.
+      stopped: ``[B]`` bool, the response ended on a stop token (``SampleResult.stopped``);
+        rows with ``stopped = False`` were truncated at ``T_max`` and get ``−ω``.
+      omega: the missing-stop-token penalty ω >= 0 (TRL's ``missing_eos_penalty``).
+
+    Returns:
+      ``[B, Tr]`` float32 rewards.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from klq_jax.rollout import sequence_rewards
+      >>> sequence_rewards(jnp.array([2.0, 2.0]), jnp.array([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]),
+      ...                  jnp.array([True, False]), omega=1.0).tolist()
+      [[0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
+    """
+    scores = jnp.asarray(scores).astype(jnp.float32)
+    response_mask = jnp.asarray(response_mask)
+    stopped = jnp.asarray(stopped).astype(bool)
+    chex.assert_rank([scores, response_mask, stopped], [1, 2, 1])
+    chex.assert_equal_shape_prefix([scores, response_mask, stopped], 1)
+    R = scores - jnp.float32(omega) * (~stopped).astype(jnp.float32)
+    real = response_mask != 0
+    idx = gpt_neox.last_token_index(real)
+    Tr = response_mask.shape[1]
+    at_end = (jnp.arange(Tr)[None, :] == idx[:, None]) & jnp.any(real, axis=1, keepdims=True)
+    return jnp.where(at_end, R[:, None], 0.0).astype(jnp.float32)
+
+
+class Rollout(NamedTuple):
+    """One batch of experience (``B`` prompts, ``Tq`` prompt slots, ``Tr = T_max`` response slots).
+
+    Attributes:
+      prompt_ids: ``[B, Tq]`` int32 left-padded prompts.
+      prompt_mask: ``[B, Tq]`` their mask (as passed in).
+      response_ids: ``[B, Tr]`` int32 sampled responses, pad after the stop token.
+      response_mask: ``[B, Tr]`` float32, 1 on real response tokens (stop token included).
+      stopped: ``[B]`` bool, the row ended on a stop token (else truncated at ``T_max``).
+      sample_logp: ``[B, Tr]`` float32 log-probs reported by the sampler (checks only).
+      logp: ``[B, Tr]`` float32 ``log π(a_t|s_t)`` of the policy, recomputed by one forward pass.
+      ref_logp: ``[B, Tr]`` float32 ``log π_b(a_t|s_t)`` of the frozen reference policy.
+      values: ``[B, Tr]`` float32 ``V(s_t)`` of the policy's value head (None without one).
+      scores: ``[B]`` float32 ``R_φ(x, y)`` from ``reward_fn`` (no penalty).
+      rewards: ``[B, Tr]`` float32, ``R_φ − ω·1[truncated]`` on the last real token, 0 elsewhere.
+    """
+
+    prompt_ids: Array
+    prompt_mask: Array
+    response_ids: Array
+    response_mask: Array
+    stopped: Array
+    sample_logp: Array
+    logp: Array
+    ref_logp: Array
+    values: Array | None
+    scores: Array
+    rewards: Array
+
+
+def make_rollout(
+    policy_graphdef: nnx.GraphDef,
+    policy_params: nnx.State,
+    ref_graphdef: nnx.GraphDef,
+    ref_params: nnx.State,
+    reward_fn: Callable[[Array, Array, Array, Array], Array],
+    prompt_ids: Array,
+    prompt_mask: Array,
+    key: Array,
+    sampling_config: SamplingConfig,
+    *,
+    omega: float = 1.0,
+    micro_batch_size: int | None = None,
+) -> Rollout:
+    """The experience phase of Algorithms 1-2: sample, score with π, π_b and R_φ, place rewards.
+
+    Args:
+      policy_graphdef, policy_params: the current policy (LM head + value head).
+      ref_graphdef, ref_params: the frozen reference policy π_b (π_SFT).
+      reward_fn: ``(prompt_ids, prompt_mask, response_ids, response_mask) -> scores [B]``; e.g.
+        ``functools.partial(reward_model_scores, rm_graphdef, rm_params)``, a programmatic
+        reward, or a host-side scorer for a reward model with another tokenizer.
+      prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts.
+      key: PRNG key of the sampler.
+      sampling_config: :class:`klq_jax.sampling.SamplingConfig`; its temperature also scales the
+        recomputed ``logp`` and ``ref_logp``.
+      omega: missing-stop-token penalty ω.
+      micro_batch_size: chunk size of the scoring forwards (``None``: whole batch).
+
+    Returns:
+      :class:`Rollout`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from klq_jax.models import gpt_neox
+      >>> from klq_jax.rollout import make_rollout
+      >>> from klq_jax.sampling import SamplingConfig
+      >>> gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(value_head=True), jax.random.key(0))
+      >>> reward_fn = lambda pi, pm, ri, rm: rm.sum(-1)  # a toy programmatic reward: the length
+      >>> ro = make_rollout(gd, p, gd, p, reward_fn, jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]]),
+      ...                   jax.random.key(1), SamplingConfig(max_new_tokens=4, stop_token_ids=()),
+      ...                   omega=0.5)
+      >>> float(ro.rewards.sum()), float(jnp.abs(ro.logp - ro.ref_logp).max())
+      (3.5, 0.0)
+    """
+    res = sample(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, sampling_config)
+    t = sampling_config.temperature
+    logp, values = response_logprobs(
+        policy_graphdef, policy_params, prompt_ids, prompt_mask, res.tokens, res.mask,
+        temperature=t, micro_batch_size=micro_batch_size,
+    )
+    ref_logp, _ = response_logprobs(
+        ref_graphdef, ref_params, prompt_ids, prompt_mask, res.tokens, res.mask,
+        temperature=t, micro_batch_size=micro_batch_size,
+    )
+    scores = jnp.asarray(reward_fn(prompt_ids, prompt_mask, res.tokens, res.mask)).astype(jnp.float32)
+    if scores.shape != (res.tokens.shape[0],):
+        raise ValueError(
+            f"reward_fn must return one score per row, shape ({res.tokens.shape[0]},); got "
+            f"{scores.shape}."
+        )
+    rewards = sequence_rewards(scores, res.mask, res.stopped, omega=omega)
+    return Rollout(
+        prompt_ids=jnp.asarray(prompt_ids),
+        prompt_mask=jnp.asarray(prompt_mask),
+        response_ids=res.tokens,
+        response_mask=res.mask,
+        stopped=res.stopped,
+        sample_logp=res.logprobs,
+        logp=logp,
+        ref_logp=ref_logp,
+        values=values,
+        scores=scores,
+        rewards=rewards,
+    )

@@ -1,0 +1,411 @@
+"""Jitted autoregressive sampling from a GPT-NeoX policy with a KV cache.
+
+This is the "generate rollouts" step of Algorithms 1 and 2 (Appendix B): starting at each prompt
+``x``, sample ``y_1, y_2, …`` from the current policy until a stop token or ``T_max`` tokens.
+
+One call of :func:`sample` is one compiled XLA program (one compile per batch size, prompt length,
+``T_max`` and :class:`SamplingConfig`):
+
+1. **prefill**: one forward pass over the left-padded prompts writes their keys/values into a
+   cache of ``Tq + T_max - 1`` slots and gives the logits of the last prompt position (only the
+   last position is unembedded);
+2. **decode**: a ``lax.while_loop`` feeds back one token per step and stops as soon as every row has
+   emitted a stop token (or after ``T_max`` tokens). The cache is loop state, so XLA updates it in
+   place (it is created inside the program and never copied between steps: the donation happens
+   inside the compiled loop rather than through ``donate_argnums``).
+
+Sampling distribution
+---------------------
+With logits ``l`` and temperature ``T``, the sampling distribution is ``p = softmax(l / T)``
+(``π(·|s)^{1/T}`` normalised). ``top_k`` keeps the ``k`` most likely tokens, then ``top_p`` keeps the
+smallest set of the remaining (renormalised) most likely tokens whose mass reaches ``top_p``, and
+the token is drawn from ``p`` restricted to the kept set and renormalised (the order of Hugging
+Face's warpers: temperature, top-k, top-p). ``greedy`` takes ``argmax l`` (the first maximum).
+
+The returned ``logprobs`` are always ``log softmax(l / T)[token]``, the log-prob under the
+temperature-scaled *full* softmax, whatever top-k/top-p did: that is the distribution ``π`` that
+the RLHF losses and the KL refer to (as TRL, which samples with top_k=0, top_p=1). With top-k or
+top-p active the token was drawn from the truncated distribution, whose log-prob is larger by
+``-log(kept mass)``; with ``greedy`` it is the log-prob of the argmax token.
+
+Random numbers: each decode step ``t`` uses ``jax.random.fold_in(key, t)`` and draws ONE uniform
+per row; the token is found by inverse-CDF sampling over the vocabulary in two levels (blocks of
+``_BLOCK`` tokens, then inside the chosen block), which is exact up to float32 rounding and several
+times cheaper on CPU than Gumbel-max over the full vocabulary. Tokens of probability zero (filtered
+by top-k/top-p) are never drawn. The same key always gives the same tokens.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from klq_jax.models import gpt_neox
+  >>> from klq_jax.sampling import SamplingConfig, sample
+  >>> graphdef, params = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(), jax.random.key(0))
+  >>> prompts = jnp.array([[0, 0, 5, 6], [7, 8, 9, 10]]); pmask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+  >>> out = sample(graphdef, params, prompts, pmask, jax.random.key(1),
+  ...              SamplingConfig(max_new_tokens=5, stop_token_ids=(3,)))
+  >>> out.tokens.shape, out.mask.shape, out.logprobs.dtype
+  ((2, 5), (2, 5), dtype('float32'))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import numbers
+from typing import NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from klq_jax.models import gpt_neox
+
+Array = jax.Array
+
+__all__ = ["SamplingConfig", "SampleResult", "sample", "sample_from_logits"]
+
+# Block size of the two-level inverse-CDF sampler.
+_BLOCK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample (hashable: it is a static argument of the compiled sampler).
+
+    Attributes:
+      max_new_tokens: ``T_max``, the most response tokens per row (>= 1).
+      temperature: ``T > 0``; the sampling distribution is ``softmax(logits / T)``. Also used for the
+        returned log-probs when ``greedy``.
+      top_k: keep only the ``k`` most likely tokens (0 = off).
+      top_p: nucleus sampling, keep the smallest top set with mass ``>= top_p`` (1.0 = off).
+      greedy: take the argmax of the logits instead of sampling (ignores top_k/top_p and the key).
+      stop_token_ids: token ids that end a response (kept as its last real token). Empty: never
+        stop early (every row runs ``T_max`` tokens). Pythia's EOS is 0.
+      pad_token_id: id written after a row's stop token.
+
+    Example:
+      >>> from klq_jax.sampling import SamplingConfig
+      >>> SamplingConfig(max_new_tokens=53, temperature=0.7).stop_token_ids
+      (0,)
+    """
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    greedy: bool = False
+    stop_token_ids: tuple[int, ...] = (0,)
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        problems = []
+
+        def is_int(v):
+            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
+        if (
+            not isinstance(self.temperature, numbers.Real)
+            or not math.isfinite(self.temperature)
+            or self.temperature <= 0
+        ):
+            problems.append(
+                f"temperature={self.temperature!r} must be a finite number > 0 (use greedy=True for "
+                "argmax decoding)"
+            )
+        if not is_int(self.top_k) or self.top_k < 0:
+            problems.append(f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off)")
+        if not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
+            problems.append(f"top_p={self.top_p!r} must be in (0, 1] (1.0 turns it off)")
+        if not isinstance(self.greedy, bool):
+            problems.append(f"greedy={self.greedy!r} must be a bool")
+        stops = self.stop_token_ids
+        if is_int(stops):
+            stops = (stops,)
+        try:
+            stops = tuple(stops)
+        except TypeError:
+            stops = None
+        if stops is None or not all(is_int(s) and s >= 0 for s in stops):
+            problems.append(
+                f"stop_token_ids={self.stop_token_ids!r} must be a tuple of non-negative token ids "
+                "(() to never stop early)"
+            )
+        else:
+            object.__setattr__(self, "stop_token_ids", tuple(int(s) for s in stops))
+        if not is_int(self.pad_token_id) or self.pad_token_id < 0:
+            problems.append(f"pad_token_id={self.pad_token_id!r} must be a non-negative token id")
+        if problems:
+            raise ValueError("Invalid SamplingConfig: " + "; ".join(problems))
+        object.__setattr__(self, "max_new_tokens", int(self.max_new_tokens))
+        object.__setattr__(self, "top_k", int(self.top_k))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "top_p", float(self.top_p))
+        object.__setattr__(self, "pad_token_id", int(self.pad_token_id))
+
+    def replace(self, **changes) -> "SamplingConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class SampleResult(NamedTuple):
+    """What :func:`sample` returns (``T_max = config.max_new_tokens``).
+
+    Attributes:
+      tokens: ``[B, T_max]`` int32 response tokens; ``pad_token_id`` after a row's stop token.
+      mask: ``[B, T_max]`` float32, 1 on real response tokens (the stop token included), 0 after.
+      lengths: ``[B]`` int32 number of real response tokens (``mask.sum(-1)``).
+      stopped: ``[B]`` bool, the row ended on a stop token.
+      truncated: ``[B]`` bool, ``~stopped``: the row reached ``T_max`` without a stop token.
+      logprobs: ``[B, T_max]`` float32 ``log softmax(logits / temperature)[token]`` of each sampled
+        token (the full temperature-scaled softmax, see the module docstring); 0 on padding.
+    """
+
+    tokens: Array
+    mask: Array
+    lengths: Array
+    stopped: Array
+    truncated: Array
+    logprobs: Array
+
+
+# --------------------------------------------------------------------------------------------
+# Token selection
+# --------------------------------------------------------------------------------------------
+
+
+def _inverse_cdf(u: Array, weights: Array) -> Array:
+    """Index ``i`` with ``C_{i-1} < u·C_n <= C_i`` for ``C`` the cumulative sum of ``weights [B, n]``.
+
+    ``u [B]`` in ``(0, 1]``; ``weights >= 0`` (unnormalised) with a positive sum. Two levels (block
+    sums, then inside the block) keep the cumulative sums short, which is fast and accurate in
+    float32. An entry of weight 0 is never returned.
+    """
+    B, n = weights.shape
+    block = min(_BLOCK, n)
+    nb = -(-n // block)
+    if nb * block != n:
+        weights = jnp.pad(weights, ((0, 0), (0, nb * block - n)))
+    w = weights.reshape(B, nb, block)
+    block_sums = w.sum(-1)  # [B, nb]
+    cb = jnp.cumsum(block_sums, axis=-1)
+    thr = u * cb[:, -1]  # [B]
+    last_block = jnp.max(jnp.where(block_sums > 0, jnp.arange(nb), 0), axis=-1)
+    blk = jnp.minimum(jnp.sum(cb < thr[:, None], axis=-1), last_block)
+    before = jnp.where(blk > 0, jnp.take_along_axis(cb, jnp.maximum(blk - 1, 0)[:, None], 1)[:, 0], 0.0)
+    wb = jnp.take_along_axis(w, blk[:, None, None], axis=1)[:, 0]  # [B, block]
+    ci = jnp.cumsum(wb, axis=-1)
+    last_in = jnp.max(jnp.where(wb > 0, jnp.arange(block), 0), axis=-1)
+    j = jnp.minimum(jnp.sum(ci < (thr - before)[:, None], axis=-1), last_in)
+    return (blk * block + j).astype(jnp.int32)
+
+
+def _argmax(x: Array) -> Array:
+    """First index of the maximum along the last axis (like ``jnp.argmax``, faster on CPU)."""
+    n = x.shape[-1]
+    m = jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(x == m, jnp.arange(n, dtype=jnp.int32), n), axis=-1).astype(jnp.int32)
+
+
+def _nucleus_keep(sorted_logits: Array, top_p: float) -> Array:
+    """Keep-mask of descending-sorted logits ``[B, n]``: mass strictly before each entry < top_p."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = mass_before < top_p
+    return keep.at[:, 0].set(True)
+
+
+def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tuple[Array, Array]:
+    """Draw one token per row from ``logits [B, V]`` as ``config`` says.
+
+    Returns ``(tokens [B] int32, logprobs [B] float32)`` with ``logprobs = log softmax(logits /
+    temperature)[tokens]`` (the full, untruncated softmax; see the module docstring).
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from klq_jax.sampling import SamplingConfig, sample_from_logits
+      >>> tok, lp = sample_from_logits(jax.random.key(0), jnp.array([[0.0, 5.0, 1.0]]),
+      ...                              SamplingConfig(max_new_tokens=1, greedy=True))
+      >>> int(tok[0])
+      1
+    """
+    chex.assert_rank(logits, 2)
+    B, V = logits.shape
+    z = logits.astype(jnp.float32) / config.temperature
+    lse = jax.nn.logsumexp(z, axis=-1)
+    if config.greedy:
+        tokens = _argmax(logits.astype(jnp.float32))
+    else:
+        u = 1.0 - jax.random.uniform(key, (B,), jnp.float32)  # (0, 1]
+        k = config.top_k if 0 < config.top_k < V else 0
+        if k or config.top_p < 1.0:
+            if k:
+                vals, idx = jax.lax.top_k(z, k)  # descending
+            else:
+                vals, idx = jax.lax.top_k(z, V)  # a full sort (only for top-p alone)
+            keep = jnp.ones(vals.shape, bool)
+            if config.top_p < 1.0:
+                keep = _nucleus_keep(vals, config.top_p)
+            w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+            j = _inverse_cdf(u, w)
+            tokens = jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32)
+        else:
+            w = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
+            tokens = _inverse_cdf(u, w)
+    picked = jnp.take_along_axis(z, tokens[:, None], axis=1)[:, 0]
+    return tokens, picked - lse
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox.GPTNeoXConfig:
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    model_cfg = nnx.merge(graphdef, params).config
+    if not model_cfg.lm_head:
+        raise ValueError("sample() needs a model with an LM head (config.lm_head=True).")
+    shape_ids, shape_mask = jnp.shape(prompt_ids), jnp.shape(prompt_mask)
+    if len(shape_ids) != 2 or shape_ids != shape_mask:
+        raise ValueError(
+            f"prompt_ids and prompt_mask must both be [B, Tq]; got {shape_ids} and {shape_mask}. "
+            "Pass a left-padded batch with a 0/1 mask of the same shape."
+        )
+    if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+        raise ValueError(f"prompt_ids must be integer token ids, got dtype {jnp.result_type(prompt_ids)}")
+    Tq = shape_ids[1]
+    limit = model_cfg.max_position_embeddings
+    if Tq + config.max_new_tokens > limit:
+        raise ValueError(
+            f"Prompt length {Tq} + max_new_tokens {config.max_new_tokens} = "
+            f"{Tq + config.max_new_tokens} exceeds the model's max_position_embeddings={limit}. "
+            f"Truncate (or left-trim the padding of) the prompts to at most "
+            f"{limit - config.max_new_tokens} tokens, or lower max_new_tokens."
+        )
+    V = model_cfg.vocab_size
+    bad = [s for s in config.stop_token_ids if s >= V]
+    if bad or config.pad_token_id >= V:
+        raise ValueError(
+            f"stop_token_ids {bad or ''} / pad_token_id {config.pad_token_id} must be < vocab_size={V}."
+        )
+    if not isinstance(prompt_mask, jax.core.Tracer) and not isinstance(prompt_ids, jax.core.Tracer):
+        m = np.asarray(prompt_mask) != 0
+        if m.size and not m[:, -1].all():
+            rows = np.nonzero(~m[:, -1])[0].tolist()
+            raise ValueError(
+                f"Prompts must be left-padded with at least one real token: rows {rows[:10]} have "
+                "padding (mask 0) at the last position. Left-pad the prompts (pad at the start)."
+            )
+        if m.size and (np.diff(m.astype(np.int8), axis=1) < 0).any():
+            raise ValueError(
+                "prompt_mask has a 0 after a 1 in some row: prompts must be left-padded "
+                "(all padding before the first real token)."
+            )
+    return model_cfg
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: SamplingConfig) -> SampleResult:
+    model = nnx.merge(graphdef, params)
+    mcfg = model.config
+    B, Tq = prompt_ids.shape
+    T = config.max_new_tokens
+    S = Tq + T - 1  # the last sampled token is never fed back
+    stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
+    pad = jnp.int32(config.pad_token_id)
+
+    def is_stop(tok):
+        if not config.stop_token_ids:
+            return jnp.zeros(tok.shape, bool)
+        return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+
+    # Prefill: one pass over the prompts, unembed only the last position.
+    cache = gpt_neox.init_cache(mcfg, B, S)
+    out = model(prompt_ids.astype(jnp.int32), prompt_mask, cache=cache, logits=False)
+    logits0 = model.logits(out.hidden[:, -1])
+    tok0, lp0 = sample_from_logits(jax.random.fold_in(key, 0), logits0, config)
+    done0 = is_stop(tok0)
+    tokens = jnp.full((B, T), pad, jnp.int32).at[:, 0].set(tok0)
+    logps = jnp.zeros((B, T), jnp.float32).at[:, 0].set(lp0)
+    mask = jnp.zeros((B, T), jnp.float32).at[:, 0].set(1.0)
+    ones = jnp.ones((B, 1), bool)
+
+    def cond(state):
+        t, _, _, done, _, _, _ = state
+        return (t < T) & ~jnp.all(done)
+
+    def body(state):
+        t, cache, prev, done, tokens, logps, mask = state
+        m = nnx.merge(graphdef, params)
+        o = m(prev[:, None], ones, cache=cache, logits=False)
+        logits = m.logits(o.hidden[:, 0])
+        tok, lp = sample_from_logits(jax.random.fold_in(key, t), logits, config)
+        live = ~done
+        tok = jnp.where(live, tok, pad)
+        lp = jnp.where(live, lp, 0.0)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
+        logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, t))
+        mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, t))
+        done = done | is_stop(tok)
+        return t + 1, o.cache, tok, done, tokens, logps, mask
+
+    state = (jnp.int32(1), out.cache, tok0, done0, tokens, logps, mask)
+    _, _, _, done, tokens, logps, mask = jax.lax.while_loop(cond, body, state)
+    return SampleResult(
+        tokens=tokens,
+        mask=mask,
+        lengths=mask.sum(-1).astype(jnp.int32),
+        stopped=done,
+        truncated=~done,
+        logprobs=logps,
+    )
+
+
+def sample(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    key: Array,
+    config: SamplingConfig,
+) -> SampleResult:
+    """Sample responses to left-padded prompts with a KV cache (Algorithms 1-2, "generate rollouts").
+
+    One jitted program per ``(B, Tq, T_max)`` and ``config``: a prefill over the prompts, then a
+    ``lax.while_loop`` of one-token decode steps that exits as soon as every row has emitted a
+    stop token. Token ``t`` of a row is drawn from ``softmax(logits_t / T)`` (with top-k/top-p, or the
+    argmax when ``greedy``; see the module docstring) with the key ``fold_in(key, t)``.
+
+    Args:
+      graphdef, params: a GPT-NeoX with an LM head (``gpt_neox.init`` or ``load_hf``).
+      prompt_ids: ``[B, Tq]`` int token ids, **left-padded** (every row's last slot is real).
+      prompt_mask: ``[B, Tq]`` 1 on real prompt tokens, 0 on the left padding.
+      key: a ``jax.random`` key; the same key gives the same tokens.
+      config: :class:`SamplingConfig` (``max_new_tokens = T_max``).
+
+    Returns:
+      :class:`SampleResult` with ``[B, T_max]`` tokens / mask / logprobs and ``[B]`` lengths,
+      stopped and truncated flags.
+
+    Raises:
+      ValueError: bad shapes, right-padded prompts, ``Tq + T_max > max_position_embeddings``, or
+        stop/pad ids outside the vocabulary.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from klq_jax.models import gpt_neox
+      >>> from klq_jax.sampling import SamplingConfig, sample
+      >>> gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(), jax.random.key(0))
+      >>> res = sample(gd, p, jnp.array([[0, 4, 5]]), jnp.array([[0, 1, 1]]), jax.random.key(0),
+      ...              SamplingConfig(max_new_tokens=4, temperature=0.7, top_k=10, stop_token_ids=()))
+      >>> res.tokens.shape, bool(res.truncated[0]), int(res.lengths[0])
+      ((1, 4), True, 4)
+    """
+    _check_inputs(graphdef, params, prompt_ids, prompt_mask, config)
+    return _sample_jit(
+        graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, config
+    )
