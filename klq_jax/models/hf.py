@@ -9,9 +9,9 @@ layer over it)::
     >>> d = tempfile.mkdtemp()
     >>> _ = tiny_hf_gpt_neox(d + "/hf")                           # a tiny random HF checkpoint
     >>> config, graphdef, params = hf.load_hf(d + "/hf")          # HF -> Flax (in memory)
-    >>> hf.save_flax(d + "/flax", config, params)                 # our checkpoint format
+    >>> _ = hf.save_flax(d + "/flax", config, params)             # our checkpoint format
     >>> config, graphdef, params = hf.load_flax(d + "/flax")
-    >>> hf.save_hf(d + "/hf2", config, params)                    # Flax -> HF (transformers loads it)
+    >>> _ = hf.save_hf(d + "/hf2", config, params)                # Flax -> HF (transformers loads it)
 
 Reading a Hugging Face directory
 --------------------------------
@@ -845,7 +845,9 @@ def _write_safetensors(file: Path, entries: list[_Entry], metadata: Mapping[str,
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for e in entries:
-            arr = np.ascontiguousarray(np.asarray(e.produce()).astype(e.dtype, copy=False))
+            arr = np.asarray(e.produce()).astype(e.dtype, copy=False)
+            if not arr.flags.c_contiguous:
+                arr = arr.copy(order="C")  # (np.ascontiguousarray would turn a 0-d array into 1-d)
             if arr.shape != e.shape:
                 raise ConversionError(f"Internal error: tensor {e.name} has shape {arr.shape}, expected {e.shape}")
             f.write(arr.reshape(-1).view(np.uint8).data)
