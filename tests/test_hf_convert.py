@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -201,8 +202,8 @@ def test_bin_inputs_single_sharded_bf16_and_prefixless(lm, batch, tmp_path):
     }
     torch.save({**sd, **extra}, single / "pytorch_model.bin")
     assert "lm_head.weight" in sd
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("error")  # the buffers are ignored silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the buffers are ignored silently
         assert _masked_max_abs(_logits(single, batch), ref, batch[1]) <= ATOL
 
     # Two .bin shards + index, names without the "gpt_neox." prefix, bfloat16 tensors.
