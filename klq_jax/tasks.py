@@ -111,14 +111,64 @@ class Experiment:
 # ------------------------------------------------------------------------------------------
 
 
-def resolve_source(source: str) -> str:
-    """Map a hub name onto a local copy when ``KLQ_LOCAL_MODELS`` is set (else return it as is)."""
+def resolve_source(source: str, *, kind: Literal["model", "dataset"] = "model") -> str:
+    """Where to read ``source`` from: a local path, a local copy of a hub name, or a Hub download.
+
+    In order:
+
+    1. ``"random:<preset>"`` and existing local paths are returned as they are;
+    2. with ``KLQ_LOCAL_MODELS=/dir`` set, a hub name ``org/name`` whose copy ``/dir/org/name``
+       exists maps onto it (models and datasets alike, e.g. ``/dir/Anthropic/hh-rlhf``);
+    3. a dataset hub name is returned as it is (``datasets.load_dataset`` fetches it);
+    4. a model hub name is downloaded with ``huggingface_hub.snapshot_download`` (config,
+       tokenizer files and the weights: safetensors when the repo has them, else ``.bin``) and
+       the local snapshot directory is returned.
+
+    Raises:
+      FileNotFoundError: a model that is neither local nor downloadable (no network, unknown
+        name); the message names ``KLQ_LOCAL_MODELS`` and the path it looked for.
+
+    Example::
+
+        >>> resolve_source("random:tiny")
+        'random:tiny'
+    """
+    if source.startswith("random:") or os.path.exists(source):
+        return source
     root = os.environ.get("KLQ_LOCAL_MODELS")
-    if root and not os.path.exists(source) and not source.startswith("random:"):
-        candidate = os.path.join(root, source)
-        if os.path.exists(candidate):
-            return candidate
-    return source
+    candidate = os.path.join(root, source) if root else None
+    if candidate is not None and os.path.exists(candidate):
+        return candidate
+    if kind == "dataset":
+        return source
+    hint = (
+        f"set KLQ_LOCAL_MODELS=/dir with a copy of the model at /dir/{source} (looked for "
+        f"{candidate})" if root else
+        f"set KLQ_LOCAL_MODELS=/dir and put a copy of the model at /dir/{source} (KLQ_LOCAL_MODELS is "
+        "not set)"
+    )
+    looks_like_hub_name = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if not looks_like_hub_name:
+        raise FileNotFoundError(
+            f"Model source {source!r} is not a local path and not a Hugging Face hub name (org/name); "
+            f"pass an existing directory, a hub name, or 'random:<preset>'; or {hint}."
+        )
+    try:
+        from huggingface_hub import HfApi, snapshot_download
+
+        try:
+            files = HfApi().list_repo_files(source)
+            weights = ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
+        except Exception:  # offline (HF_HUB_OFFLINE): whatever the local Hub cache holds
+            weights = ["*.safetensors", "*.bin"]
+        return snapshot_download(
+            source, allow_patterns=["*.json", "*.txt", "*.model", "*.jinja", "tokenizer*"] + weights
+        )
+    except Exception as err:  # offline, unknown repo, gated repo, ...
+        raise FileNotFoundError(
+            f"Could not find model {source!r} locally or download it from the Hugging Face Hub "
+            f"({type(err).__name__}: {err}). Without network access, {hint}."
+        ) from err
 
 
 def load_model(source: str, *, key, value_head: bool = False, dtype: str = "float32"):

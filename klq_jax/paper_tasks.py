@@ -1,0 +1,280 @@
+"""The paper's experiments as :class:`klq_jax.tasks.Experiment`\\ s: TL;DR, Anthropic-HH (and IMDb).
+
+:func:`build` turns a :class:`~klq_jax.tasks.TaskConfig` of kind ``"tldr"``, ``"hh"`` or ``"imdb"``
+into the policy, the reference policy, the reward and the prompt iterator that
+:func:`klq_jax.train.train` runs (paper §5, App. D Tables 1-2):
+
+* **policy** θ_0: the SFT model (``TaskConfig.policy``) with a randomly initialised value head
+  (paper §3.2); **reference** π_b: ``TaskConfig.reference`` loaded without value head, or (when
+  None) the trainer's frozen copy of θ_0;
+* **tokenizer**: ``AutoTokenizer.from_pretrained(task.tokenizer or task.policy)``; when it has no
+  pad token, ``"[PAD]"`` is added as TRL / the N+ details do (rlhf_facts.md §1), and the pad id must
+  be a row of the policy's embedding (Pythia: 50304 rows > 50277 tokens, so ``[PAD]`` = 50277 fits);
+  the stop token is the tokenizer's EOS (Pythia ``<|endoftext|>`` = 0);
+* **prompts**: :func:`~klq_jax.data.load_tldr` (``query_length = task.max_prompt_len``),
+  :func:`~klq_jax.data.load_hh` (subset ``task.dataset_subset``, single-turn, prompts over
+  ``task.max_prompt_len`` tokens dropped) or :func:`~klq_jax.data.load_imdb`, served by a
+  :class:`~klq_jax.data.PromptIterator` seeded with ``seed`` (its position is checkpointed);
+* **reward** ``R_φ`` by the reward model's ``config.json`` architecture:
+
+  - ``GPTNeoXForSequenceClassification`` (TL;DR's ``cleanrl/..._reward__tldr``) sharing the
+    policy's tokenizer (``task.reward_tokenizer`` unset): ids straight in,
+    :func:`klq_jax.rewards.make_rm_reward_fn`;
+  - ``GPT2ForSequenceClassification`` (HH's ``Ray2333/gpt2-large-helpful-reward_model``), or any
+    score model with ``task.reward_tokenizer`` set: decode, re-tokenise with the RM's tokenizer
+    (``task.reward_tokenizer`` or the RM's directory), score
+    (:class:`klq_jax.rewards.CrossTokenizerRewardFn`; HH uses the RM's ``tokenizer(q, a)`` pair
+    format, TL;DR/IMDb the concatenated text);
+  - anything else (e.g. IMDb's DistilBERT ``lvwerra/distilbert-imdb``) is not supported yet: a
+    clear error says which architectures are.
+
+Hub names: every model and dataset name goes through :func:`klq_jax.tasks.resolve_source`, so with
+``KLQ_LOCAL_MODELS=/dir`` a name ``org/name`` reads ``/dir/org/name`` when it exists (models in the
+Hugging Face layout, datasets in the hub repo's file layout); otherwise models are downloaded from
+the Hub and datasets go through ``datasets.load_dataset``. Without network, a missing copy raises
+an error naming ``KLQ_LOCAL_MODELS``.
+
+Example (offline, with tiny local copies under the hub names; see tests/test_paper_presets.py)::
+
+    >>> from klq_jax import paper_tasks, presets                                     # doctest: +SKIP
+    >>> exp = paper_tasks.build(presets.get("hh-klq").task, batch_size=192, seed=0)  # doctest: +SKIP
+    >>> batch = next(exp.prompts); batch["prompt_ids"].shape                         # doctest: +SKIP
+    (192, 112)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import jax
+
+from klq_jax import rewards, tasks
+from klq_jax.tasks import Experiment, TaskConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_DATASETS",
+    "DEFAULT_SCORE_MICRO_BATCH_SIZE",
+    "build",
+    "load_policy_tokenizer",
+    "load_prompts",
+    "load_reward_fn",
+]
+
+DEFAULT_DATASETS = {
+    "tldr": "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
+    "hh": "Anthropic/hh-rlhf",
+    "imdb": "stanfordnlp/imdb",
+}
+
+# Rows per reward-model forward pass (TrainConfig.score_micro_batch_size of the paper presets).
+DEFAULT_SCORE_MICRO_BATCH_SIZE = 48
+
+_PAD_TOKEN = "[PAD]"
+
+
+def _offline_hint(name: str, what: str) -> str:
+    root = os.environ.get("KLQ_LOCAL_MODELS")
+    where = f"/dir/{name}" if not root else os.path.join(root, name)
+    state = "KLQ_LOCAL_MODELS is not set" if not root else f"looked for {where}"
+    return (
+        f"Without network access, set KLQ_LOCAL_MODELS=/dir and put a copy of the {what} at "
+        f"/dir/{name} ({state})."
+    )
+
+
+def load_policy_tokenizer(source: str, *, vocab_size: int | None = None):
+    """The policy's tokenizer, with a pad token (``"[PAD]"`` added when missing, as TRL does).
+
+    Args:
+      source: a tokenizer directory or hub name (resolved by :func:`klq_jax.tasks.resolve_source`).
+      vocab_size: rows of the policy's embedding; every token id, the new pad id included, must be
+        below it.
+
+    Raises:
+      ValueError: the tokenizer has no EOS token, or more tokens than the embedding has rows.
+
+    Example::
+
+        >>> import tempfile
+        >>> from klq_jax.data.fixtures import make_tiny_gpt2_tokenizer
+        >>> d = tempfile.mkdtemp(); _ = make_tiny_gpt2_tokenizer(d)       # a tokenizer without pad
+        >>> tok = load_policy_tokenizer(d, vocab_size=400)
+        >>> tok.pad_token, tok.pad_token_id
+        ('[PAD]', 384)
+    """
+    from transformers import AutoTokenizer
+
+    path = tasks.resolve_source(source)
+    if path.startswith("random:"):
+        raise ValueError(
+            f"A random policy ({source!r}) has no tokenizer; set TaskConfig.tokenizer to a tokenizer "
+            "directory or hub name."
+        )
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.add_special_tokens({"pad_token": _PAD_TOKEN})
+        logger.info("tokenizer %s has no pad token: added %r as id %d", source, _PAD_TOKEN, tok.pad_token_id)
+    if tok.eos_token_id is None:
+        raise ValueError(
+            f"The tokenizer of {source!r} has no EOS token, which ends the sampled responses; use a "
+            "tokenizer with an eos_token."
+        )
+    if vocab_size is not None and len(tok) > vocab_size:
+        raise ValueError(
+            f"The tokenizer of {source!r} has {len(tok)} tokens (pad id {tok.pad_token_id}) but the "
+            f"policy's embedding has only {vocab_size} rows: every id must be < vocab_size. Use the "
+            "tokenizer the policy was trained with (Pythia's 50304-row embedding covers '[PAD]' = 50277)."
+        )
+    return tok
+
+
+def _dataset_source(task: TaskConfig) -> str:
+    name = task.dataset or DEFAULT_DATASETS[task.kind]
+    return tasks.resolve_source(name, kind="dataset")
+
+
+def load_prompts(task: TaskConfig, tokenizer, *, seed: int = 0):
+    """The task's training prompts as a :class:`klq_jax.data.PromptDataset` (see the module doc)."""
+    from klq_jax.data import load_hh, load_imdb, load_tldr
+
+    name = task.dataset or DEFAULT_DATASETS[task.kind]
+    source = _dataset_source(task)
+    try:
+        if task.kind == "tldr":
+            return load_tldr(tokenizer, task.split, name_or_path=source, query_length=task.max_prompt_len,
+                             data_dir=task.dataset_subset)
+        if task.kind == "hh":
+            return load_hh(tokenizer, task.split, name_or_path=source,
+                           data_dir=task.dataset_subset if task.dataset_subset is not None else "helpful-base",
+                           max_prompt_length=task.max_prompt_len)
+        if task.kind == "imdb":
+            return load_imdb(tokenizer, task.split, name_or_path=source, data_dir=task.dataset_subset, seed=seed)
+    except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
+        if os.path.exists(source):  # a local copy that fails: the loader's own message says why
+            raise
+        message = f"{err}\n{_offline_hint(name, 'dataset (in the hub repo file layout)')}"
+        try:
+            new_err = type(err)(message)
+        except Exception:  # an exception class with another constructor
+            new_err = FileNotFoundError(message)
+        raise new_err from err
+    raise ValueError(f"paper_tasks cannot load prompts for task kind {task.kind!r}")
+
+
+def _read_config(path: str) -> dict:
+    for name in ("config.json", "hf_config.json"):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            with open(f) as fh:
+                return json.load(fh)
+    if os.path.isfile(os.path.join(path, "klq_config.json")):  # our GPT-NeoX format
+        return {"architectures": ["GPTNeoXForSequenceClassification"]}
+    raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face reward-model directory.")
+
+
+def load_reward_fn(
+    task: TaskConfig,
+    policy_tokenizer,
+    *,
+    stop_token_ids: tuple[int, ...],
+    micro_batch_size: int = DEFAULT_SCORE_MICRO_BATCH_SIZE,
+    key: Any = None,
+):
+    """``reward_fn`` of the task's reward model (see the module docstring for the dispatch)."""
+    if task.reward_model is None:
+        raise ValueError(f"Task kind {task.kind!r} needs TaskConfig.reward_model (a reward-model directory or hub name).")
+    path = tasks.resolve_source(task.reward_model)
+    if path.startswith("random:"):
+        raise ValueError(f"reward_model={task.reward_model!r}: a random reward model is not supported; pass a checkpoint.")
+    arch = (_read_config(path).get("architectures") or ["?"])[0]
+    if arch == "GPT2ForSequenceClassification":
+        from klq_jax.models import gpt2
+
+        _, graphdef, params = gpt2.load_hf_gpt2(path, dtype=task.dtype)
+    elif arch == "GPTNeoXForSequenceClassification":
+        cfg, graphdef, params = tasks.load_model(path, key=key if key is not None else jax.random.key(0),
+                                                 dtype=task.dtype)
+        if not cfg.score_head:
+            raise ValueError(f"{task.reward_model}: the GPT-NeoX checkpoint has no score head.")
+        if task.reward_tokenizer is None:
+            if len(policy_tokenizer) > cfg.vocab_size:
+                raise ValueError(
+                    f"The reward model {task.reward_model} has {cfg.vocab_size} embedding rows but the policy "
+                    f"tokenizer has {len(policy_tokenizer)} tokens; if it uses another tokenizer, set "
+                    "TaskConfig.reward_tokenizer."
+                )
+            return rewards.make_rm_reward_fn(graphdef, params, micro_batch_size=micro_batch_size)
+    else:
+        raise ValueError(
+            f"The reward model {task.reward_model} is a {arch}, which is not supported yet. Supported: "
+            "GPTNeoXForSequenceClassification and GPT2ForSequenceClassification with num_labels=1 "
+            "(a DistilBERT sentiment classifier such as lvwerra/distilbert-imdb needs its own model code)."
+        )
+    from transformers import AutoTokenizer
+
+    rm_tok_source = tasks.resolve_source(task.reward_tokenizer or task.reward_model)
+    reward_tokenizer = AutoTokenizer.from_pretrained(rm_tok_source)
+    return rewards.make_cross_tokenizer_reward_fn(
+        graphdef, params, policy_tokenizer, reward_tokenizer,
+        stop_token_ids=stop_token_ids,
+        micro_batch_size=micro_batch_size,
+        input_format="pair" if task.kind == "hh" else "concat",
+    )
+
+
+def build(
+    task: TaskConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    score_micro_batch_size: int | None = None,
+) -> Experiment:
+    """The :class:`~klq_jax.tasks.Experiment` of a ``"tldr"``, ``"hh"`` or ``"imdb"`` task.
+
+    Args:
+      task: the task (models, dataset, split, prompt budget, dtype).
+      batch_size: the GLOBAL number of prompts per iteration (``TrainConfig.rollouts_per_batch``).
+      seed: seeds the value head's initialisation and the prompt order.
+      score_micro_batch_size: rows per reward-model forward (default
+        :data:`DEFAULT_SCORE_MICRO_BATCH_SIZE`, capped at ``batch_size``).
+
+    Returns:
+      The experiment; ``prompts`` yields global batches (every process gets the whole batch, which
+      the trainer shards).
+
+    Raises:
+      FileNotFoundError: a model or dataset is neither local nor downloadable (the message names
+        ``KLQ_LOCAL_MODELS``); ValueError: unsupported reward model, tokenizer/embedding mismatch.
+    """
+    from klq_jax.data import PromptIterator
+
+    if task.kind not in DEFAULT_DATASETS:
+        raise ValueError(f"paper_tasks.build handles kinds {sorted(DEFAULT_DATASETS)}, not {task.kind!r}.")
+    key_value, key_rm = jax.random.split(jax.random.key(seed))
+    cfg, graphdef, params = tasks.load_model(task.policy, key=key_value, value_head=True, dtype=task.dtype)
+    tokenizer = load_policy_tokenizer(task.tokenizer or task.policy, vocab_size=cfg.vocab_size)
+    ref_graphdef = ref_params = None
+    if task.reference is not None:
+        _, ref_graphdef, ref_params = tasks.load_model(task.reference, key=key_value, dtype=task.dtype)
+    dataset = load_prompts(task, tokenizer, seed=seed)
+    logger.info("%s: %d prompts of width %d (dropped %s)", dataset.name, len(dataset), dataset.width,
+                dict(dataset.drop_reasons))
+    stop_token_ids = (int(tokenizer.eos_token_id),)
+    micro = min(score_micro_batch_size or DEFAULT_SCORE_MICRO_BATCH_SIZE, batch_size)
+    reward_fn = load_reward_fn(task, tokenizer, stop_token_ids=stop_token_ids, micro_batch_size=micro, key=key_rm)
+    return Experiment(
+        graphdef=graphdef,
+        params=params,
+        reward_fn=reward_fn,
+        prompts=PromptIterator(dataset, batch_size=batch_size, seed=seed),
+        ref_graphdef=ref_graphdef,
+        ref_params=ref_params,
+        stop_token_ids=stop_token_ids,
+        pad_token_id=int(tokenizer.pad_token_id),
+        decode=lambda ids: tokenizer.decode(list(ids)),
+    )
