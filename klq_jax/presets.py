@@ -59,7 +59,9 @@ HH_TASK = TaskConfig(
 )
 
 # A tiny random policy and a programmatic reward that is easy to increase: runs in seconds on CPU.
-TINY_TASK = TaskConfig(kind="synthetic", policy="random:tiny", reward="target_token", num_prompts=64)
+TINY_TASK = TaskConfig(
+    kind="synthetic", policy="random:tiny", reward="low_tokens", target_token=16, num_prompts=64
+)
 _TINY = dict(
     optim=OptimConfig(learning_rate=3e-3, schedule="constant"),
     rollouts_per_batch=16,

@@ -39,7 +39,9 @@ class TaskConfig:
       reference: the reference policy π_b (default: the initial policy).
       reward_model: a reward model (score head) source, for the RM-based tasks.
       reward: the programmatic reward of the synthetic task: ``"target_token"`` (fraction of
-        response tokens equal to ``target_token``) or ``"length"`` (response length / T_max).
+        response tokens equal to ``target_token``), ``"low_tokens"`` (fraction of response tokens
+        with ids below ``target_token``: a dense reward that is easy to increase) or ``"length"``
+        (response length / T_max).
       target_token: the token the ``"target_token"`` reward likes.
       dataset: dataset hub name or local path (the task's default when ``None``).
       dataset_subset: e.g. HH's ``"helpful-base"``.
@@ -58,7 +60,7 @@ class TaskConfig:
     policy: str = "random:tiny"
     reference: str | None = None
     reward_model: str | None = None
-    reward: Literal["target_token", "length"] = "target_token"
+    reward: Literal["target_token", "low_tokens", "length"] = "target_token"
     target_token: int = 7
     dataset: str | None = None
     dataset_subset: str | None = None
@@ -231,6 +233,7 @@ def programmatic_reward(kind: str, *, target_token: int = 7) -> Callable:
     """A jitted ``(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`` reward.
 
     ``"target_token"``: fraction of real response tokens equal to ``target_token``.
+    ``"low_tokens"``: fraction of real response tokens with ids in ``[1, target_token)``.
     ``"length"``: response length divided by the response width.
     """
 
@@ -241,13 +244,22 @@ def programmatic_reward(kind: str, *, target_token: int = 7) -> Callable:
             hits = (response_ids == target_token).astype(jnp.float32) * m
             return hits.sum(1) / jnp.maximum(m.sum(1), 1.0)
 
+    elif kind == "low_tokens":
+
+        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+            m = response_mask.astype(jnp.float32)
+            low = (response_ids >= 1) & (response_ids < target_token)
+            return (low.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
     elif kind == "length":
 
         def fn(prompt_ids, prompt_mask, response_ids, response_mask):
             return response_mask.astype(jnp.float32).sum(1) / response_mask.shape[1]
 
     else:
-        raise ValueError(f"Unknown programmatic reward {kind!r}; choose 'target_token' or 'length'")
+        raise ValueError(
+            f"Unknown programmatic reward {kind!r}; choose 'target_token', 'low_tokens' or 'length'"
+        )
     return jax.jit(fn)
 
 

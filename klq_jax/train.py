@@ -219,6 +219,11 @@ ROLLOUT_KEYS = (
 )
 
 
+def _global_norm(tree):
+    norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+    return norm(tree)
+
+
 def _tree_add(a, b):
     return jax.tree_util.tree_map(jnp.add, a, b)
 
@@ -274,7 +279,7 @@ def make_update_fn(
             (loss, metrics, grads), _ = jax.lax.scan(accumulate, (loss, metrics, grads), rest)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads))
         return (params, opt_state), metrics
 
     def epoch(carry, key):
@@ -398,19 +403,19 @@ def _config_to_json(cfg) -> dict:
 class _Logger:
     """JSONL + TensorBoard + samples file under the run directory."""
 
-    def __init__(self, out_dir: str, start_iteration: int, tensorboard: bool):
+    def __init__(self, out_dir: str, done_iterations: int, tensorboard: bool):
         os.makedirs(out_dir, exist_ok=True)
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.samples_path = os.path.join(out_dir, "samples.jsonl")
-        # On resume, drop lines of iterations after the checkpoint so the file matches an
-        # uninterrupted run.
+        # On resume, drop the lines of iterations after the checkpoint (they are run again) so the
+        # file matches an uninterrupted run.
         for path in (self.metrics_path, self.samples_path):
             if os.path.exists(path):
                 keep = []
                 with open(path) as f:
                     for line in f:
                         try:
-                            if json.loads(line)["iteration"] < start_iteration:
+                            if json.loads(line)["iteration"] <= done_iterations:
                                 keep.append(line)
                         except (ValueError, KeyError):
                             pass
