@@ -180,3 +180,12 @@ def test_bucket_and_pad_helpers():
     ids, mask = rewards.pad_rows([[1, 2, 3], [4]], 4, num_rows=3, pad_id=0)
     assert ids.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
+
+
+@pytest.mark.parametrize("module", ["klq_jax.rewards", "klq_jax.models.gpt2", "klq_jax.paper_tasks"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
