@@ -91,6 +91,32 @@ class TrainConfig:
     Batch sizes are GLOBAL (all devices together). One iteration samples ``rollouts_per_batch``
     responses, then runs ``epochs`` passes of ``rollouts_per_batch // minibatch_size`` optimizer
     steps, each accumulating gradients over ``minibatch_size // micro_batch_size`` micro-batches.
+
+    Attributes:
+      task: models, prompts and reward (:class:`klq_jax.tasks.TaskConfig`).
+      algo: KLQ / PPO hyperparameters (:class:`klq_jax.algorithms.AlgoConfig`).
+      optim: optimiser and learning-rate schedule.
+      mesh: device mesh sizes (data, fsdp, tensor); ``data=-1`` uses every remaining device.
+      rollouts_per_batch: N, responses sampled per iteration (paper: 192).
+      minibatch_size: B, rollouts per optimizer step (paper: 192).
+      micro_batch_size: rows per forward/backward inside a minibatch (gradient accumulation).
+      epochs: passes over each rollout batch (paper: 4).
+      total_episodes: responses sampled over the whole run (paper: 75k).
+      max_new_tokens: T_max, the response budget (TL;DR: 53).
+      temperature: sampling temperature; log π and log π_b are taken at the same temperature.
+      top_k: keep the k most likely tokens when sampling (0: off).
+      top_p: nucleus sampling mass (1.0: off).
+      omega: ω, the penalty subtracted from R_φ when a response has no stop token.
+      score_micro_batch_size: rows per scoring forward (None: the whole batch).
+      seed: seeds the prompt order, the sampler and the minibatch shuffles.
+      out_dir: run directory (metrics.jsonl, samples.jsonl, tb/, checkpoints/, config.json).
+      save_every: checkpoint every this many iterations (and at the end).
+      keep_checkpoints: how many checkpoints to keep.
+      log_samples_every: log a few decoded samples every this many iterations (0: never).
+      num_logged_samples: how many samples to log.
+      resume: continue from the newest complete checkpoint in out_dir.
+      progress: show a progress bar.
+      tensorboard: write TensorBoard event files under out_dir/tb.
     """
 
     task: TaskConfig = TaskConfig()
@@ -643,4 +669,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    # Re-import so every config class comes from ``klq_jax.train`` (not ``__main__``).
+    from klq_jax import train as _train
+
+    _train.main()
