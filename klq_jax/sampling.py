@@ -308,10 +308,32 @@ def _check_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox
     return model_cfg
 
 
+# Parameters that the model only ever uses cast to the compute dtype (matmul weights, embeddings).
+_MATRIX_PARAMS = frozenset({"embed_in", "embed_out", "qkv_kernel", "out_kernel", "up_kernel", "down_kernel"})
+
+
+def _cast_matrices(params, dtype):
+    """Cast the matmul weights to the compute dtype once, before the decode loop.
+
+    The model casts them at every use anyway (``w.astype(dt)``), so the outputs are identical; with
+    bfloat16 compute and float32 storage this halves the bytes each decode step reads. LayerNorm
+    parameters, biases and heads stay as they are (the model reads them in float32).
+    """
+    def cast(path, x):
+        names = {getattr(k, "key", None) for k in path}
+        if names & _MATRIX_PARAMS and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(cast, params)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
 def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: SamplingConfig) -> SampleResult:
+    mcfg = nnx.merge(graphdef, params).config
+    if jnp.dtype(mcfg.dtype) != jnp.dtype(mcfg.param_dtype):
+        params = _cast_matrices(params, jnp.dtype(mcfg.dtype))
     model = nnx.merge(graphdef, params)
-    mcfg = model.config
     B, Tq = prompt_ids.shape
     T = config.max_new_tokens
     S = Tq + T - 1  # the last sampled token is never fed back
