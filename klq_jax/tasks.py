@@ -263,13 +263,20 @@ def programmatic_reward(kind: str, *, target_token: int = 7) -> Callable:
     return jax.jit(fn)
 
 
-def build_experiment(task: TaskConfig, *, batch_size: int, seed: int) -> Experiment:
-    """Build the :class:`Experiment` of ``task`` for global batches of ``batch_size`` prompts."""
+def build_experiment(
+    task: TaskConfig, *, batch_size: int, seed: int, score_micro_batch_size: int | None = None
+) -> Experiment:
+    """Build the :class:`Experiment` of ``task`` for global batches of ``batch_size`` prompts.
+
+    ``score_micro_batch_size`` bounds the reward model's forward batch (RM-based tasks).
+    """
     if task.kind == "synthetic":
         return _build_synthetic(task, batch_size=batch_size, seed=seed)
     from klq_jax import paper_tasks
 
-    return paper_tasks.build(task, batch_size=batch_size, seed=seed)
+    return paper_tasks.build(
+        task, batch_size=batch_size, seed=seed, score_micro_batch_size=score_micro_batch_size
+    )
 
 
 def _build_synthetic(task: TaskConfig, *, batch_size: int, seed: int) -> Experiment:

@@ -657,7 +657,12 @@ def main(argv: list[str] | None = None) -> TrainResult:
     from klq_jax import tasks
 
     cfg = parse_args(argv)
-    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+    exp = tasks.build_experiment(
+        cfg.task,
+        batch_size=cfg.rollouts_per_batch,
+        seed=cfg.seed,
+        score_micro_batch_size=cfg.score_micro_batch_size,
+    )
     result = train(cfg, exp)
     if result.history:
         last = result.history[-1]

@@ -192,6 +192,26 @@ _EXT_TO_BUILDER = {
 }
 
 
+def _local_cache_dir(path: str) -> str:
+    """A ``datasets`` cache directory private to the local dataset directory ``path``.
+
+    ``datasets`` names the cache of a local directory after its base name, so two copies with the
+    same base name (e.g. ``/a/imdb`` and ``/b/imdb``) would share, and serve each other's rows. Key
+    it on the absolute path and the files' sizes and modification times instead.
+    """
+    import hashlib
+
+    h = hashlib.sha1(os.path.abspath(path).encode())
+    for root, _, files in sorted(os.walk(path)):
+        for name in sorted(files):
+            st = os.stat(os.path.join(root, name))
+            h.update(f"{os.path.relpath(os.path.join(root, name), path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    base = os.environ.get("KLQ_DATASETS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "klq_jax", "datasets"
+    )
+    return os.path.join(base, h.hexdigest()[:16])
+
+
 def load_split(
     name_or_path: str,
     split: str,
@@ -237,6 +257,8 @@ def load_split(
                 "directory in the hub dataset's layout."
             )
         return datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
+    if cache_dir is None and os.path.isdir(path):
+        cache_dir = _local_cache_dir(path)
     try:
         return datasets.load_dataset(
             path, name=config_name, data_dir=data_dir, data_files=data_files, split=split,
