@@ -14,7 +14,7 @@ Example::
 
     >>> import jax.numpy as jnp
     >>> from klq_jax import algorithms
-    >>> cfg = algorithms.AlgoConfig(name="klq", tau=0.05)
+    >>> cfg = algorithms.AlgoConfig(name="klq", tau=0.05, lam=1.0)  # λ = 1: Monte-Carlo returns
     >>> exp = dict(logp=jnp.zeros((2, 3)), ref_logp=jnp.zeros((2, 3)), values=jnp.zeros((2, 3)),
     ...            rewards=jnp.array([[0., 0., 1.], [0., 2., 0.]]),
     ...            response_mask=jnp.array([[1., 1., 1.], [1., 1., 0.]]))

@@ -14,10 +14,11 @@ Mesh axes:
 
 Example::
 
+    >>> import jax
     >>> from klq_jax import sharding
-    >>> mesh = sharding.make_mesh(data=1, fsdp=1)
-    >>> sharding.spec_for(("embed", "mlp"), (32, 64), mesh)
-    PartitionSpec()
+    >>> mesh = sharding.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+    >>> sharding.spec_for(("embed", "mlp"), (32, 64), mesh) == sharding.P()  # 1 device: replicated
+    True
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ class MeshConfig:
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all processes)."""
+    """A ``(data, fsdp, tensor)`` mesh (``jax.make_mesh``) over ``devices`` (default: all devices
+    of all processes). ``data=-1`` takes every device not used by ``fsdp × tensor``."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
     if data == -1:
@@ -72,8 +74,14 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
             f"Mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} does not match "
             f"the {n} available devices. Set the sizes so that their product is {n} (data=-1 fills in)."
         )
-    arr = np.asarray(devices, dtype=object).reshape(data, fsdp, tensor)
-    return Mesh(arr, MESH_AXES)
+    # jax.make_mesh orders the devices by the physical topology (ICI / NVLink). Axis types are
+    # Auto: shardings of intermediates are propagated by the compiler (GSPMD), as under pjit.
+    return jax.make_mesh(
+        (data, fsdp, tensor),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
 
 
 def mesh_from_config(cfg: MeshConfig, devices=None) -> Mesh:
