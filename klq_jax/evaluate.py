@@ -40,6 +40,7 @@ Example (a uniform "network"):
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Callable, Optional, Union
 
@@ -53,6 +54,7 @@ __all__ = [
     "exact_optimum",
     "exact_objective",
     "exact_evaluation",
+    "model_next_logprobs",
 ]
 
 NextLogprobsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -425,3 +427,54 @@ def exact_evaluation(
     out = {k: float(np.dot(w, v)) for k, v in per_prompt.items()}
     out["per_prompt"] = per_prompt
     return out
+
+
+def model_next_logprobs(graphdef, params, *, temperature: float = 1.0) -> NextLogprobsFn:
+    """The ``next_logprobs_fn`` of a GPT-NeoX network ``(graphdef, params)``: the adapter to this module.
+
+    Returns ``fn(tokens [N, L] int32, mask [N, L] float32) -> [N, V]`` float32 numpy: the
+    log-softmax of ``logits / temperature`` at the last (real) column of left-padded rows, i.e.
+    ``log π(. | x, y_<t)`` of the policy that the trainer samples from at that temperature (use 1.0
+    for the plain network, as the exact optimum assumes). One jitted forward per row shape (the
+    prefix-tree walk has ``t_max`` shapes); only the last position is unembedded.
+
+    Example:
+      >>> import jax
+      >>> from klq_jax.models import gpt_neox
+      >>> gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(vocab_size=3), jax.random.key(0))
+      >>> fn = model_next_logprobs(gd, p)
+      >>> lp = sequence_logprobs(fn, np.array([1, 2]), np.ones(2, np.float32), 3, 3, eos_id=0)
+      >>> round(float(np.exp(lp).sum()), 9)
+      1.0
+    """
+    if not temperature > 0:
+        raise ValueError(f"model_next_logprobs: temperature must be > 0, got {temperature}.")
+    t = float(temperature)
+
+    def fn(tokens, mask):
+        tokens = np.asarray(tokens, np.int32)
+        mask = np.asarray(mask, np.float32)
+        if tokens.ndim != 2 or mask.shape != tokens.shape:
+            raise ValueError(f"model_next_logprobs: tokens and mask must be [N, L], got {tokens.shape}, {mask.shape}.")
+        return np.asarray(_next_logprobs_jit(graphdef, params, tokens, mask, t))
+
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_next_logprobs():
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def next_logprobs(graphdef, params, tokens, mask, temperature):
+        model = nnx.merge(graphdef, params)
+        hidden = model(tokens, mask, logits=False).hidden[:, -1]
+        logits = model.logits(hidden).astype(jnp.float32) / temperature
+        return jax.nn.log_softmax(logits, axis=-1)
+
+    return jax.jit(next_logprobs, static_argnames=("graphdef", "temperature"))
+
+
+def _next_logprobs_jit(graphdef, params, tokens, mask, temperature):
+    return _jitted_next_logprobs()(graphdef, params, tokens, mask, temperature)
