@@ -261,6 +261,10 @@ def build(
     ref_graphdef = ref_params = None
     if task.reference is not None:
         _, ref_graphdef, ref_params = tasks.load_model(task.reference, key=key_value, dtype=task.dtype)
+    if task.critic is not None:  # TRL's layout: a separate value network from the reward model
+        graphdef, params, crit_ref_gd, crit_ref_p = tasks.attach_critic(task, graphdef, params, key=key_value)
+        if ref_params is None:
+            ref_graphdef, ref_params = crit_ref_gd, crit_ref_p
     dataset = load_prompts(task, tokenizer, seed=seed)
     logger.info("%s: %d prompts of width %d (dropped %s)", dataset.name, len(dataset), dataset.width,
                 dict(dataset.drop_reasons))

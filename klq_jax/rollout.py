@@ -102,12 +102,16 @@ def _response_logprobs(
         model = nnx.merge(graphdef, params)
         tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
         mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
-        hidden = model(tokens, mask, logits=False).hidden
-        h = hidden[:, Tq - 1 : Tq + Tr - 1]  # the hidden state that predicts each response token
+        out = model(tokens, mask, logits=False)
+        h = out.hidden[:, Tq - 1 : Tq + Tr - 1]  # the hidden state that predicts each response token
         real = r_mask != 0
         logits = model.logits(h)
         logp = jnp.where(real, token_logprobs(logits, r_ids.astype(jnp.int32), temperature=temperature), 0.0)
-        values = jnp.where(real, model.values(h), 0.0) if model.config.value_head else None
+        # V(s_t) from the model's own output: a head on the policy's body, or a separate critic
+        # (klq_jax.models.critic.PolicyWithCritic) with its own trunk.
+        values = None
+        if out.values is not None:
+            values = jnp.where(real, out.values[:, Tq - 1 : Tq + Tr - 1], 0.0)
         return logp, values
 
     return _micro_map(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)

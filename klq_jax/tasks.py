@@ -38,6 +38,9 @@ class TaskConfig:
       policy: the initial policy (and π_b unless ``reference`` is set); see the module docstring.
       reference: the reference policy π_b (default: the initial policy).
       reward_model: a reward model (score head) source, for the RM-based tasks.
+      critic: a separate value network initialised from this score-head model (``"reward_model"``:
+        the task's reward model), TRL's layout; default ``None``: a value head on the policy's body
+        (the paper).
       reward: the programmatic reward of the synthetic task: ``"target_token"`` (fraction of
         response tokens equal to ``target_token``), ``"low_tokens"`` (fraction of response tokens
         with ids below ``target_token``: a dense reward that is easy to increase) or ``"length"``
@@ -60,6 +63,7 @@ class TaskConfig:
     policy: str = "random:tiny"
     reference: str | None = None
     reward_model: str | None = None
+    critic: str | None = None
     reward: Literal["target_token", "low_tokens", "length"] = "target_token"
     target_token: int = 7
     dataset: str | None = None
@@ -203,6 +207,35 @@ def load_model(source: str, *, key, value_head: bool = False, dtype: str = "floa
     return hf.load_hf(source, dtype=dtype, value_head=value_head, key=key)
 
 
+def attach_critic(task: TaskConfig, graphdef, params, *, key):
+    """Apply ``task.critic``: ``(graphdef, params, ref_graphdef, ref_params)``.
+
+    Without a critic the inputs come back unchanged (ref ``None``: the trainer freezes a copy of
+    θ_0). With one, the policy's value head is replaced by a separate value network initialised
+    from the named score-head model (:mod:`klq_jax.models.critic`), and π_b is the plain policy.
+    """
+    if task.critic is None:
+        return graphdef, params, None, None
+    from klq_jax.models import critic as critic_lib
+
+    source = task.reward_model if task.critic == "reward_model" else task.critic
+    if source is None:
+        raise ValueError("TaskConfig.critic='reward_model' needs TaskConfig.reward_model to be set.")
+    rm_cfg, rm_graphdef, rm_params = load_model(source, key=key, dtype=task.dtype)
+    if not rm_cfg.score_head:
+        raise ValueError(
+            f"TaskConfig.critic={source!r} is not a score-head (reward) model; the critic is "
+            "initialised from a GPTNeoXForSequenceClassification checkpoint."
+        )
+    gd, p = critic_lib.with_critic_from_reward_model(graphdef, params, rm_graphdef, rm_params)
+    from flax import nnx
+
+    policy = nnx.merge(gd, p).policy
+    ref_graphdef, ref_params = nnx.split(policy, nnx.Param)
+    ref_params = jax.tree_util.tree_map(jnp.copy, ref_params)
+    return gd, p, ref_graphdef, ref_params
+
+
 # ------------------------------------------------------------------------------------------
 # The synthetic task
 # ------------------------------------------------------------------------------------------
@@ -287,6 +320,10 @@ def _build_synthetic(task: TaskConfig, *, batch_size: int, seed: int) -> Experim
     ref_graphdef = ref_params = None
     if task.reference is not None:
         _, ref_graphdef, ref_params = load_model(task.reference, key=key, dtype=task.dtype)
+    if task.critic is not None:
+        graphdef, params, crit_ref_gd, crit_ref_p = attach_critic(task, graphdef, params, key=key)
+        if ref_params is None:
+            ref_graphdef, ref_params = crit_ref_gd, crit_ref_p
     ds = synthetic_prompts(task.num_prompts, task.prompt_len, cfg.vocab_size, seed, task.pad_token_id)
     return Experiment(
         graphdef=graphdef,

@@ -180,3 +180,34 @@ def test_nan_stops_the_run_without_a_checkpoint(tmp_path):
     with pytest.raises(train.NonFiniteError, match="Iteration 2: metric"):
         train.train(cfg, exp, mesh=_one_device())
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+
+
+def test_separate_critic_from_a_reward_model(tmp_path):
+    """TRL's layout: values come from a separate network initialised from the reward model."""
+    from klq_jax import rollout, testing
+    from klq_jax.models import critic as critic_lib
+
+    rm_dir = tmp_path / "rm"
+    testing.tiny_hf_gpt_neox_reward(rm_dir, vocab_size=64)
+    cfg = _tiny_cfg("ppo", tmp_path / "run", total_episodes=16 * 2, save_every=100)
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, critic=str(rm_dir)))
+    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+    model = nnx.merge(exp.graphdef, exp.params)
+    assert isinstance(model, critic_lib.PolicyWithCritic) and not model.policy.config.value_head
+    # Before training, V(s_t) of the critic equals the reward model's score of the prefix s_t.
+    rm_cfg, rm_gd, rm_params = tasks.load_model(str(rm_dir), key=jax.random.key(0))
+    p_ids = jnp.array([[0, 0, 5, 6], [1, 2, 3, 4]])
+    p_mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])
+    r_ids = jnp.array([[7, 8, 0], [9, 0, 0]])
+    r_mask = jnp.array([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    _, values = rollout.response_logprobs(exp.graphdef, exp.params, p_ids, p_mask, r_ids, r_mask)
+    for t in range(3):
+        toks = jnp.concatenate([p_ids, r_ids[:, :t]], 1)
+        m = jnp.concatenate([p_mask, r_mask[:, :t]], 1)
+        score = gpt_neox.apply(rm_gd, rm_params, toks, m).scores
+        np.testing.assert_allclose(values[:, t] * r_mask[:, t], score * r_mask[:, t], atol=1e-5)
+    res = train.train(cfg, exp, mesh=_one_device())
+    assert all(np.isfinite(r["train/loss"]) for r in res.history)
+    trained = nnx.to_pure_dict(jax.device_get(res.state.params))
+    start = nnx.to_pure_dict(exp.params)
+    assert np.abs(trained["critic"]["value_kernel"] - start["critic"]["value_kernel"]).max() > 0
