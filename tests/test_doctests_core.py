@@ -6,6 +6,7 @@ import pytest
 
 MODULES = [
     "klq_jax.models.gpt_neox",
+    "klq_jax.models.critic",
     "klq_jax.sharding",
     "klq_jax.algorithms",
     "klq_jax.checkpoint",
