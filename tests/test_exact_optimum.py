@@ -167,3 +167,12 @@ def test_sampler_agrees_with_the_enumeration(world, klq_run):
     for samples, exact in ((r, final["reward"]), (kl, final["kl_to_ref"])):
         se = samples.std() / np.sqrt(n)
         assert abs(samples.mean() - exact) < 4 * se + 1e-3, (samples.mean(), exact, se)
+
+
+@pytest.mark.parametrize("name", ["klq_jax.evaluate", "klq_jax.data.synthetic"])
+def test_docstring_examples(name):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

@@ -30,7 +30,7 @@ Example:
     >>> lang.vocab_size, lang.decode(lang.encode("cat runs fast"))
     (8, 'cat runs fast')
     >>> dist = lang.response_distribution("dog")
-    >>> round(sum(dist.values()), 12), round(dist[lang.encode("runs fast <eos>")], 3)
+    >>> round(sum(dist.values()), 12), round(dist[tuple(lang.encode("runs fast <eos>"))], 3)
     (1.0, 0.12)
 """
 
