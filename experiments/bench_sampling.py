@@ -9,7 +9,8 @@ full vocabulary by default, ``--greedy`` for argmax).
 
 Reported for both: the prefill (a 1-token generation), end-to-end time for the whole batch, the
 steady-state time per decode step ``(end_to_end − prefill) / (new_tokens − 1)``, new tokens/s
-``B · new_tokens / end_to_end``, and the ratios. The sampler's compile time is reported separately
+``B · new_tokens / end_to_end``, and the ratios (medians, plus the best-of-N end-to-end ratio, the
+fairer figure on a machine shared with other jobs). The sampler's compile time is reported separately
 (first call minus steady state) and excluded from the steady-state figures. Runs of the two
 libraries are interleaved and each figure is a median over ``--repeats`` runs, so background load
 hits both alike.
@@ -170,8 +171,11 @@ def main(argv=None):
     def summarise(full, pre):
         e2e, prefill = median(full), median(pre)
         step = (e2e - prefill) / max(T - 1, 1)
+        best_e2e, best_pre = min(full), min(pre)
         return {
             "end_to_end_s": e2e,
+            "end_to_end_best_s": best_e2e,
+            "decode_step_best_ms": 1e3 * (best_e2e - best_pre) / max(T - 1, 1),
             "end_to_end_all_s": full,
             "prefill_s": prefill,
             "prefill_all_s": pre,
@@ -187,6 +191,7 @@ def main(argv=None):
             "end_to_end": res["hf"]["end_to_end_s"] / res["jax"]["end_to_end_s"],
             "decode_step": res["hf"]["decode_step_ms"] / res["jax"]["decode_step_ms"],
             "prefill": res["hf"]["prefill_s"] / res["jax"]["prefill_s"],
+            "end_to_end_best": res["hf"]["end_to_end_best_s"] / res["jax"]["end_to_end_best_s"],
         }
     res["setup"] = {
         "model": args.model, "batch": B, "prompt_len": Tq, "new_tokens": T, "dtype": args.dtype,
@@ -206,7 +211,8 @@ def main(argv=None):
         print(f"HF generate      : prefill {h['prefill_s'] * 1e3:.0f} ms | {h['decode_step_ms']:.1f} ms/decode step"
               f" | end-to-end {h['end_to_end_s']:.3f}s | {h['new_tokens_per_s']:.0f} new tokens/s")
         print(f"ratio (HF / ours): end-to-end {r['end_to_end']:.2f}x | per decode step {r['decode_step']:.2f}x"
-              f" | prefill {r['prefill']:.2f}x")
+              f" | prefill {r['prefill']:.2f}x | best-of-{args.repeats} end-to-end {r['end_to_end_best']:.2f}x "
+              f"({h['end_to_end_best_s']:.3f}s / {j['end_to_end_best_s']:.3f}s)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
