@@ -91,7 +91,11 @@ def plot_training_curves(
     ]
     if has_opt:
         panels.append((None, "exact/kl_to_opt", "KL(π ‖ π*)  (exact)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.9))
+    if len(panels) == 4:  # 2 x 2 reads better in a README than 1 x 4
+        fig, axes = plt.subplots(2, 2, figsize=(10.5, 7.6))
+        axes = axes.ravel()
+    else:
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.9))
     for ax, (key, exact_key, label) in zip(axes, panels):
         for algo in algos:
             color = COLORS.get(algo, None)
