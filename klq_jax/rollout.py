@@ -27,6 +27,7 @@ token included), exactly what :func:`klq_jax.sampling.sample` returns.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable, NamedTuple
 
 import chex
@@ -311,6 +312,7 @@ def make_rollout(
     *,
     omega: float = 1.0,
     micro_batch_size: int | None = None,
+    timings: dict | None = None,
 ) -> Rollout:
     """The experience phase of Algorithms 1-2: sample, score with π, π_b and R_φ, place rewards.
 
@@ -326,6 +328,8 @@ def make_rollout(
         recomputed ``logp`` and ``ref_logp``.
       omega: missing-stop-token penalty ω.
       micro_batch_size: chunk size of the scoring forwards (``None``: whole batch).
+      timings: if a dict, the wall-clock seconds of the two phases are stored in it as
+        ``"sample"`` and ``"score"`` (this waits for the device between them).
 
     Returns:
       :class:`Rollout`.
@@ -343,7 +347,12 @@ def make_rollout(
       >>> float(ro.rewards.sum()), float(jnp.abs(ro.logp - ro.ref_logp).max())
       (3.5, 0.0)
     """
+    t0 = time.perf_counter()
     res = sample(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, sampling_config)
+    if timings is not None:
+        jax.block_until_ready(res.tokens)
+        t1 = time.perf_counter()
+        timings["sample"] = t1 - t0
     t = sampling_config.temperature
     logp, values = response_logprobs(
         policy_graphdef, policy_params, prompt_ids, prompt_mask, res.tokens, res.mask,
@@ -360,6 +369,9 @@ def make_rollout(
             f"{scores.shape}."
         )
     rewards = sequence_rewards(scores, res.mask, res.stopped, omega=omega)
+    if timings is not None:
+        jax.block_until_ready((logp, ref_logp, rewards))
+        timings["score"] = time.perf_counter() - t1
     return Rollout(
         prompt_ids=jnp.asarray(prompt_ids),
         prompt_mask=jnp.asarray(prompt_mask),

@@ -405,7 +405,9 @@ def rollout_metrics(ro: rollout.Rollout, tau: float) -> dict[str, float]:
     }
 
 
-TIMING_KEYS = ("time_sample", "time_update", "time_iteration", "tokens_per_s", "wall_time")
+TIMING_KEYS = (
+    "time_sample", "time_score", "time_update", "time_iteration", "tokens_per_s", "wall_time",
+)
 
 
 class NonFiniteError(FloatingPointError):
@@ -535,6 +537,7 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
         for it in range(start, cfg.num_iterations):
             t0 = time.perf_counter()
             batch = next(exp.prompts)
+            phase: dict[str, float] = {}
             key = jax.random.wrap_key_data(state.key)
             sample_key = jax.random.fold_in(key, 1_000_003)
             ro = rollout.make_rollout(
@@ -549,6 +552,7 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
                 sampling_cfg,
                 omega=cfg.omega,
                 micro_batch_size=cfg.score_micro_batch_size,
+                timings=phase,
             )
             exp_dict = {k: getattr(ro, k) for k in ROLLOUT_KEYS}
             jax.block_until_ready(exp_dict)
@@ -565,7 +569,8 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
             record["lr"] = float(schedule(int(state.step)))
             n_tokens = float(np.asarray(ro.response_mask).sum())
             record.update(
-                time_sample=t1 - t0,
+                time_sample=phase["sample"],
+                time_score=phase["score"],
                 time_update=t2 - t1,
                 time_iteration=t2 - t0,
                 tokens_per_s=n_tokens / max(t2 - t0, 1e-9),
