@@ -10,7 +10,9 @@
 
 from the records of ``metrics.jsonl`` (``train.train`` writes them; the demo adds an ``"algo"``
 field and, at a few iterations, ``exact/*`` fields computed by enumeration). Sample estimates are
-drawn as thin lines with a moving average on top; exact values as markers.
+drawn as thin lines with a centred moving average on top, at the episodes seen by the policy that
+sampled them (a record's rollout precedes its update); exact values (of the policy after the
+record's update) as markers.
 
 Example:
     >>> import os, tempfile
@@ -35,19 +37,20 @@ LABELS = {"klq": "KLQ", "ppo": "PPO"}
 
 
 def moving_average(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing moving average (shorter windows at the start), same length as ``x``.
+    """Centred moving average over ``window`` points (shrinking at the ends), same length as ``x``.
 
     Example:
-      >>> moving_average(np.array([0.0, 2.0, 4.0]), 2).tolist()
-      [0.0, 1.0, 3.0]
+      >>> moving_average(np.array([0.0, 2.0, 4.0, 6.0]), 3).tolist()
+      [1.0, 2.0, 4.0, 5.0]
     """
     x = np.asarray(x, np.float64)
     if window <= 1 or len(x) == 0:
         return x
     c = np.cumsum(np.insert(x, 0, 0.0))
-    idx = np.arange(1, len(x) + 1)
-    lo = np.maximum(idx - window, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
+    idx = np.arange(len(x))
+    lo = np.maximum(idx - window // 2, 0)
+    hi = np.minimum(idx + (window - 1 - window // 2) + 1, len(x))
+    return (c[hi] - c[lo]) / (hi - lo)
 
 
 def plot_training_curves(
@@ -102,7 +105,10 @@ def plot_training_curves(
             name = LABELS.get(algo, algo)
             rows = [r for r in records if r.get("algo", "run") == algo]
             if key is not None:
-                pts = sorted((r["episodes"], r[key]) for r in rows if key in r and r.get("iteration", 1) > 0)
+                # A record's sample metrics come from the rollout of the policy BEFORE that
+                # iteration's update: plot them at the episodes seen by that policy.
+                pts = sorted((r["episodes"] * (r["iteration"] - 1) / r["iteration"] if r.get("iteration") else
+                              r["episodes"], r[key]) for r in rows if key in r and r.get("iteration", 1) > 0)
                 if pts:
                     ep, val = map(np.asarray, zip(*pts))
                     w = smooth or max(1, len(ep) // 15)
