@@ -895,6 +895,10 @@ class _AtomicDir:
             )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        # mkdtemp makes a private (0700) directory; a checkpoint should be readable like any other.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
