@@ -7,8 +7,9 @@ One call of :func:`sample` is one compiled XLA program (one compile per batch si
 ``T_max`` and :class:`SamplingConfig`):
 
 1. **prefill**: one forward pass over the left-padded prompts writes their keys/values into a
-   cache of ``Tq + T_max - 1`` slots and gives the logits of the last prompt position (only the
-   last position is unembedded);
+   cache of ``Tq + T_max - 1`` slots and gives the logits of the last prompt position
+   (``GPTNeoX(..., prefill=True)``: attention among the ``Tq`` prompt tokens only, and the last
+   layer's attention output, MLP, final norm and unembedding at the last position only);
 2. **decode**: a ``lax.while_loop`` feeds back one token per step and stops as soon as every row has
    emitted a stop token (or after ``T_max`` tokens). The cache is loop state, so XLA updates it in
    place (it is created inside the program and never copied between steps: the donation happens
@@ -347,7 +348,7 @@ def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: Sampling
 
     # Prefill: one pass over the prompts, unembed only the last position.
     cache = gpt_neox.init_cache(mcfg, B, S)
-    out = model(prompt_ids.astype(jnp.int32), prompt_mask, cache=cache, logits=False)
+    out = model(prompt_ids.astype(jnp.int32), prompt_mask, cache=cache, logits=False, prefill=True)
     logits0 = model.logits(out.hidden[:, -1])
     tok0, lp0 = sample_from_logits(jax.random.fold_in(key, 0), logits0, config)
     done0 = is_stop(tok0)

@@ -50,8 +50,10 @@ class PolicyWithCritic(nnx.Module):
         # The policy's config, marked as having values (the rollout asks for them).
         self.config = policy.config.replace(value_head=True)
 
-    def __call__(self, tokens, mask, *, cache=None, logits: bool = True) -> gpt_neox.ModelOutput:
-        out = self.policy(tokens, mask, cache=cache, logits=logits)
+    def __call__(
+        self, tokens, mask, *, cache=None, logits: bool = True, prefill: bool = False
+    ) -> gpt_neox.ModelOutput:
+        out = self.policy(tokens, mask, cache=cache, logits=logits, prefill=prefill)
         if cache is None:
             out = out._replace(values=self.critic(tokens, mask, logits=False).values)
         return out

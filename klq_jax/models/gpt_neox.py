@@ -354,17 +354,35 @@ class Attention(nnx.Module):
         attn_bias: Array,
         cache_kv: tuple[Array, Array] | None,
         cache_index: Array | None,
+        *,
+        local: bool = False,
+        last_only: bool = False,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x ``[B, T, D]`` → ``[B, T, D]``; ``attn_bias [B, 1, T, S]`` additive; cache ``[B, H, S, hd]``."""
+        """x ``[B, T, D]`` → ``[B, T, D]``; ``attn_bias [B, 1, T, S]`` additive; cache ``[B, H, S, hd]``.
+
+        ``local``: the new keys/values are written to the cache but the queries attend only to the
+        ``T`` new ones (an empty cache; ``attn_bias`` is then ``[B, 1, T, T]``). ``last_only``: only
+        the last query position is computed (output ``[B, 1, D]``; ``attn_bias [B, 1, 1, ·]``).
+        """
         c = self.config
         dt = x.dtype
         w = self.qkv_kernel[...].astype(dt)
-        qkv = jnp.einsum("btd,dkhe->btkhe", x, w, preferred_element_type=jnp.float32)
-        if c.attention_bias:
-            qkv = qkv + self.qkv_bias[...].astype(jnp.float32)
-        qkv = qkv.astype(dt)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
-        q = _apply_rotary(q, cos, sin, c.rotary_dim)
+        b = self.qkv_bias[...].astype(jnp.float32) if c.attention_bias else None
+        if last_only:
+            # Keys/values for every position (they go to the cache), the query only for the last.
+            kv = jnp.einsum("btd,dkhe->btkhe", x, w[:, 1:], preferred_element_type=jnp.float32)
+            q = jnp.einsum("btd,dhe->bthe", x[:, -1:], w[:, 0], preferred_element_type=jnp.float32)
+            if b is not None:
+                kv, q = kv + b[1:], q + b[0]
+            k, v = kv[:, :, 0].astype(dt), kv[:, :, 1].astype(dt)
+            q = _apply_rotary(q.astype(dt), cos[:, -1:], sin[:, -1:], c.rotary_dim)
+        else:
+            qkv = jnp.einsum("btd,dkhe->btkhe", x, w, preferred_element_type=jnp.float32)
+            if b is not None:
+                qkv = qkv + b
+            qkv = qkv.astype(dt)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
+            q = _apply_rotary(q, cos, sin, c.rotary_dim)
         k = _apply_rotary(k, cos, sin, c.rotary_dim)
         k = k.transpose(0, 2, 1, 3)  # [B, H, T, hd]
         v = v.transpose(0, 2, 1, 3)
@@ -373,8 +391,9 @@ class Attention(nnx.Module):
             ck, cv = cache_kv
             ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0))
             cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
-            k, v = ck, cv
             new_cache = (ck, cv)
+            if not local:
+                k, v = ck, cv
         scale = 1.0 / math.sqrt(c.head_dim)
         q = q.transpose(0, 2, 1, 3)  # [B, H, T, hd]
         scores = jnp.einsum("bhqe,bhke->bhqk", q, k, preferred_element_type=jnp.float32)
@@ -426,10 +445,15 @@ class Block(nnx.Module):
         self.attention = Attention(config, rngs)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index):
+    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, last_only=False):
+        if last_only:
+            attn_bias = attn_bias[:, :, -1:]
         attn, new_kv = self.attention(
-            self.input_layernorm(x), cos, sin, attn_bias, cache_kv, cache_index
+            self.input_layernorm(x), cos, sin, attn_bias, cache_kv, cache_index,
+            local=local, last_only=last_only,
         )
+        if last_only:
+            x = x[:, -1:]
         if self.parallel:
             x = x + attn + self.mlp(self.post_attention_layernorm(x))
         else:
@@ -490,6 +514,7 @@ class GPTNeoX(nnx.Module):
         *,
         cache: KVCache | None = None,
         logits: bool = True,
+        prefill: bool = False,
     ) -> ModelOutput:
         """Run the network.
 
@@ -499,6 +524,13 @@ class GPTNeoX(nnx.Module):
           cache: optional :class:`KVCache`; the ``T`` tokens are written at slots
             ``cache.index … cache.index + T - 1`` and attend to every real slot before them.
           logits: compute the ``[B, T, V]`` logits (set False to get only hidden/values/scores).
+          prefill: the fast path of a sampler's prefill. Needs a ``cache`` that holds no real
+            token (fresh from :func:`init_cache`, or with only padding written so far): the
+            queries attend only to the ``T`` new keys/values instead of all ``S`` slots, and the
+            last layer's attention output, its MLP, the final layer norm and the heads are
+            computed **at the last position only**, so ``hidden``/``logits``/``values`` come back
+            ``[B, 1, ...]`` (``scores`` reads that position). The cache gets the keys/values of
+            every position, exactly as without ``prefill``.
 
         Returns:
           :class:`ModelOutput`.
@@ -513,6 +545,11 @@ class GPTNeoX(nnx.Module):
             )
         B, T = tokens.shape
         mask_i = mask.astype(jnp.int32)
+        if prefill and cache is None:
+            raise ValueError(
+                "prefill=True needs a cache (an empty one from init_cache): it writes the prompt's "
+                "keys/values there. Pass cache=init_cache(config, B, max_len), or prefill=False."
+            )
         if cache is None:
             positions = jnp.maximum(jnp.cumsum(mask_i, axis=1) - 1, 0)
             causal = jnp.tril(jnp.ones((T, T), bool))
@@ -527,14 +564,20 @@ class GPTNeoX(nnx.Module):
             causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
             allowed = causal[None] & new_mask[:, None, :]
             cache_index = cache.index
+            if prefill:  # an empty cache: attend among the T new tokens only
+                allowed = jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :]
         attn_bias = jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None]
         cos, sin = _rotary(positions, c.rotary_base_dim, c.rotary_emb_base)
 
         x = jnp.take(self.embed_in[...], tokens, axis=0).astype(dt)
         new_k, new_v = [], []
+        n_layers = len(self.layers)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, new_kv = layer(x, cos, sin, attn_bias, kv, cache_index)
+            x, new_kv = layer(
+                x, cos, sin, attn_bias, kv, cache_index,
+                local=prefill, last_only=prefill and i == n_layers - 1,
+            )
             if new_kv is not None:
                 new_k.append(new_kv[0])
                 new_v.append(new_kv[1])
@@ -553,7 +596,7 @@ class GPTNeoX(nnx.Module):
             hidden=hidden,
             logits=self.logits(hidden) if (logits and c.lm_head) else None,
             values=self.values(hidden) if c.value_head else None,
-            scores=self.scores(hidden, mask) if c.score_head else None,
+            scores=(self.scores(hidden, mask[:, -1:] if prefill else mask) if c.score_head else None),
             cache=new_cache,
         )
 
