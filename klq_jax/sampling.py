@@ -177,12 +177,13 @@ class SampleResult(NamedTuple):
 # --------------------------------------------------------------------------------------------
 
 
-def _inverse_cdf(u: Array, weights: Array) -> Array:
+def _inverse_cdf(u: Array, weights: Array, *, return_total: bool = False):
     """Index ``i`` with ``C_{i-1} < u·C_n <= C_i`` for ``C`` the cumulative sum of ``weights [B, n]``.
 
     ``u [B]`` in ``(0, 1]``; ``weights >= 0`` (unnormalised) with a positive sum. Two levels (block
     sums, then inside the block) keep the cumulative sums short, which is fast and accurate in
-    float32. An entry of weight 0 is never returned.
+    float32. An entry of weight 0 is never returned. With ``return_total`` also returns the total
+    ``C_n [B]`` (the normaliser, so the caller needs no second pass over the weights).
     """
     B, n = weights.shape
     block = min(_BLOCK, n)
@@ -200,7 +201,8 @@ def _inverse_cdf(u: Array, weights: Array) -> Array:
     ci = jnp.cumsum(wb, axis=-1)
     last_in = jnp.max(jnp.where(wb > 0, jnp.arange(block), 0), axis=-1)
     j = jnp.minimum(jnp.sum(ci < (thr - before)[:, None], axis=-1), last_in)
-    return (blk * block + j).astype(jnp.int32)
+    idx = (blk * block + j).astype(jnp.int32)
+    return (idx, cb[:, -1]) if return_total else idx
 
 
 def _argmax(x: Array) -> Array:
@@ -235,26 +237,30 @@ def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tup
     chex.assert_rank(logits, 2)
     B, V = logits.shape
     z = logits.astype(jnp.float32) / config.temperature
+    k = config.top_k if 0 < config.top_k < V else 0
+    if not config.greedy and not k and config.top_p == 1.0:
+        # Full-vocabulary sampling: one exp pass gives both the sampling weights and the normaliser
+        # (log-sum-exp = max + log(sum of the weights)), on CPU the cost of a decode step's sampling.
+        u = 1.0 - jax.random.uniform(key, (B,), jnp.float32)  # (0, 1]
+        mx = jnp.max(z, axis=-1)
+        tokens, total = _inverse_cdf(u, jnp.exp(z - mx[:, None]), return_total=True)
+        picked = jnp.take_along_axis(z, tokens[:, None], axis=1)[:, 0]
+        return tokens, picked - (mx + jnp.log(total))
     lse = jax.nn.logsumexp(z, axis=-1)
     if config.greedy:
         tokens = _argmax(logits.astype(jnp.float32))
-    else:
+    else:  # top-k and/or top-p
         u = 1.0 - jax.random.uniform(key, (B,), jnp.float32)  # (0, 1]
-        k = config.top_k if 0 < config.top_k < V else 0
-        if k or config.top_p < 1.0:
-            if k:
-                vals, idx = jax.lax.top_k(z, k)  # descending
-            else:
-                vals, idx = jax.lax.top_k(z, V)  # a full sort (only for top-p alone)
-            keep = jnp.ones(vals.shape, bool)
-            if config.top_p < 1.0:
-                keep = _nucleus_keep(vals, config.top_p)
-            w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
-            j = _inverse_cdf(u, w)
-            tokens = jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32)
+        if k:
+            vals, idx = jax.lax.top_k(z, k)  # descending
         else:
-            w = jnp.exp(z - jnp.max(z, axis=-1, keepdims=True))
-            tokens = _inverse_cdf(u, w)
+            vals, idx = jax.lax.top_k(z, V)  # a full sort (only for top-p alone)
+        keep = jnp.ones(vals.shape, bool)
+        if config.top_p < 1.0:
+            keep = _nucleus_keep(vals, config.top_p)
+        w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+        j = _inverse_cdf(u, w)
+        tokens = jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32)
     picked = jnp.take_along_axis(z, tokens[:, None], axis=1)[:, 0]
     return tokens, picked - lse
 
