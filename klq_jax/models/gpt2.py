@@ -66,7 +66,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klq_jax.models.gpt_neox import _ACTIVATIONS, _MASK_VALUE, LayerNorm, gather_last
+from klq_jax.models.gpt_neox import _ACTIVATIONS, _MASK_VALUE, MLP, LayerNorm, _normal, gather_last
 
 Array = jax.Array
 
@@ -236,10 +236,6 @@ class GPT2Config:
 # --------------------------------------------------------------------------------------------
 
 
-def _normal(rngs: nnx.Rngs, shape, std, dtype):
-    return (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
-
-
 class Attention(nnx.Module):
     """Causal self-attention: ``qkv_kernel [D, 3, H, hd]``, ``qkv_bias [3, H, hd]``,
     ``out_kernel [H, hd, D]``, ``out_bias [D]``."""
@@ -276,27 +272,6 @@ class Attention(nnx.Module):
         return (out + self.out_bias[...].astype(jnp.float32)).astype(dt)
 
 
-class MLP(nnx.Module):
-    """``c_proj(act(c_fc(x)))``: ``up_kernel [D, F]``, ``down_kernel [F, D]`` and biases."""
-
-    def __init__(self, config: GPT2Config, rngs: nnx.Rngs):
-        c = config
-        pd = jnp.dtype(c.param_dtype)
-        F = c.inner_size
-        self.act = _ACTIVATIONS[c.activation_function]
-        self.up_kernel = nnx.Param(_normal(rngs, (c.n_embd, F), c.initializer_range, pd), axes=("embed", "mlp"))
-        self.up_bias = nnx.Param(jnp.zeros((F,), pd), axes=("mlp",))
-        self.down_kernel = nnx.Param(_normal(rngs, (F, c.n_embd), c.initializer_range, pd), axes=("mlp", "embed"))
-        self.down_bias = nnx.Param(jnp.zeros((c.n_embd,), pd), axes=("embed",))
-
-    def __call__(self, x: Array) -> Array:
-        dt = x.dtype
-        h = jnp.dot(x, self.up_kernel[...].astype(dt), preferred_element_type=jnp.float32)
-        h = self.act(h + self.up_bias[...].astype(jnp.float32)).astype(dt)
-        y = jnp.dot(h, self.down_kernel[...].astype(dt), preferred_element_type=jnp.float32)
-        return (y + self.down_bias[...].astype(jnp.float32)).astype(dt)
-
-
 class Block(nnx.Module):
     """One pre-LN GPT-2 block: ``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``."""
 
@@ -305,7 +280,14 @@ class Block(nnx.Module):
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon, pd)
         self.attn = Attention(config, layer_idx, rngs)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon, pd)
-        self.mlp = MLP(config, rngs)
+        self.mlp = MLP(
+            config.n_embd,
+            config.inner_size,
+            config.activation_function,
+            init_std=config.initializer_range,
+            param_dtype=config.param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x: Array, attn_bias: Array) -> Array:
         x = x + self.attn(self.ln_1(x), attn_bias)

@@ -409,22 +409,18 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """``down(act(up(x)))`` with ``up.kernel [D, F]``, ``down.kernel [F, D]`` and biases."""
+    """``down(act(up(x)))``: ``up_kernel [D, F]``, ``down_kernel [F, D]`` and biases.
 
-    def __init__(self, config: GPTNeoXConfig, rngs: nnx.Rngs):
-        c = config
-        pd = jnp.dtype(c.param_dtype)
-        self.act = _ACTIVATIONS[c.hidden_act]
-        self.up_kernel = nnx.Param(
-            _normal(rngs, (c.hidden_size, c.intermediate_size), c.initializer_range, pd),
-            axes=("embed", "mlp"),
-        )
-        self.up_bias = nnx.Param(jnp.zeros((c.intermediate_size,), pd), axes=("mlp",))
-        self.down_kernel = nnx.Param(
-            _normal(rngs, (c.intermediate_size, c.hidden_size), c.initializer_range, pd),
-            axes=("mlp", "embed"),
-        )
-        self.down_bias = nnx.Param(jnp.zeros((c.hidden_size,), pd), axes=("embed",))
+    Shared by GPT-NeoX and GPT-2 (:mod:`klq_jax.models.gpt2`).
+    """
+
+    def __init__(self, dim: int, hidden: int, act: str, *, init_std: float, param_dtype, rngs: nnx.Rngs):
+        pd = jnp.dtype(param_dtype)
+        self.act = _ACTIVATIONS[act]
+        self.up_kernel = nnx.Param(_normal(rngs, (dim, hidden), init_std, pd), axes=("embed", "mlp"))
+        self.up_bias = nnx.Param(jnp.zeros((hidden,), pd), axes=("mlp",))
+        self.down_kernel = nnx.Param(_normal(rngs, (hidden, dim), init_std, pd), axes=("mlp", "embed"))
+        self.down_bias = nnx.Param(jnp.zeros((dim,), pd), axes=("embed",))
 
     def __call__(self, x: Array) -> Array:
         dt = x.dtype
@@ -443,7 +439,14 @@ class Block(nnx.Module):
         self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, pd)
         self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, pd)
         self.attention = Attention(config, rngs)
-        self.mlp = MLP(config, rngs)
+        self.mlp = MLP(
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            init_std=config.initializer_range,
+            param_dtype=config.param_dtype,
+            rngs=rngs,
+        )
 
     def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, last_only=False):
         if last_only:
