@@ -10,8 +10,8 @@ import pytest
 from klq_jax.models import gpt2
 from klq_jax.models.hf import ConversionError
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # test-time reference (the .[test] extra)
+import transformers
 
 HF_TINY = dict(vocab_size=97, n_positions=40, n_embd=24, n_layer=2, n_head=3, n_inner=40,
                activation_function="gelu_new", layer_norm_epsilon=1e-5, num_labels=1)

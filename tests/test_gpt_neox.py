@@ -10,7 +10,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-torch = pytest.importorskip("torch")
+import torch  # test-time reference (the .[test] extra)
 
 from klq_jax import testing  # noqa: E402
 from klq_jax.models import gpt_neox, hf  # noqa: E402

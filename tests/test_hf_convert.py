@@ -13,8 +13,8 @@ import pytest
 
 import jax
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # test-time reference (the .[test] extra)
+import transformers
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 

@@ -20,8 +20,8 @@ from klq_jax import paper_tasks, presets, rewards, sharding, tasks, train
 from klq_jax.checkpoint import Checkpointer
 from klq_jax.data import fixtures
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # test-time reference (the .[test] extra)
+import transformers
 
 TLDR_Q = 80  # TL;DR query budget of the tiny runs (the fixture rows are truncated to fit)
 HH_Q = 48  # HH prompt budget (the fixture's 500-token prompt is dropped)

@@ -11,8 +11,8 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-torch = pytest.importorskip("torch")
-scipy_stats = pytest.importorskip("scipy.stats")
+import torch  # test-time reference (the .[test] extra)
+import scipy.stats as scipy_stats
 
 from klq_jax import testing  # noqa: E402
 from klq_jax.models import hf  # noqa: E402
