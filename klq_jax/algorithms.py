@@ -28,7 +28,6 @@ import dataclasses
 from typing import Callable, Literal, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from klq_jax import losses, returns
 

@@ -210,7 +210,7 @@ def sequence_logprobs_batch(
     P, Tq = prompt_ids.shape
     non_eos = np.array([a for a in range(vocab_size) if a != eos_id], dtype=np.int32)
     cum = np.zeros((P, 1), dtype=np.float64)  # log-prob of each live prefix, [P, (V-1)^d]
-    eos_parts, last = [], None
+    eos_parts = []
     for depth in range(t_max):
         pre = _prefixes(non_eos, depth)  # [n, d]
         n = pre.shape[0]

@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-import torch  # test-time reference (the .[test] extra)
+import torch  # noqa: F401  (test-time reference, the .[test] extra)
 
 from klq_jax import testing  # noqa: E402
 from klq_jax.models import gpt_neox, hf  # noqa: E402
