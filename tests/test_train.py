@@ -211,3 +211,18 @@ def test_separate_critic_from_a_reward_model(tmp_path):
     trained = nnx.to_pure_dict(jax.device_get(res.state.params))
     start = nnx.to_pure_dict(exp.params)
     assert np.abs(trained["critic"]["value_kernel"] - start["critic"]["value_kernel"]).max() > 0
+
+
+def test_bfloat16_compute_runs_and_starts_at_zero_kl(tmp_path):
+    """bf16 activations/matmuls (the accelerator setting): finite metrics, float32 losses, and KL to
+    π_b exactly 0 on the first iteration, where the policy still equals the reference."""
+    cfg = _tiny_cfg("klq", tmp_path, total_episodes=16, save_every=100)
+    cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, dtype="bfloat16"))
+    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+    assert nnx.merge(exp.graphdef, exp.params).config.dtype == "bfloat16"
+    res = train.train(cfg, exp, mesh=_one_device())
+    (rec,) = res.history
+    assert rec["kl"] == 0.0
+    assert all(np.isfinite(v) for v in rec.values())
+    leaves = jax.tree_util.tree_leaves(res.state.params)
+    assert all(x.dtype == jnp.float32 for x in leaves)  # parameters stay float32
