@@ -281,4 +281,5 @@ def build(
         stop_token_ids=stop_token_ids,
         pad_token_id=int(tokenizer.pad_token_id),
         decode=lambda ids: tokenizer.decode(list(ids)),
+        tokenizer=tokenizer,
     )

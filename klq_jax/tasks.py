@@ -99,6 +99,8 @@ class Experiment:
       ref_graphdef, ref_params: the frozen reference policy π_b (default: a copy of θ_0).
       stop_token_ids, pad_token_id: for the sampler.
       decode: optional ``token ids -> str`` for logged samples.
+      tokenizer: the policy's Hugging Face tokenizer (saved next to the exported policy at the
+        end of training), or None.
     """
 
     graphdef: Any
@@ -110,6 +112,7 @@ class Experiment:
     stop_token_ids: tuple[int, ...] = (0,)
     pad_token_id: int = 0
     decode: Callable | None = None
+    tokenizer: Any = None
 
 
 # ------------------------------------------------------------------------------------------

@@ -488,8 +488,8 @@ class TrainResult(NamedTuple):
 def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callable | None = None) -> TrainResult:
     """Run (or resume) KLQ / PPO training. See the module docstring.
 
-    Writes ``metrics.jsonl``, ``samples.jsonl``, ``tb/``, ``checkpoints/`` and ``config.json``
-    under ``cfg.out_dir``. Returns the final state and the metrics of the iterations run now.
+    Writes ``metrics.jsonl``, ``samples.jsonl``, ``tb/``, ``checkpoints/``, ``config.json`` and,
+    at the end, the trained policy (``policy/``, see :func:`export_policy`) under ``cfg.out_dir``. Returns the final state and the metrics of the iterations run now.
     """
     sharding.initialize_distributed()
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
@@ -594,12 +594,39 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
                 bar.update(1)
             if on_iteration is not None:
                 on_iteration(it + 1, record, state)
+        if history and int(history[-1]["iteration"]) == cfg.num_iterations:
+            export_policy(
+                os.path.join(cfg.out_dir, "policy"), exp.graphdef, state.params,
+                tokenizer=exp.tokenizer,
+            )
     finally:
         if bar is not None:
             bar.close()
         logger.close()
         ckpt.close()
     return TrainResult(state=state, history=history, graphdef=exp.graphdef)
+
+
+def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
+    """Write a trained policy (with its value head) in klq_jax's checkpoint format.
+
+    ``klq-convert flax-to-hf <path> <hf_dir>`` then turns it into a Hugging Face checkpoint that
+    ``transformers`` loads (the value head goes beside it as ``value_head.safetensors``). With a
+    separate critic (:class:`klq_jax.models.critic.PolicyWithCritic`) only the policy is written.
+    :func:`train` calls this at the end of a run (``<out_dir>/policy``). A Hugging Face
+    ``tokenizer``, if given, is saved beside it (``flax-to-hf`` copies it along).
+    """
+    from klq_jax.models import hf
+    from klq_jax.models.critic import PolicyWithCritic
+
+    model = nnx.merge(graphdef, params)
+    if isinstance(model, PolicyWithCritic):
+        model = model.policy
+    _, policy_params = nnx.split(model, nnx.Param)
+    hf.save_flax(path, model.config, jax.device_get(policy_params), overwrite=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
 
 
 def _sample_texts(exp: Experiment, batch, ro, k: int) -> list[dict]:
