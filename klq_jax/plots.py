@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["plot_training_curves", "moving_average"]
+__all__ = ["plot_training_curves", "plot_pareto", "moving_average"]
 
 COLORS = {"klq": "tab:blue", "ppo": "tab:orange"}
 LABELS = {"klq": "KLQ", "ppo": "PPO"}
@@ -134,6 +134,47 @@ def plot_training_curves(
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_pareto(rows: Iterable[Mapping], path: str, *, title: str | None = None) -> str:
+    """Reward against KL(π‖π_b) at the end of training, one line per algorithm over τ (paper Fig. 2).
+
+    ``rows`` hold ``algo``, ``tau``, ``kl`` and ``score`` (e.g. the last records of a τ sweep,
+    :mod:`klq_jax.sweep`). Each point is labelled with its τ. Returns ``path``.
+
+    Example:
+        >>> import os, tempfile
+        >>> rows = [{"algo": a, "tau": t, "kl": 1 / t, "score": 1 - t} for a in ("klq", "ppo")
+        ...         for t in (0.05, 0.1, 0.2)]
+        >>> path = plot_pareto(rows, os.path.join(tempfile.mkdtemp(), "p.png"))
+        >>> open(path, "rb").read(4) == b"\\x89PNG"
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for algo in sorted({r["algo"] for r in rows}):
+        pts = sorted((r for r in rows if r["algo"] == algo), key=lambda r: r["kl"])
+        xs = [r["kl"] for r in pts]
+        ys = [r["score"] for r in pts]
+        ax.plot(xs, ys, "o-", color=COLORS.get(algo), label=LABELS.get(algo, algo))
+        for r in pts:
+            ax.annotate(f"τ={r['tau']:g}", (r["kl"], r["score"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL(π‖π_b) (sequence level)")
+    ax.set_ylabel("reward-model score")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Reward vs KL at the end of training")
+    fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
