@@ -233,6 +233,7 @@ def build(
     batch_size: int,
     seed: int,
     score_micro_batch_size: int | None = None,
+    mesh=None,
 ) -> Experiment:
     """The :class:`~klq_jax.tasks.Experiment` of a ``"tldr"``, ``"hh"`` or ``"imdb"`` task.
 
@@ -240,6 +241,7 @@ def build(
       task: the task (models, dataset, split, prompt budget, dtype).
       batch_size: the GLOBAL number of prompts per iteration (``TrainConfig.rollouts_per_batch``).
       seed: seeds the value head's initialisation and the prompt order.
+      mesh: load the policy and reference straight into their shardings on this mesh.
       score_micro_batch_size: rows per reward-model forward (default
         :data:`DEFAULT_SCORE_MICRO_BATCH_SIZE`, capped at ``batch_size``).
 
@@ -256,11 +258,15 @@ def build(
     if task.kind not in DEFAULT_DATASETS:
         raise ValueError(f"paper_tasks.build handles kinds {sorted(DEFAULT_DATASETS)}, not {task.kind!r}.")
     key_value, key_rm = jax.random.split(jax.random.key(seed))
-    cfg, graphdef, params = tasks.load_model(task.policy, key=key_value, value_head=True, dtype=task.dtype)
+    cfg, graphdef, params = tasks.load_model(
+        task.policy, key=key_value, value_head=True, dtype=task.dtype, mesh=mesh
+    )
     tokenizer = load_policy_tokenizer(task.tokenizer or task.policy, vocab_size=cfg.vocab_size)
     ref_graphdef = ref_params = None
     if task.reference is not None:
-        _, ref_graphdef, ref_params = tasks.load_model(task.reference, key=key_value, dtype=task.dtype)
+        _, ref_graphdef, ref_params = tasks.load_model(
+            task.reference, key=key_value, dtype=task.dtype, mesh=mesh
+        )
     if task.critic is not None:  # TRL's layout: a separate value network from the reward model
         graphdef, params, crit_ref_gd, crit_ref_p = tasks.attach_critic(task, graphdef, params, key=key_value)
         if ref_params is None:

@@ -120,6 +120,13 @@ def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """The ``NamedSharding`` of one ``nnx.Param`` (concrete or abstract) from its ``axes``."""
+    value = var.get_value() if hasattr(var, "get_value") else var.value
+    axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else getattr(var, "axes", None)
+    return NamedSharding(mesh, spec_for(axes, tuple(value.shape), mesh))
+
+
 def param_shardings(params: Any, mesh: Mesh) -> Any:
     """A pytree of ``NamedSharding`` (a prefix of ``params``) from each ``nnx.Param``'s ``axes``.
 
@@ -129,11 +136,7 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     """
 
     def one(x):
-        if _is_var(x):
-            value = x.get_value() if hasattr(x, "get_value") else x.value
-            axes = x.get_metadata().get("axes") if hasattr(x, "get_metadata") else getattr(x, "axes", None)
-            return NamedSharding(mesh, spec_for(axes, tuple(value.shape), mesh))
-        return NamedSharding(mesh, P())
+        return variable_sharding(x, mesh) if _is_var(x) else NamedSharding(mesh, P())
 
     return jax.tree_util.tree_map(one, params, is_leaf=_is_var)
 
@@ -169,12 +172,19 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+_DISTRIBUTED_DONE = False
+
+
 def initialize_distributed() -> None:
     """Call ``jax.distributed.initialize()`` on multi-host runs (a no-op on one process).
 
     Multi-host is detected from the usual cluster variables (``JAX_COORDINATOR_ADDRESS``, SLURM,
     TPU pods set their own); set ``KLQ_DISTRIBUTED=1`` to force it.
     """
+    global _DISTRIBUTED_DONE
+    if _DISTRIBUTED_DONE:
+        return
+    _DISTRIBUTED_DONE = True
     wanted = os.environ.get("KLQ_DISTRIBUTED") == "1" or any(
         v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
     )

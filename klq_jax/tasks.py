@@ -180,8 +180,27 @@ def resolve_source(source: str, *, kind: Literal["model", "dataset"] = "model") 
         ) from err
 
 
-def load_model(source: str, *, key, value_head: bool = False, dtype: str = "float32"):
-    """``(config, graphdef, params)`` of a GPT-NeoX model from ``source`` (see the module doc)."""
+def load_model(source: str, *, key, value_head: bool = False, dtype: str = "float32", mesh=None):
+    """``(config, graphdef, params)`` of a GPT-NeoX model from ``source`` (see the module doc).
+
+    With a ``mesh``, the parameters come back sharded by :mod:`klq_jax.sharding`'s rules (a Hugging
+    Face checkpoint is placed tensor by tensor as it is read).
+    """
+    if mesh is not None and not source.startswith("random:"):
+        resolved = resolve_source(source)
+        if not (os.path.isdir(resolved) and os.path.exists(os.path.join(resolved, "klq_config.json"))):
+            from klq_jax.models import hf
+
+            return hf.load_hf(resolved, dtype=dtype, value_head=value_head, key=key, mesh=mesh)
+    cfg, graphdef, params = _load_model(source, key=key, value_head=value_head, dtype=dtype)
+    if mesh is not None:
+        from klq_jax import sharding
+
+        params = jax.device_put(params, sharding.param_shardings(params, mesh))
+    return cfg, graphdef, params
+
+
+def _load_model(source: str, *, key, value_head: bool = False, dtype: str = "float32"):
     source = resolve_source(source)
     if source.startswith("random:"):
         name = source.split(":", 1)[1]
@@ -300,29 +319,36 @@ def programmatic_reward(kind: str, *, target_token: int = 7) -> Callable:
 
 
 def build_experiment(
-    task: TaskConfig, *, batch_size: int, seed: int, score_micro_batch_size: int | None = None
+    task: TaskConfig,
+    *,
+    batch_size: int,
+    seed: int,
+    score_micro_batch_size: int | None = None,
+    mesh=None,
 ) -> Experiment:
     """Build the :class:`Experiment` of ``task`` for global batches of ``batch_size`` prompts.
 
-    ``score_micro_batch_size`` bounds the reward model's forward batch (RM-based tasks).
+    ``score_micro_batch_size`` bounds the reward model's forward batch (RM-based tasks); with a
+    ``mesh`` the policy and reference are loaded straight into their shardings.
     """
     if task.kind == "synthetic":
-        return _build_synthetic(task, batch_size=batch_size, seed=seed)
+        return _build_synthetic(task, batch_size=batch_size, seed=seed, mesh=mesh)
     from klq_jax import paper_tasks
 
     return paper_tasks.build(
-        task, batch_size=batch_size, seed=seed, score_micro_batch_size=score_micro_batch_size
+        task, batch_size=batch_size, seed=seed, score_micro_batch_size=score_micro_batch_size,
+        mesh=mesh,
     )
 
 
-def _build_synthetic(task: TaskConfig, *, batch_size: int, seed: int) -> Experiment:
+def _build_synthetic(task: TaskConfig, *, batch_size: int, seed: int, mesh=None) -> Experiment:
     from klq_jax.data import PromptIterator
 
     key = jax.random.key(seed)
-    cfg, graphdef, params = load_model(task.policy, key=key, value_head=True, dtype=task.dtype)
+    cfg, graphdef, params = load_model(task.policy, key=key, value_head=True, dtype=task.dtype, mesh=mesh)
     ref_graphdef = ref_params = None
     if task.reference is not None:
-        _, ref_graphdef, ref_params = load_model(task.reference, key=key, dtype=task.dtype)
+        _, ref_graphdef, ref_params = load_model(task.reference, key=key, dtype=task.dtype, mesh=mesh)
     if task.critic is not None:
         graphdef, params, crit_ref_gd, crit_ref_p = attach_critic(task, graphdef, params, key=key)
         if ref_params is None:

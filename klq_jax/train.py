@@ -689,13 +689,16 @@ def main(argv: list[str] | None = None) -> TrainResult:
     from klq_jax import tasks
 
     cfg = parse_args(argv)
+    sharding.initialize_distributed()
+    mesh = sharding.mesh_from_config(cfg.mesh)
     exp = tasks.build_experiment(
         cfg.task,
         batch_size=cfg.rollouts_per_batch,
         seed=cfg.seed,
         score_micro_batch_size=cfg.score_micro_batch_size,
+        mesh=mesh,
     )
-    result = train(cfg, exp)
+    result = train(cfg, exp, mesh=mesh)
     if result.history:
         last = result.history[-1]
         print(

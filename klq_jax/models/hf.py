@@ -87,6 +87,7 @@ from flax import nnx
 
 from klq_jax.models import gpt_neox
 from klq_jax.models.gpt_neox import GPTNeoXConfig
+from klq_jax.sharding import variable_sharding
 
 __all__ = [
     "ConversionError",
@@ -709,6 +710,7 @@ def load_hf(
     value_head: bool = False,
     key: jax.Array | None = None,
     strict: bool = False,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[GPTNeoXConfig, nnx.GraphDef, nnx.State]:
     """Load a local Hugging Face GPT-NeoX directory as ``(config, graphdef, params)``.
 
@@ -723,6 +725,9 @@ def load_hf(
       value_head: add a value head.
       key: PRNG key for a new value head.
       strict: raise (instead of warn) on unexpected tensors in the files.
+      mesh: place each tensor, as it is read, with the sharding that
+        :mod:`klq_jax.sharding`'s rules give it on this mesh, so a model larger than one device's
+        memory never sits on one device (default: the default device).
 
     Returns:
       ``(config, graphdef, params)`` for :func:`gpt_neox.apply`.
@@ -769,7 +774,7 @@ def load_hf(
             )
         arr = spec.to_ours(reader.get(spec.hf_name)).astype(pd)
         assert arr.shape == tuple(var.shape), (p, arr.shape, var.shape)
-        values[p] = jnp.asarray(arr)
+        values[p] = jnp.asarray(arr) if mesh is None else jax.device_put(arr, variable_sharding(var, mesh))
         used.add(spec.hf_name)
     if value_head:
         vh_file = path / VALUE_HEAD_FILE
@@ -782,6 +787,9 @@ def load_hf(
                     "(key=jax.random.key(seed)) to initialise the value head."
                 )
             values.update(_init_value_head(config, key))
+        if mesh is not None:  # the (small) value head: placed like every other parameter
+            for p in [q for q in values if q[0].startswith("value_")]:
+                values[p] = jax.device_put(values[p], variable_sharding(flat[p], mesh))
     ignorable = {"embed_out.weight"} if config.tie_word_embeddings else set()
     unexpected = [
         n for n in reader.names()
