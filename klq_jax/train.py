@@ -489,7 +489,9 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
     """Run (or resume) KLQ / PPO training. See the module docstring.
 
     Writes ``metrics.jsonl``, ``samples.jsonl``, ``tb/``, ``checkpoints/``, ``config.json`` and,
-    at the end, the trained policy (``policy/``, see :func:`export_policy`) under ``cfg.out_dir``. Returns the final state and the metrics of the iterations run now.
+    at the end, the trained policy (``policy/``, see :func:`export_policy`) under ``cfg.out_dir``.
+    Returns the final state and the metrics of the iterations run now. ``exp.params`` is copied
+    into the (donated) train state, so the caller's arrays stay valid.
     """
     sharding.initialize_distributed()
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
