@@ -63,6 +63,7 @@ __all__ = [
     "load_policy_tokenizer",
     "load_prompts",
     "load_reward_fn",
+    "load_reward_model",
 ]
 
 DEFAULT_DATASETS = {
@@ -177,15 +178,13 @@ def _read_config(path: str) -> dict:
     raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face reward-model directory.")
 
 
-def load_reward_fn(
-    task: TaskConfig,
-    policy_tokenizer,
-    *,
-    stop_token_ids: tuple[int, ...],
-    micro_batch_size: int = DEFAULT_SCORE_MICRO_BATCH_SIZE,
-    key: Any = None,
-):
-    """``reward_fn`` of the task's reward model (see the module docstring for the dispatch)."""
+def load_reward_model(task: TaskConfig, *, key: Any = None):
+    """``(architecture, config, graphdef, params)`` of the task's reward model, in ``task.dtype``.
+
+    GPT-NeoX score models (a Hugging Face or klq_jax directory) go through
+    :func:`klq_jax.tasks.load_model` (which applies the options on every source kind); GPT-2 score
+    models through :func:`klq_jax.models.gpt2.load_hf_gpt2`.
+    """
     if task.reward_model is None:
         raise ValueError(f"Task kind {task.kind!r} needs TaskConfig.reward_model (a reward-model directory or hub name).")
     path = tasks.resolve_source(task.reward_model)
@@ -195,26 +194,38 @@ def load_reward_fn(
     if arch == "GPT2ForSequenceClassification":
         from klq_jax.models import gpt2
 
-        _, graphdef, params = gpt2.load_hf_gpt2(path, dtype=task.dtype)
-    elif arch == "GPTNeoXForSequenceClassification":
+        return (arch, *gpt2.load_hf_gpt2(path, dtype=task.dtype))
+    if arch == "GPTNeoXForSequenceClassification":
         cfg, graphdef, params = tasks.load_model(path, key=key if key is not None else jax.random.key(0),
                                                  dtype=task.dtype)
         if not cfg.score_head:
             raise ValueError(f"{task.reward_model}: the GPT-NeoX checkpoint has no score head.")
-        if task.reward_tokenizer is None:
-            if len(policy_tokenizer) > cfg.vocab_size:
-                raise ValueError(
-                    f"The reward model {task.reward_model} has {cfg.vocab_size} embedding rows but the policy "
-                    f"tokenizer has {len(policy_tokenizer)} tokens; if it uses another tokenizer, set "
-                    "TaskConfig.reward_tokenizer."
-                )
-            return rewards.make_rm_reward_fn(graphdef, params, micro_batch_size=micro_batch_size)
-    else:
-        raise ValueError(
-            f"The reward model {task.reward_model} is a {arch}, which is not supported yet. Supported: "
-            "GPTNeoXForSequenceClassification and GPT2ForSequenceClassification with num_labels=1 "
-            "(a DistilBERT sentiment classifier such as lvwerra/distilbert-imdb needs its own model code)."
-        )
+        return arch, cfg, graphdef, params
+    raise ValueError(
+        f"The reward model {task.reward_model} is a {arch}, which is not supported yet. Supported: "
+        "GPTNeoXForSequenceClassification and GPT2ForSequenceClassification with num_labels=1 "
+        "(a DistilBERT sentiment classifier such as lvwerra/distilbert-imdb needs its own model code)."
+    )
+
+
+def load_reward_fn(
+    task: TaskConfig,
+    policy_tokenizer,
+    *,
+    stop_token_ids: tuple[int, ...],
+    micro_batch_size: int = DEFAULT_SCORE_MICRO_BATCH_SIZE,
+    key: Any = None,
+):
+    """``reward_fn`` of the task's reward model (see the module docstring for the dispatch)."""
+    arch, cfg, graphdef, params = load_reward_model(task, key=key)
+    if arch == "GPTNeoXForSequenceClassification" and task.reward_tokenizer is None:
+        if len(policy_tokenizer) > cfg.vocab_size:
+            raise ValueError(
+                f"The reward model {task.reward_model} has {cfg.vocab_size} embedding rows but the policy "
+                f"tokenizer has {len(policy_tokenizer)} tokens; if it uses another tokenizer, set "
+                "TaskConfig.reward_tokenizer."
+            )
+        return rewards.make_rm_reward_fn(graphdef, params, micro_batch_size=micro_batch_size)
     from transformers import AutoTokenizer
 
     rm_tok_source = tasks.resolve_source(task.reward_tokenizer or task.reward_model)

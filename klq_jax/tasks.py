@@ -180,27 +180,96 @@ def resolve_source(source: str, *, kind: Literal["model", "dataset"] = "model") 
         ) from err
 
 
-def load_model(source: str, *, key, value_head: bool = False, dtype: str = "float32", mesh=None):
+def load_model(
+    source: str,
+    *,
+    key,
+    value_head: bool = False,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh=None,
+):
     """``(config, graphdef, params)`` of a GPT-NeoX model from ``source`` (see the module doc).
 
-    With a ``mesh``, the parameters come back sharded by :mod:`klq_jax.sharding`'s rules (a Hugging
-    Face checkpoint is placed tensor by tensor as it is read).
-    """
-    if mesh is not None and not source.startswith("random:"):
-        resolved = resolve_source(source)
-        if not (os.path.isdir(resolved) and os.path.exists(os.path.join(resolved, "klq_config.json"))):
-            from klq_jax.models import hf
+    Every source kind (``random:<preset>``, a Hugging Face directory, a ``klq-convert hf-to-flax``
+    directory such as a run's exported ``policy/``, a hub name) is read, then the requested options
+    are applied by ONE function, :func:`apply_model_options`, whatever the source stored: the compute
+    ``dtype``, the parameter storage ``param_dtype``, the value head (added from ``value_head.
+    safetensors`` or freshly from ``key`` when asked for and missing, dropped when not asked for),
+    and the ``mesh`` placement (a Hugging Face checkpoint is placed tensor by tensor as it is read).
 
-            return hf.load_hf(resolved, dtype=dtype, value_head=value_head, key=key, mesh=mesh)
-    cfg, graphdef, params = _load_model(source, key=key, value_head=value_head, dtype=dtype)
+    Args:
+      source: the model source.
+      key: PRNG key of a new value head (and of a random model).
+      value_head: the model has a value head ``V(s_t)`` (the policy θ) or not (π_b, reward models).
+      dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
+      param_dtype: storage dtype of the parameters (float32: the trainer's master weights).
+      mesh: place the parameters with :mod:`klq_jax.sharding`'s rules on this mesh.
+    """
+    cfg, params = _read_model(
+        source, key=key, value_head=value_head, dtype=dtype, param_dtype=param_dtype, mesh=mesh
+    )
+    return apply_model_options(
+        cfg, params, key=key, value_head=value_head, dtype=dtype, param_dtype=param_dtype, mesh=mesh
+    )
+
+
+def apply_model_options(
+    cfg: gpt_neox.GPTNeoXConfig,
+    params,
+    *,
+    key=None,
+    value_head: bool = False,
+    dtype: str = "float32",
+    param_dtype: str = "float32",
+    mesh=None,
+):
+    """``(config, graphdef, params)`` of a loaded model with the requested options applied.
+
+    The one place where loading options take effect (:func:`load_model` calls it for every source
+    kind): the config gets ``dtype``, ``param_dtype`` and ``value_head``; the graphdef is rebuilt
+    from that config (the compute dtype lives in the graphdef); parameters are cast to
+    ``param_dtype``; a value head missing from ``params`` is initialised from ``key``
+    (:func:`klq_jax.models.gpt_neox.init_value_head`), one present but not wanted is dropped; with
+    a ``mesh`` the parameters are placed with their shardings. Options the source already satisfies
+    cost nothing.
+
+    Raises:
+      ValueError: a value head is needed and ``key`` is None.
+    """
+    from flax import nnx
+
+    for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
+        if value not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{name}={value!r} must be 'float32', 'bfloat16' or 'float16'")
+    new_cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, value_head=value_head)
+    graphdef, abstract = gpt_neox.abstract_params(new_cfg)
+    pure = nnx.to_pure_dict(params)
+    if value_head and "value_kernel" not in pure:
+        if key is None:
+            raise ValueError(
+                "A value head was asked for and the model has none: pass a PRNG key "
+                "(key=jax.random.key(seed)) to initialise it."
+            )
+        pure.update(gpt_neox.init_value_head(new_cfg, key))
+    if not value_head:
+        pure.pop("value_kernel", None)
+        pure.pop("value_bias", None)
+    pd = jnp.dtype(param_dtype)
+    pure = jax.tree_util.tree_map(lambda x: x if x.dtype == pd else x.astype(pd), pure)
+    nnx.replace_by_pure_dict(abstract, pure)
+    params = abstract
     if mesh is not None:
         from klq_jax import sharding
 
         params = jax.device_put(params, sharding.param_shardings(params, mesh))
-    return cfg, graphdef, params
+    return new_cfg, graphdef, params
 
 
-def _load_model(source: str, *, key, value_head: bool = False, dtype: str = "float32"):
+def _read_model(source: str, *, key, value_head: bool, dtype: str, param_dtype: str, mesh):
+    """``(config, params)`` as ``source`` stores them (options not yet applied; see
+    :func:`apply_model_options`). A Hugging Face checkpoint is read with the options given, so a
+    large model is cast and placed tensor by tensor."""
     source = resolve_source(source)
     if source.startswith("random:"):
         name = source.split(":", 1)[1]
@@ -209,24 +278,18 @@ def _load_model(source: str, *, key, value_head: bool = False, dtype: str = "flo
             if name == "tiny"
             else gpt_neox.GPTNeoXConfig.from_preset(name)
         )
-        cfg = cfg.replace(value_head=value_head, dtype=dtype)
-        graphdef, params = gpt_neox.init(cfg, key)
-        return cfg, graphdef, params
+        cfg = cfg.replace(value_head=value_head, dtype=dtype, param_dtype=param_dtype)
+        _, params = gpt_neox.init(cfg, key)
+        return cfg, params
     from klq_jax.models import hf
 
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "klq_config.json")):
-        cfg, graphdef, params = hf.load_flax(source)
-        if value_head and not cfg.value_head:
-            cfg2 = cfg.replace(value_head=True, dtype=dtype)
-            graphdef2, fresh = gpt_neox.init(cfg2, key)
-            from flax import nnx
-
-            pure = nnx.to_pure_dict(fresh)
-            pure.update(nnx.to_pure_dict(params))
-            nnx.replace_by_pure_dict(fresh, pure)
-            return cfg2, graphdef2, fresh
-        return cfg, graphdef, params
-    return hf.load_hf(source, dtype=dtype, value_head=value_head, key=key)
+        cfg, _, params = hf.load_flax(source)
+        return cfg, params
+    cfg, _, params = hf.load_hf(
+        source, dtype=dtype, param_dtype=param_dtype, value_head=value_head, key=key, mesh=mesh
+    )
+    return cfg, params
 
 
 def attach_critic(task: TaskConfig, graphdef, params, *, key):

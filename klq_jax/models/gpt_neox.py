@@ -662,6 +662,20 @@ def init(config: GPTNeoXConfig, key: Array) -> tuple[nnx.GraphDef, nnx.State]:
     return graphdef, params
 
 
+def init_value_head(config: GPTNeoXConfig, key: Array) -> dict[str, Array]:
+    """A fresh value head ``{"value_kernel": [D], "value_bias": []}`` in ``config.param_dtype``.
+
+    The initialisation of :class:`GPTNeoX`'s value head (normal with std ``1/sqrt(D + 1)``, zero
+    bias), for adding a head to a model loaded without one.
+    """
+    pd = jnp.dtype(config.param_dtype)
+    std = 1.0 / math.sqrt(config.hidden_size + 1)
+    return {
+        "value_kernel": (std * jax.random.normal(key, (config.hidden_size,))).astype(pd),
+        "value_bias": jnp.zeros((), pd),
+    }
+
+
 def abstract_params(config: GPTNeoXConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """``(graphdef, params)`` with ``jax.ShapeDtypeStruct`` leaves: no memory is allocated."""
     return nnx.eval_shape(lambda: nnx.split(GPTNeoX(config, rngs=nnx.Rngs(0)), nnx.Param))

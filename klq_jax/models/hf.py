@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import re
 import shutil
@@ -675,12 +674,7 @@ def _fill(abstract: nnx.State, values: Mapping[tuple, Any]) -> nnx.State:
 
 
 def _init_value_head(config: GPTNeoXConfig, key) -> dict[tuple, jax.Array]:
-    pd = jnp.dtype(config.param_dtype)
-    std = 1.0 / math.sqrt(config.hidden_size + 1)
-    return {
-        ("value_kernel",): (std * jax.random.normal(key, (config.hidden_size,))).astype(pd),
-        ("value_bias",): jnp.zeros((), pd),
-    }
+    return {(k,): v for k, v in gpt_neox.init_value_head(config, key).items()}
 
 
 def _read_value_head(file: Path, config: GPTNeoXConfig) -> dict[tuple, jax.Array]:
