@@ -65,7 +65,7 @@ from klq_jax.models import gpt_neox
 
 Array = jax.Array
 
-__all__ = ["SamplingConfig", "SampleResult", "sample", "sample_from_logits"]
+__all__ = ["SamplingConfig", "SampleResult", "kept_tokens", "sample", "sample_from_logits"]
 
 # Block size of the two-level inverse-CDF sampler.
 _BLOCK = 128
@@ -212,12 +212,65 @@ def _argmax(x: Array) -> Array:
     return jnp.min(jnp.where(x == m, jnp.arange(n, dtype=jnp.int32), n), axis=-1).astype(jnp.int32)
 
 
+def _ranked(z: Array, k: int) -> tuple[Array, Array]:
+    """The ``k`` largest of ``z [B, V]`` in descending order, ``(values [B, k], indices [B, k])``.
+
+    Equal values rank the HIGHER vocabulary index first: the order in which Hugging Face's top-p
+    filter (a stable ascending sort, removed from the bottom) drops tied tokens last.
+    """
+    V = z.shape[-1]
+    vals, ridx = jax.lax.top_k(z[:, ::-1], k)  # ties: lowest index of the reversed row first
+    return vals, (V - 1 - ridx).astype(jnp.int32)
+
+
+# Masses within this of ``top_p`` count as reaching it: float32 rounding of a softmax and of a
+# cumulative sum (a few ulps of 1.0) must not decide an exact boundary.
+_TOP_P_TOLERANCE = 1e-6
+
+
 def _nucleus_keep(sorted_logits: Array, top_p: float) -> Array:
-    """Keep-mask of descending-sorted logits ``[B, n]``: mass strictly before each entry < top_p."""
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < top_p
+    """Keep-mask of descending-sorted logits ``[B, n]``: the smallest top set with mass ``>= top_p``.
+
+    Entry ``i`` is kept while the mass of the entries ranked before it is below ``top_p``. That
+    mass is ``1 − tail_i`` with ``tail_i`` the mass from ``i`` down to the least likely entry (an
+    ascending cumulative sum of the small probabilities, as Hugging Face's ``TopPLogitsWarper``
+    forms it), and "below" means by more than :data:`_TOP_P_TOLERANCE`, so that a set whose mass
+    is ``top_p`` exactly (``[0.6, 0.05, 0.3, 0.05]`` at 0.9, ten tokens of 0.1 at 0.3) is the
+    nucleus whichever way float32 rounds. (``cumsum(p) − p`` rounded below 0.9 there and kept a
+    third token.) The most likely entry is always kept.
+    """
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    tail = jnp.cumsum(probs[:, ::-1], axis=-1)[:, ::-1]
+    keep = tail > jnp.float32(1.0 - top_p + _TOP_P_TOLERANCE)
     return keep.at[:, 0].set(True)
+
+
+def kept_tokens(logits: Array, config: SamplingConfig) -> Array:
+    """``[B, V]`` bool: the tokens ``config`` may draw from ``logits [B, V]`` (top-k, then top-p).
+
+    The support of :func:`sample_from_logits`'s draw: the ``top_k`` most likely tokens, then of
+    those (renormalised) the smallest most-likely set whose mass reaches ``top_p`` (Holtzman et
+    al.; Hugging Face's warpers, ties at the crossing kept by the higher index as HF does). Every
+    token when both are off; the argmax when ``greedy``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from klq_jax.sampling import SamplingConfig, kept_tokens
+      >>> p = jnp.array([[0.6, 0.05, 0.3, 0.05]])
+      >>> kept_tokens(jnp.log(p), SamplingConfig(max_new_tokens=1, top_p=0.9)).tolist()
+      [[True, False, True, False]]
+    """
+    chex.assert_rank(logits, 2)
+    B, V = logits.shape
+    z = logits.astype(jnp.float32) / config.temperature
+    if config.greedy:
+        return jax.nn.one_hot(_argmax(z), V, dtype=bool)
+    k = config.top_k if 0 < config.top_k < V else 0
+    if not k and config.top_p == 1.0:
+        return jnp.ones((B, V), bool)
+    vals, idx = _ranked(z, k or V)
+    keep = _nucleus_keep(vals, config.top_p) if config.top_p < 1.0 else jnp.ones(vals.shape, bool)
+    return jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], idx].set(keep)
 
 
 def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tuple[Array, Array]:
@@ -251,10 +304,7 @@ def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tup
         tokens = _argmax(logits.astype(jnp.float32))
     else:  # top-k and/or top-p
         u = 1.0 - jax.random.uniform(key, (B,), jnp.float32)  # (0, 1]
-        if k:
-            vals, idx = jax.lax.top_k(z, k)  # descending
-        else:
-            vals, idx = jax.lax.top_k(z, V)  # a full sort (only for top-p alone)
+        vals, idx = _ranked(z, k or V)  # descending; a full sort only for top-p alone
         keep = jnp.ones(vals.shape, bool)
         if config.top_p < 1.0:
             keep = _nucleus_keep(vals, config.top_p)
