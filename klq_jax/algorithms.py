@@ -47,7 +47,10 @@ class AlgoConfig:
       clip_eps: PPO ratio clip ε (TRL: 0.2).
       value_clip: PPO value clip η (TRL: 0.2); ``None`` disables it.
       vf_coef: PPO value-loss coefficient ζ (TRL: 0.1).
-      whiten_advantages: masked whitening of GAE advantages (TRL: on; Algorithm 1: off).
+      whiten_advantages: masked whitening of GAE advantages (TRL: on; Algorithm 1: off), over
+        the GLOBAL rollout batch.
+      whiten_groups: whiten ``G`` equal contiguous row groups separately (the data-parallel
+        shards); TRL whitens per process, i.e. ``G`` = its number of GPUs (the paper: 4). 1: global.
       value_target: ``"trl"`` (advantages + old values) or ``"mc"`` (Algorithm 1's Monte-Carlo sum).
       half_value_loss: the ½ in TRL's value loss (Algorithm 1 has none).
     """
@@ -61,6 +64,7 @@ class AlgoConfig:
     value_clip: float | None = 0.2
     vf_coef: float = 0.1
     whiten_advantages: bool = True
+    whiten_groups: int = 1
     value_target: Literal["trl", "mc"] = "trl"
     half_value_loss: bool = True
 
@@ -78,6 +82,8 @@ class AlgoConfig:
             problems.append(f"alpha={self.alpha} must be in (0, 1]")
         if self.clip_eps <= 0:
             problems.append(f"clip_eps={self.clip_eps} must be > 0")
+        if not isinstance(self.whiten_groups, int) or self.whiten_groups < 1:
+            problems.append(f"whiten_groups={self.whiten_groups!r} must be an integer >= 1")
         if self.value_target not in ("trl", "mc"):
             problems.append(f"value_target={self.value_target!r} must be 'trl' or 'mc'")
         if problems:
@@ -148,6 +154,7 @@ def ppo_compute_targets(cfg: AlgoConfig, exp: dict) -> dict:
         lam=cfg.lam,
         whiten=cfg.whiten_advantages,
         value_target=cfg.value_target,
+        whiten_groups=cfg.whiten_groups,
     )
     return {"advantages": adv, "returns": ret}
 

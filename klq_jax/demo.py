@@ -101,7 +101,7 @@ def run(cfg: DemoConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lang = syn.SyntheticLanguage()
-    task = syn.SyntheticTask(lang, tau=cfg.tau, omega=cfg.omega)
+    task = syn.SyntheticTask(lang, tau=cfg.tau, omega=cfg.omega, temperature=1.0)  # the runs' temperature
     say = print
     say(f"[demo] synthetic language: {len(lang.words)} words {' '.join(lang.words)}; prompts: "
         f"{', '.join(repr(p) for p in lang.prompts)}; T_max = {lang.t_max}")

@@ -1,6 +1,8 @@
 """Exact evaluation against the known optimum of the KL-regularised objective (enumerable tasks).
 
-With γ = 1 and a sequence-level reward R(x, y) (the ω penalty for a missing EOS included), the
+With γ = 1 and a sequence-level reward R(x, y) (the ω penalty included: ω when y contains no EOS,
+TRL's ``missing_eos_penalty``, as in :mod:`klq_jax.rollout`; a response of exactly T_max tokens
+ending in EOS is not penalised, unlike the literal ``1[T = T_max]`` of Algorithms 1-2), the
 token-level KL-regularised problem of §2 is the contextual bandit
 
     J_x(π) = E_{y~π(.|x)}[R(x, y)] - τ KL(π(.|x) ‖ π_b(.|x))                     (Eq. 3, Remark 2.1)
@@ -15,7 +17,9 @@ and for any π,  J*_x - J_x(π) = τ KL(π(.|x) ‖ π*(.|x)) >= 0.
 When the vocabulary and the response length are tiny (e.g. 4-8 tokens, T_max <= 5) every response
 can be enumerated, so π(y|x) of a network is computed exactly by walking the prefix tree, one
 batched call per depth. This module does that and reports J(π), J*, E_π[R], KL(π‖π_b) and
-KL(π‖π*) exactly. Everything here is numpy float64 (exact bookkeeping of small numbers); the
+KL(π‖π*) exactly. π and π_b are whatever the callables give: for a trained run, both at the
+run's sampling temperature (:func:`model_next_logprobs`), since that is the objective it optimises.
+Everything here is numpy float64 (exact bookkeeping of small numbers); the
 network itself is reached only through a callable.
 
 The callable. ``next_logprobs_fn(tokens [N, L] int32, mask [N, L] float32) -> [N, V]`` returns
@@ -112,7 +116,7 @@ def enumerate_responses(
 
     Returns:
       ``responses [M, t_max] int32``, ``mask [M, t_max] float32`` (1 on real tokens, EOS
-      included), ``truncated [M] bool`` (no EOS: the ω penalty of Algorithms 1-2 applies), with
+      included), ``truncated [M] bool`` (no EOS: the ω penalty applies, see :mod:`klq_jax.rollout`), with
       ``M = num_responses(vocab_size, t_max)``.
 
     Example:
@@ -434,8 +438,12 @@ def model_next_logprobs(graphdef, params, *, temperature: float = 1.0) -> NextLo
 
     Returns ``fn(tokens [N, L] int32, mask [N, L] float32) -> [N, V]`` float32 numpy: the
     log-softmax of ``logits / temperature`` at the last (real) column of left-padded rows, i.e.
-    ``log π(. | x, y_<t)`` of the policy that the trainer samples from at that temperature (use 1.0
-    for the plain network, as the exact optimum assumes). One jitted forward per row shape (the
+    ``log π(. | x, y_<t)`` of the policy that the trainer samples from at that temperature. Pass the
+    run's training temperature (``TrainConfig.temperature``) for both π and π_b: the objective a
+    run optimises, and whose exact optimum this module computes, is the one between the
+    temperature-scaled policies (π and π_b both at T = 0.7 in the paper presets); 1.0 (the
+    default) is the plain network, right only for a run trained at temperature 1. One jitted
+    forward per row shape (the
     prefix-tree walk has ``t_max`` shapes); only the last position is unembedded.
 
     Example:

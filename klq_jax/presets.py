@@ -4,7 +4,11 @@
 name lists every field. The paper's settings (Table 2): γ = 1, τ = 0.05, λ = 0.95, learning rate
 1.41e-5 decayed linearly, 4 epochs per batch, 192 rollouts per batch in one minibatch of 192,
 75k episodes, T_max = 53 on TL;DR. PPO's other settings come from TRL: clip 0.2, value clip 0.2,
-value coefficient 0.1, sampling temperature 0.7, missing-EOS penalty ω = 1.
+value coefficient 0.1, sampling temperature 0.7, missing-EOS penalty ω = 1. As TRL's PPOv2 loop
+(which the paper's fork ran): no gradient clipping (``max_grad_norm=None``; the library default
+clips at 1.0), the learning rate decayed once per iteration (``lr_schedule_unit="iteration"``),
+and PPO's advantages whitened per process, 48 rows of 192 on the paper's 4 GPUs
+(``algo.whiten_groups=4``; 1 whitens the global batch).
 
 Example::
 
@@ -24,7 +28,9 @@ from klq_jax.train import OptimConfig, TrainConfig
 
 # The paper's shared hyperparameters (Table 2) + TRL's PPO defaults.
 _PAPER = dict(
-    optim=OptimConfig(learning_rate=1.41e-5, schedule="linear"),
+    optim=OptimConfig(
+        learning_rate=1.41e-5, schedule="linear", lr_schedule_unit="iteration", max_grad_norm=None
+    ),
     rollouts_per_batch=192,
     minibatch_size=192,
     micro_batch_size=48,
@@ -81,11 +87,15 @@ def _algo(name: str, **kw) -> AlgoConfig:
     return AlgoConfig(name=name, tau=0.05, gamma=1.0, lam=0.95, **kw)
 
 
+# TRL whitens PPO's advantages per process: the paper ran 4 GPUs.
+_PAPER_PPO = dict(whiten_groups=4)
+
 PRESETS: dict[str, TrainConfig] = {
     "tldr-klq": TrainConfig(task=TLDR_TASK, algo=_algo("klq"), out_dir="runs/tldr-klq", **_PAPER),
-    "tldr-ppo": TrainConfig(task=TLDR_TASK, algo=_algo("ppo"), out_dir="runs/tldr-ppo", **_PAPER),
+    "tldr-ppo": TrainConfig(task=TLDR_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/tldr-ppo",
+                            **_PAPER),
     "hh-klq": TrainConfig(task=HH_TASK, algo=_algo("klq"), out_dir="runs/hh-klq", **_PAPER),
-    "hh-ppo": TrainConfig(task=HH_TASK, algo=_algo("ppo"), out_dir="runs/hh-ppo", **_PAPER),
+    "hh-ppo": TrainConfig(task=HH_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/hh-ppo", **_PAPER),
     "tiny-klq": TrainConfig(task=TINY_TASK, algo=_algo("klq"), **_TINY),
     "tiny-ppo": TrainConfig(task=TINY_TASK, algo=_algo("ppo"), **dict(_TINY, out_dir="runs/tiny-ppo")),
 }

@@ -368,16 +368,23 @@ def ppo_value_targets(
     )
 
 
-def whiten_advantages(advantages: Array, mask: Array, *, unbiased: bool = True) -> Array:
-    """Masked advantage whitening over the whole rollout batch, TRL's default for PPO.
+def whiten_advantages(
+    advantages: Array, mask: Array, *, unbiased: bool = True, groups: int = 1
+) -> Array:
+    """Masked advantage whitening, TRL's default for PPO; over the GLOBAL rollout batch by default.
 
     ``Â ← (Â − mean(Â)) / sqrt(var(Â) + 1e-8)`` over all real tokens of the batch, pads set to 0
     (TRL: ``masked_whiten(advantages, ~padding_mask)`` with the Bessel-corrected variance, once
     per rollout batch, after the value targets were formed). Algorithm 1 does not whiten.
 
+    TRL whitens per process (each GPU over its own rows: 48 of the paper's 192 on 4 GPUs);
+    ``groups = G`` does that: the rows are split into G equal contiguous groups (the trainer's
+    data-parallel shards) and each is whitened with its own mean and variance.
+
     Args:
       advantages: ``[B, T]``.  mask: ``[B, T]``.
       unbiased: Bessel-corrected variance (TRL) or biased (N+ ``ppo.py``).
+      groups: number of row groups whitened separately (1: the whole batch); must divide ``B``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -386,7 +393,19 @@ def whiten_advantages(advantages: Array, mask: Array, *, unbiased: bool = True) 
       >>> [round(v, 4) for v in w[0].tolist()]
       [-0.7071, 0.7071, 0.0]
     """
-    return masked_whiten(advantages, mask, shift_mean=True, unbiased=unbiased)
+    B = advantages.shape[0]
+    if groups < 1 or B % groups:
+        raise ValueError(
+            f"whiten_advantages: groups={groups} must be >= 1 and divide the batch of {B} rows; "
+            "set AlgoConfig.whiten_groups to a divisor of rollouts_per_batch."
+        )
+    if groups == 1:
+        return masked_whiten(advantages, mask, shift_mean=True, unbiased=unbiased)
+    split = lambda x: jnp.asarray(x).reshape((groups, B // groups) + x.shape[1:])  # noqa: E731
+    out = jax.vmap(lambda a, m: masked_whiten(a, m, shift_mean=True, unbiased=unbiased))(
+        split(advantages), split(mask)
+    )
+    return out.reshape(advantages.shape)
 
 
 def ppo_targets(
@@ -401,6 +420,7 @@ def ppo_targets(
     lam=0.95,
     whiten: bool = True,
     value_target: str = "trl",
+    whiten_groups: int = 1,
 ) -> tuple[Array, Array]:
     """The whole PPO target pipeline of Algorithm 1 with TRL's defaults, in one call.
 
@@ -415,6 +435,7 @@ def ppo_targets(
       tau, gamma, lam: τ (TRL kl_coef 0.05), γ (1.0), λ (0.95).
       whiten: whiten the advantages (TRL True; Algorithm 1 False).
       value_target: "trl" or "mc" (see :func:`ppo_value_targets`).
+      whiten_groups: row groups whitened separately (see :func:`whiten_advantages`).
 
     Returns:
       ``(advantages, returns)``, both ``[B, T]`` float32 and 0 on padding.
@@ -433,5 +454,5 @@ def ppo_targets(
         advantages, values, rewards_bar, mask, gamma=gamma, mode=value_target
     )
     if whiten:
-        advantages = whiten_advantages(advantages, mask)
+        advantages = whiten_advantages(advantages, mask, groups=whiten_groups)
     return advantages, returns

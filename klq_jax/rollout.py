@@ -8,8 +8,15 @@ For a batch of prompts ``x`` (left-padded ``[B, Tq]``):
    response token (:func:`response_logprobs`), one of the frozen reference policy gives
    ``log π_b(a_t|s_t)``;
 3. the reward model scores ``(x, y)`` (:func:`reward_model_scores`, or any ``reward_fn``);
-4. ``R = R_φ(x, y) − ω·1[T = T_max]`` is placed at the last real response token
+4. ``R = R_φ(x, y) − ω·1[no stop token in y]`` is placed at the last real response token
    (:func:`sequence_rewards`).
+
+The ω penalty (one definition, used everywhere in klq_jax): ω is subtracted when the response
+contains **no stop token**, TRL's ``missing_eos_penalty``, which the paper's TRL fork ran. Algorithms
+1-2 write ``ω·1[T = T_max]``; the two differ only for a response of exactly ``T_max`` tokens whose
+last token is the stop token, which is penalised by the literal pseudocode and not here. A rollout
+with ``ω > 0`` therefore needs a stop token: ``stop_token_ids=()`` would penalise every response,
+and :func:`make_rollout` rejects it (with ``ω = 0`` an empty ``stop_token_ids`` is fine).
 
 Time index (the paper's): ``s_t = (x, y_1..y_t)``, ``a_t = y_{t+1}``. Position ``t`` of every
 ``[B, Tr]`` array refers to ``s_t`` / ``a_t``: ``logp[:, t] = log π(y_{t+1} | x, y_1..y_t)`` is read
@@ -232,7 +239,9 @@ def reward_model_scores(
 def sequence_rewards(scores: Array, response_mask: Array, stopped: Array, *, omega: float) -> Array:
     """Per-token rewards of Algorithms 1-2: ``r_T = R_φ(x, y) − ω·1[no stop token]``, 0 elsewhere.
 
-    ``R_i = R_φ(x_i, y_i) − ω·1[T_i = T_max]`` is placed on the **last real response token** of each
+    ``R_i = R_φ(x_i, y_i) − ω·1[not stopped_i]`` (the ω penalty of the module docstring: no stop
+    token, TRL's ``missing_eos_penalty``, not the pseudocode's ``1[T_i = T_max]``) is placed on the
+    **last real response token** of each
     row (``rewards[:, t]`` holds ``r_{t+1}``, the reward following action ``a_t``), as Algorithms 1
     and 2 write ``r_{T} = R`` (Appendix B). TRL instead adds the score one slot later (the first
     padding slot after the EOS, falling back to the last slot); for returns with ``V(s_T) = 0`` and
@@ -243,7 +252,8 @@ def sequence_rewards(scores: Array, response_mask: Array, stopped: Array, *, ome
       scores: ``[B]`` reward-model scores ``R_φ``.
       response_mask: ``[B, Tr]`` 1 on real response tokens.
       stopped: ``[B]`` bool, the response ended on a stop token (``SampleResult.stopped``);
-        rows with ``stopped = False`` were truncated at ``T_max`` and get ``−ω``.
+        rows with ``stopped = False`` have no stop token (truncated at ``T_max``) and get ``−ω``;
+        a row of exactly ``T_max`` tokens ending in a stop token is stopped and gets no penalty.
       omega: the missing-stop-token penalty ω >= 0 (TRL's ``missing_eos_penalty``).
 
     Returns:
@@ -326,13 +336,18 @@ def make_rollout(
       key: PRNG key of the sampler.
       sampling_config: :class:`klq_jax.sampling.SamplingConfig`; its temperature also scales the
         recomputed ``logp`` and ``ref_logp``.
-      omega: missing-stop-token penalty ω.
+      omega: missing-stop-token penalty ω (see the module docstring); ``ω > 0`` needs
+        ``sampling_config.stop_token_ids`` to name the stop token.
       micro_batch_size: chunk size of the scoring forwards (``None``: whole batch).
       timings: if a dict, the wall-clock seconds of the two phases are stored in it as
         ``"sample"`` and ``"score"`` (this waits for the device between them).
 
     Returns:
       :class:`Rollout`.
+
+    Raises:
+      ValueError: ``omega > 0`` with ``sampling_config.stop_token_ids=()`` (every response would be
+        penalised).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -343,10 +358,16 @@ def make_rollout(
       >>> reward_fn = lambda pi, pm, ri, rm: rm.sum(-1)  # a toy programmatic reward: the length
       >>> ro = make_rollout(gd, p, gd, p, reward_fn, jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]]),
       ...                   jax.random.key(1), SamplingConfig(max_new_tokens=4, stop_token_ids=()),
-      ...                   omega=0.5)
+      ...                   omega=0.0)
       >>> float(ro.rewards.sum()), float(jnp.abs(ro.logp - ro.ref_logp).max())
-      (3.5, 0.0)
+      (4.0, 0.0)
     """
+    if omega > 0 and not sampling_config.stop_token_ids:
+        raise ValueError(
+            f"make_rollout: omega={omega} penalises responses without a stop token, but "
+            "sampling_config.stop_token_ids=() names none, so every response would be penalised; "
+            "pass the EOS id in stop_token_ids, or omega=0.0."
+        )
     t0 = time.perf_counter()
     res = sample(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, sampling_config)
     if timings is not None:

@@ -124,8 +124,10 @@ def make_tree_mdp(
     """Build a random tree MDP over all prefixes of a tiny vocabulary.
 
     The terminal reward ``R(x, y)`` of every complete response is an independent N(0, 1) draw
-    (minus ``truncation_penalty`` ω when the response ran to ``horizon`` without EOS, as in
-    Algorithms 1-2); ``dense_reward_scale > 0`` adds N(0, scale²) rewards on every action so that
+    (minus ``truncation_penalty`` ω when the response contains no EOS, i.e. ran to ``horizon``
+    without one: the ω penalty of :mod:`klq_jax.rollout`, TRL's ``missing_eos_penalty``; a response
+    of exactly ``horizon`` tokens ending in EOS is not penalised, unlike the literal
+    ``1[T = T_max]`` of Algorithms 1-2); ``dense_reward_scale > 0`` adds N(0, scale²) rewards on every action so that
     the check does not rely on the reward being sparse.
 
     Args:
@@ -136,7 +138,7 @@ def make_tree_mdp(
       n_prompts: number of initial states; ρ_0 is a random full-support distribution over them.
       seed: numpy seed for the rewards and ρ_0.
       dense_reward_scale: standard deviation of the per-token rewards (0 = sequence reward only).
-      truncation_penalty: ω subtracted from ``R`` when no EOS was produced.
+      truncation_penalty: ω subtracted from ``R`` when the response contains no EOS.
 
     Returns:
       A ``TreeMDP``.

@@ -47,21 +47,38 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser: AdamW with a learning-rate schedule and global-norm gradient clipping.
+    """Optimiser: AdamW with a learning-rate schedule and optional global-norm gradient clipping.
+
+    Defaults and what the paper ran: the paper's TRL fork (PPOv2's loop: ``optimizer.step()``
+    with no ``clip_grad_norm_``, an HF ``"linear"`` scheduler stepped once per iteration) does not
+    clip gradients, and Table 2 lists none; the paper presets (:mod:`klq_jax.presets`) therefore
+    set ``max_grad_norm=None`` and ``lr_schedule_unit="iteration"``. This class's own default
+    ``max_grad_norm=1.0`` is a stabiliser for small, high-learning-rate runs (the tiny presets, the
+    demo): it is active there (pre-clip norms of 6-70 on a tiny run), so it is not the paper's.
 
     Attributes:
       learning_rate: peak learning rate (paper Table 2: 1.41e-5).
       schedule: ``"linear"`` decay to ``end_lr_fraction × lr`` over the whole run (paper),
         ``"cosine"`` or ``"constant"``.
-      warmup_steps: linear warm-up optimizer steps.
+      lr_schedule_unit: what the schedule counts. ``"step"`` (default): optimiser steps, so the
+        learning rate also decays inside an iteration's epochs × minibatches steps.
+        ``"iteration"``: TRL's PPOv2, the rate is constant within an iteration and the schedule
+        runs over the iterations, advanced *before* each iteration's updates as TRL calls
+        ``lr_scheduler.step()`` at the top of its loop (iteration ``k = 1..N`` uses the schedule's
+        value after ``k`` of ``N`` units: with ``"linear"`` to 0 the last iteration has rate 0).
+        ``warmup_steps`` counts the same unit.
+      warmup_steps: linear warm-up length (optimiser steps or iterations, see
+        ``lr_schedule_unit``).
       end_lr_fraction: final learning rate as a fraction of the peak.
       b1, b2, eps: Adam's moments and epsilon.
       weight_decay: AdamW decoupled weight decay.
-      max_grad_norm: clip the global gradient norm (``None``: no clipping).
+      max_grad_norm: clip the global gradient norm at this value (``None``: no clipping, the
+        paper and TRL; default 1.0, see above).
     """
 
     learning_rate: float = 1.41e-5
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    lr_schedule_unit: Literal["step", "iteration"] = "step"
     warmup_steps: int = 0
     end_lr_fraction: float = 0.0
     b1: float = 0.9
@@ -76,6 +93,10 @@ class OptimConfig:
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(
                 f"OptimConfig.schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'"
+            )
+        if self.lr_schedule_unit not in ("step", "iteration"):
+            raise ValueError(
+                f"OptimConfig.lr_schedule_unit={self.lr_schedule_unit!r} must be 'step' or 'iteration'"
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"OptimConfig.max_grad_norm={self.max_grad_norm} must be > 0 or None")
@@ -170,6 +191,11 @@ class TrainConfig:
             p.append(f"temperature={self.temperature} must be > 0")
         if self.omega < 0:
             p.append(f"omega={self.omega} must be >= 0")
+        if self.rollouts_per_batch % self.algo.whiten_groups:
+            p.append(
+                f"algo.whiten_groups={self.algo.whiten_groups} must divide "
+                f"rollouts_per_batch={self.rollouts_per_batch}"
+            )
         if p:
             raise ValueError("Invalid TrainConfig: " + "; ".join(p))
 
@@ -192,9 +218,34 @@ class TrainConfig:
         )
 
 
-def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """``(optimizer, schedule)``: clip-by-global-norm then AdamW on the schedule."""
-    total_steps = max(int(total_steps), 1)
+def make_optimizer(
+    cfg: OptimConfig, total_steps: int, steps_per_iteration: int = 1
+) -> tuple[optax.GradientTransformation, Callable]:
+    """``(optimizer, schedule)``: clip-by-global-norm (unless ``max_grad_norm=None``), then AdamW.
+
+    ``schedule(step)`` is the learning rate of optimiser step ``step`` (0-based) of
+    ``total_steps``; with ``cfg.lr_schedule_unit="iteration"`` it is constant over each block of
+    ``steps_per_iteration`` steps (see :class:`OptimConfig`).
+    """
+    per = max(int(steps_per_iteration), 1) if cfg.lr_schedule_unit == "iteration" else 1
+    units = max(int(total_steps) // per, 1)
+    base = _lr_schedule(cfg, units)
+    if per == 1 and cfg.lr_schedule_unit == "step":
+        schedule = base
+    else:  # TRL: the scheduler is stepped at the start of each iteration, before its updates
+        def schedule(count):
+            return base(jnp.asarray(count) // per + 1)
+    chain = []
+    if cfg.max_grad_norm is not None:
+        chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    chain.append(
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    )
+    return optax.chain(*chain), schedule
+
+
+def _lr_schedule(cfg: OptimConfig, total_steps: int) -> Callable:
+    """The optax schedule of ``cfg`` over ``total_steps`` units (warm-up included)."""
     lr, end = cfg.learning_rate, cfg.learning_rate * cfg.end_lr_fraction
     decay_steps = max(total_steps - cfg.warmup_steps, 1)
     if cfg.schedule == "linear":
@@ -209,13 +260,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTr
         )
     else:
         schedule = main
-    chain = []
-    if cfg.max_grad_norm is not None:
-        chain.append(optax.clip_by_global_norm(cfg.max_grad_norm))
-    chain.append(
-        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
-    )
-    return optax.chain(*chain), schedule
+    return schedule
 
 
 # ------------------------------------------------------------------------------------------
@@ -504,7 +549,7 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
             )
     algo = algorithms.get(cfg.algo.name)
     total_steps = cfg.num_iterations * cfg.steps_per_iteration
-    optimizer, schedule = make_optimizer(cfg.optim, total_steps)
+    optimizer, schedule = make_optimizer(cfg.optim, total_steps, cfg.steps_per_iteration)
     state, state_sh = init_state(exp.params, optimizer, cfg.seed, mesh)
     ref_graphdef = exp.ref_graphdef if exp.ref_graphdef is not None else exp.graphdef
     ref_params = exp.ref_params

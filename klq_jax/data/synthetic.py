@@ -447,6 +447,9 @@ class SyntheticTask:
       language: the :class:`SyntheticLanguage`.
       tau: KL coefficient τ of J(π) = E[R] − τ·KL(π‖π_b) (must equal the trainer's ``algo.tau``).
       omega: the missing-``<eos>`` penalty ω (must equal the trainer's ``omega``).
+      temperature: the trainer's sampling temperature (``TrainConfig.temperature``); the exact
+        evaluation scores π and π_b at it by default, as the objective the run optimises is
+        J(π_T) = E_{π_T}[R] − τ·KL(π_T‖π_{b,T}) between the temperature-scaled policies.
 
     Example:
       >>> task = SyntheticTask(tau=0.2)
@@ -457,6 +460,7 @@ class SyntheticTask:
     language: SyntheticLanguage = dataclasses.field(default_factory=SyntheticLanguage)
     tau: float = 0.2
     omega: float = 1.0
+    temperature: float = 1.0
 
     @property
     def t_max(self) -> int:
@@ -503,25 +507,30 @@ class SyntheticTask:
     def _table(self) -> np.ndarray:
         return self.rewards_table()
 
-    def exact(self, graphdef, params, ref_graphdef, ref_params, *, ref_logp: np.ndarray | None = None) -> dict:
+    def exact(self, graphdef, params, ref_graphdef, ref_params, *, ref_logp: np.ndarray | None = None,
+              temperature: float | None = None) -> dict:
         """Exact J(π), E_π[R], KL(π‖π_b), KL(π‖π*), J* averaged over the (uniform) prompts.
 
-        π is the network ``(graphdef, params)`` at temperature 1; π_b is ``(ref_graphdef,
-        ref_params)`` (or pass its enumerated ``ref_logp [P, M]`` from :meth:`sequence_logprobs` to
-        skip recomputing it). See :func:`klq_jax.evaluate.exact_evaluation`.
+        π is the network ``(graphdef, params)`` and π_b is ``(ref_graphdef, ref_params)`` (or pass
+        its enumerated ``ref_logp [P, M]`` from :meth:`sequence_logprobs`, at the same temperature,
+        to skip recomputing it), both at ``temperature`` (default: the task's training
+        temperature). See :func:`klq_jax.evaluate.exact_evaluation`.
         """
-        pol = self.sequence_logprobs(graphdef, params)
-        ref = self.sequence_logprobs(ref_graphdef, ref_params) if ref_logp is None else ref_logp
+        pol = self.sequence_logprobs(graphdef, params, temperature=temperature)
+        ref = (self.sequence_logprobs(ref_graphdef, ref_params, temperature=temperature)
+               if ref_logp is None else ref_logp)
         rows = [evaluate.exact_objective(pol[i], ref[i], self._table[i], self.tau) for i in range(pol.shape[0])]
         per_prompt = {k: np.array([row[k] for row in rows]) for k in rows[0]}
         out = {k: float(v.mean()) for k, v in per_prompt.items()}
         out["per_prompt"] = per_prompt
         return out
 
-    def sequence_logprobs(self, graphdef, params) -> np.ndarray:
-        """``[P, M]`` float64 ``log π(y|x)`` of the network for every prompt and response."""
+    def sequence_logprobs(self, graphdef, params, *, temperature: float | None = None) -> np.ndarray:
+        """``[P, M]`` float64 ``log π(y|x)`` of the network at ``temperature`` (default: the task's
+        training temperature) for every prompt and response."""
         p_ids, p_mask = self.language.prompt_arrays()
-        fn = evaluate.model_next_logprobs(graphdef, params)
+        t = self.temperature if temperature is None else temperature
+        fn = evaluate.model_next_logprobs(graphdef, params, temperature=t)
         return evaluate.sequence_logprobs_batch(fn, p_ids, p_mask, self.t_max, self.language.vocab_size,
                                                 EOS_ID, pad_id=PAD_ID)
 
