@@ -1,4 +1,4 @@
-"""``klq-convert``: convert GPT-NeoX (Pythia) checkpoints between Hugging Face and klq_jax.
+"""``klq-convert``: convert GPT-NeoX, GPT-2, Llama and DistilBERT checkpoints between Hugging Face and klq_jax.
 
 A thin command-line layer over :mod:`klq_jax.models.hf` (see there for the formats)::
 
@@ -6,7 +6,8 @@ A thin command-line layer over :mod:`klq_jax.models.hf` (see there for the forma
     klq-convert flax-to-hf  OUR_DIR OUT_DIR  [--tokenizer DIR] [--max-shard-size 5GB] [--dtype float32]
 
 (``python -m convert …`` from the repository root does the same.) Bad input exits with status 2 and
-one message naming the file and what to do.
+one message naming the file and what to do. SRC and DST must not overlap (DST is replaced whole,
+never while SRC is inside it).
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ import sys
 import warnings
 
 DESCRIPTION = """\
-Convert GPT-NeoX (Pythia) checkpoints between Hugging Face and klq_jax (Flax).
+Convert checkpoints between Hugging Face and klq_jax (Flax).
 
   hf-to-flax SRC DST   SRC: a local Hugging Face model directory (config.json + model.safetensors,
-                       sharded model-*.safetensors + index, or pytorch_model*.bin), architecture
-                       GPTNeoXForCausalLM or GPTNeoXForSequenceClassification (num_labels=1, a reward
-                       model). DST: a klq_jax checkpoint (klq_config.json + params.safetensors; the
+                       sharded model-*.safetensors + index, or pytorch_model*.bin), one of
+                       {archs}.
+                       DST: a klq_jax checkpoint (klq_config.json + params.safetensors; the
                        original config.json is kept as hf_config.json, tokenizer files are copied).
                        Load it with klq_jax.models.hf.load_flax(DST).
 
   flax-to-hf SRC DST   SRC: a klq_jax checkpoint. DST: config.json + model.safetensors (sharded
-                       above --max-shard-size) that transformers.AutoModelForCausalLM (or, for a
-                       reward model, AutoModelForSequenceClassification).from_pretrained(DST) loads.
+                       above --max-shard-size) + generation_config.json that
+                       transformers.AutoModelForCausalLM (or, for a reward model,
+                       AutoModelForSequenceClassification).from_pretrained(DST) loads.
                        A value head is written beside as value_head.safetensors.
 
 Weights are read tensor by tensor; remote code is never run. Nothing is downloaded: pass local
@@ -43,10 +45,16 @@ examples:
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
+def _archs_text() -> str:
+    from klq_jax.models.hf import ARCHS
+
+    return "; ".join(f"{a.model_type}: {', '.join(h.hf_arch for h in a.heads)}" for a in ARCHS.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="klq-convert",
-        description=DESCRIPTION,
+        description=DESCRIPTION.replace("{archs}", _archs_text()),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     h2f = sub.add_parser(
         "hf-to-flax",
-        help="Hugging Face GPT-NeoX directory -> klq_jax checkpoint",
-        description="Convert a local Hugging Face GPT-NeoX (Pythia) directory to a klq_jax checkpoint.",
+        help="Hugging Face model directory -> klq_jax checkpoint",
+        description="Convert a local Hugging Face model directory to a klq_jax checkpoint.",
     )
     h2f.add_argument("src", metavar="SRC", help="Hugging Face model directory (with config.json)")
     h2f.add_argument("dst", metavar="DST", help="output klq_jax checkpoint directory")
@@ -78,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     f2h = sub.add_parser(
         "flax-to-hf",
         help="klq_jax checkpoint -> Hugging Face directory (transformers loads it)",
-        description="Convert a klq_jax checkpoint to a Hugging Face GPT-NeoX directory.",
+        description="Convert a klq_jax checkpoint to a Hugging Face model directory.",
     )
     f2h.add_argument("src", metavar="SRC", help="klq_jax checkpoint directory (klq_config.json + params.safetensors)")
     f2h.add_argument("dst", metavar="DST", help="output Hugging Face model directory")
@@ -103,6 +111,7 @@ def _hf_to_flax(args) -> str:
 
     from klq_jax.models import hf
 
+    hf.refuse_overlap(args.src, args.dst)
     config, _, params = hf.load_hf(
         args.src,
         dtype=args.dtype,
@@ -119,8 +128,7 @@ def _hf_to_flax(args) -> str:
         tokenizer_dir=args.src,
         overwrite=args.overwrite,
     )
-    kind = "reward model (score head)" if config.score_head else "causal LM"
-    return f"wrote {args.dst}: {kind}, {config.num_layers} layers, d={config.hidden_size}"
+    return f"wrote {args.dst}: {type(config).__name__} ({hf.arch_of_config(config).model_type})"
 
 
 def _flax_to_hf(args) -> str:
@@ -128,6 +136,7 @@ def _flax_to_hf(args) -> str:
 
     from klq_jax.models import hf
 
+    hf.refuse_overlap(args.src, args.dst)
     config, _, params = hf.load_flax(args.src)
     tokenizer = args.tokenizer
     if tokenizer is None and any((Path(args.src) / n).is_file() for n in hf.TOKENIZER_FILES[:5]):

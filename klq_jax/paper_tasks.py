@@ -183,7 +183,7 @@ def load_reward_model(task: TaskConfig, *, key: Any = None):
 
     GPT-NeoX score models (a Hugging Face or klq_jax directory) go through
     :func:`klq_jax.tasks.load_model` (which applies the options on every source kind); GPT-2 score
-    models through :func:`klq_jax.models.gpt2.load_hf_gpt2`.
+    models through :func:`klq_jax.models.hf.load_hf`.
     """
     if task.reward_model is None:
         raise ValueError(f"Task kind {task.kind!r} needs TaskConfig.reward_model (a reward-model directory or hub name).")
@@ -192,9 +192,9 @@ def load_reward_model(task: TaskConfig, *, key: Any = None):
         raise ValueError(f"reward_model={task.reward_model!r}: a random reward model is not supported; pass a checkpoint.")
     arch = (_read_config(path).get("architectures") or ["?"])[0]
     if arch == "GPT2ForSequenceClassification":
-        from klq_jax.models import gpt2
+        from klq_jax.models import hf
 
-        return (arch, *gpt2.load_hf_gpt2(path, dtype=task.dtype))
+        return (arch, *hf.load_hf(path, dtype=task.dtype))
     if arch == "GPTNeoXForSequenceClassification":
         cfg, graphdef, params = tasks.load_model(path, key=key if key is not None else jax.random.key(0),
                                                  dtype=task.dtype)

@@ -444,8 +444,8 @@ def make_cross_tokenizer_reward_fn(
 
     Example::
 
-        >>> from klq_jax.models import gpt2                                              # doctest: +SKIP
-        >>> cfg, g, p = gpt2.load_hf_gpt2("Ray2333/gpt2-large-helpful-reward_model")      # doctest: +SKIP
+        >>> from klq_jax.models import hf                                                 # doctest: +SKIP
+        >>> cfg, g, p = hf.load_hf("gpt2-large-helpful-reward_model/")                    # doctest: +SKIP
         >>> reward_fn = make_cross_tokenizer_reward_fn(g, p, policy_tok, rm_tok,          # doctest: +SKIP
         ...                                            stop_token_ids=(0,), micro_batch_size=16)
     """

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klq_jax.models import gpt_neox
+from klq_jax.models import decoder, gpt_neox
 
 # ------------------------------------------------------------------------------------------
 # Configs
@@ -215,7 +215,7 @@ def load_model(
 
 
 def apply_model_options(
-    cfg: gpt_neox.GPTNeoXConfig,
+    cfg,
     params,
     *,
     key=None,
@@ -230,7 +230,7 @@ def apply_model_options(
     kind): the config gets ``dtype``, ``param_dtype`` and ``value_head``; the graphdef is rebuilt
     from that config (the compute dtype lives in the graphdef); parameters are cast to
     ``param_dtype``; a value head missing from ``params`` is initialised from ``key``
-    (:func:`klq_jax.models.gpt_neox.init_value_head`), one present but not wanted is dropped; with
+    (:func:`klq_jax.models.decoder.init_value_head`), one present but not wanted is dropped; with
     a ``mesh`` the parameters are placed with their shardings. Options the source already satisfies
     cost nothing.
 
@@ -242,8 +242,16 @@ def apply_model_options(
     for name, value in (("dtype", dtype), ("param_dtype", param_dtype)):
         if value not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"{name}={value!r} must be 'float32', 'bfloat16' or 'float16'")
-    new_cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, value_head=value_head)
-    graphdef, abstract = gpt_neox.abstract_params(new_cfg)
+    import importlib
+
+    module = importlib.import_module(type(cfg).__module__)  # the network of this config
+    if not hasattr(cfg, "value_head"):
+        if value_head:
+            raise ValueError(f"A value head was asked for, but a {type(cfg).__name__} model cannot carry one.")
+        new_cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype)
+    else:
+        new_cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype, value_head=value_head)
+    graphdef, abstract = module.abstract_params(new_cfg)
     pure = nnx.to_pure_dict(params)
     if value_head and "value_kernel" not in pure:
         if key is None:
@@ -251,7 +259,7 @@ def apply_model_options(
                 "A value head was asked for and the model has none: pass a PRNG key "
                 "(key=jax.random.key(seed)) to initialise it."
             )
-        pure.update(gpt_neox.init_value_head(new_cfg, key))
+        pure.update(decoder.init_value_head(new_cfg, key))
     if not value_head:
         pure.pop("value_kernel", None)
         pure.pop("value_bias", None)
@@ -273,13 +281,17 @@ def _read_model(source: str, *, key, value_head: bool, dtype: str, param_dtype: 
     source = resolve_source(source)
     if source.startswith("random:"):
         name = source.split(":", 1)[1]
-        cfg = (
-            gpt_neox.GPTNeoXConfig.tiny()
-            if name == "tiny"
-            else gpt_neox.GPTNeoXConfig.from_preset(name)
-        )
+        from klq_jax.models import llama
+
+        module = llama if name.lower().split("/")[-1].startswith("llama") else gpt_neox
+        if name == "tiny":
+            cfg = gpt_neox.GPTNeoXConfig.tiny()
+        elif module is llama:
+            cfg = llama.LlamaConfig.tiny() if name.lower() == "llama-tiny" else llama.LlamaConfig.from_preset(name)
+        else:
+            cfg = gpt_neox.GPTNeoXConfig.from_preset(name)
         cfg = cfg.replace(value_head=value_head, dtype=dtype, param_dtype=param_dtype)
-        _, params = gpt_neox.init(cfg, key)
+        _, params = module.init(cfg, key)
         return cfg, params
     from klq_jax.models import hf
 

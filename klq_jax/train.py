@@ -655,14 +655,17 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
 
 
 def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
-    """Write a trained policy (with its value head) in klq_jax's checkpoint format.
+    """Write a trained policy as a Hugging Face directory (value head beside it).
 
-    ``klq-convert flax-to-hf <path> <hf_dir>`` then turns it into a Hugging Face checkpoint that
-    ``transformers`` loads (the value head goes beside it as ``value_head.safetensors``). With a
-    separate critic (:class:`klq_jax.models.critic.PolicyWithCritic`) only the policy is written.
-    :func:`train` calls this at the end of a run (``<out_dir>/policy``). A Hugging Face
-    ``tokenizer``, if given, is saved beside it (``flax-to-hf`` copies it along).
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads it (config.json, safetensors,
+    generation_config.json); the value head goes to ``value_head.safetensors``, which
+    :func:`klq_jax.models.hf.load_hf` reads back with ``value_head=True``. With a separate critic
+    (:class:`klq_jax.models.critic.PolicyWithCritic`) only the policy is written. A Hugging Face
+    ``tokenizer``, if given, is saved with it and its bos/eos/pad ids go into the configs.
+    :func:`train` calls this at the end of a run (``<out_dir>/policy``).
     """
+    import tempfile
+
     from klq_jax.models import hf
     from klq_jax.models.critic import PolicyWithCritic
 
@@ -670,9 +673,14 @@ def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
     if isinstance(model, PolicyWithCritic):
         model = model.policy
     _, policy_params = nnx.split(model, nnx.Param)
-    hf.save_flax(path, model.config, jax.device_get(policy_params), overwrite=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+    policy_params = jax.device_get(policy_params)
+    if tokenizer is None:
+        hf.save_hf(path, model.config, policy_params, overwrite=True)
+        return path
+    ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer.save_pretrained(tok_dir)
+        hf.save_hf(path, model.config, policy_params, tokenizer_dir=tok_dir, hf_config=ids, overwrite=True)
     return path
 
 

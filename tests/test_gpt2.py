@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from klq_jax.models import gpt2
+from klq_jax.models import gpt2, hf
 from klq_jax.models.hf import ConversionError
 
 import torch  # test-time reference (the .[test] extra)
@@ -63,7 +63,7 @@ def _hf_scores(model, tokens, mask):
 
 def test_config_from_hf(hf_rm):
     _, d = hf_rm
-    cfg = gpt2.GPT2Config.from_hf(json.loads((d / "config.json").read_text()))
+    cfg = hf.config_from_hf(json.loads((d / "config.json").read_text()))
     assert (cfg.vocab_size, cfg.n_positions, cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.inner_size) == (
         97, 40, 24, 2, 3, 40)
     assert cfg.score_head and not cfg.lm_head
@@ -71,7 +71,7 @@ def test_config_from_hf(hf_rm):
 
 def test_score_parity_padded_batch(hf_rm):
     model, d = hf_rm
-    cfg, graphdef, params = gpt2.load_hf_gpt2(d, strict=True)
+    cfg, graphdef, params = hf.load_hf(d, strict=True)
     rng = np.random.default_rng(1)
     B, T = 5, 12
     tokens = rng.integers(0, 97, (B, T)).astype(np.int32)
@@ -97,7 +97,7 @@ def test_score_parity_padded_batch(hf_rm):
 def test_hf_pad_token_readout_agrees(hf_rm):
     """With a pad id that occurs nowhere else, HF's own last-non-pad read-out gives our scores."""
     model, d = hf_rm
-    _, graphdef, params = gpt2.load_hf_gpt2(d)
+    _, graphdef, params = hf.load_hf(d)
     rng = np.random.default_rng(2)
     B, T, PAD = 3, 10, 96
     tokens = rng.integers(0, 96, (B, T)).astype(np.int32)
@@ -122,7 +122,7 @@ def test_lm_head_parity(tmp_path):
     _randomise(model, 3)
     model.eval()
     model.save_pretrained(tmp_path)
-    cfg, graphdef, params = gpt2.load_hf_gpt2(tmp_path, strict=True)
+    cfg, graphdef, params = hf.load_hf(tmp_path, strict=True)
     assert cfg.lm_head and not cfg.score_head
     tokens = np.random.default_rng(0).integers(0, 97, (2, 9))
     mask = np.ones_like(tokens)
@@ -134,8 +134,8 @@ def test_lm_head_parity(tmp_path):
 
 def test_bfloat16_compute_is_close(hf_rm):
     model, d = hf_rm
-    _, g32, p32 = gpt2.load_hf_gpt2(d)
-    _, g16, p16 = gpt2.load_hf_gpt2(d, dtype="float32", param_dtype="bfloat16")
+    _, g32, p32 = hf.load_hf(d)
+    _, g16, p16 = hf.load_hf(d, dtype="float32", param_dtype="bfloat16")
     tokens = np.random.default_rng(0).integers(0, 97, (2, 8))
     mask = np.ones_like(tokens)
     s32 = np.asarray(gpt2.score(g32, p32, tokens, mask))
@@ -148,16 +148,16 @@ def test_errors(hf_rm, tmp_path):
     _, d = hf_rm
     cfg = json.loads((d / "config.json").read_text())
     with pytest.raises(ConversionError, match="num_labels=2"):
-        gpt2.GPT2Config.from_hf(dict(cfg, id2label={"0": "a", "1": "b"}))
-    with pytest.raises(ConversionError, match="not GPT-2"):
-        gpt2.GPT2Config.from_hf(dict(cfg, model_type="gpt_neox"))
+        hf.config_from_hf(dict(cfg, id2label={"0": "a", "1": "b"}))
+    with pytest.raises(ConversionError, match=r"architecture \['GPTNeoXForCausalLM'\] is not supported; supported architectures: GPT2Model"):
+        hf.config_from_hf(dict(cfg, architectures=["GPTNeoXForCausalLM"]))
     # weights that do not match config.json name the tensor
     (tmp_path / "config.json").write_text(json.dumps(dict(cfg, n_embd=48)))
     import shutil
 
     shutil.copy(d / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(ConversionError, match=r"has shape \(24,?.*expected.*n_embd=48"):
-        gpt2.load_hf_gpt2(tmp_path)
+        hf.load_hf(tmp_path)
     g, p = gpt2.init(gpt2.GPT2Config.tiny(), jax.random.key(0))
     with pytest.raises(ValueError, match="n_positions"):
         gpt2.score(g, p, jnp.zeros((1, 33), jnp.int32), jnp.ones((1, 33)))

@@ -262,11 +262,11 @@ def test_cli_help_and_bad_input_exit_2(tmp_path):
     help_text = convert_cli.build_parser().format_help()
     assert "hf-to-flax" in help_text and "flax-to-hf" in help_text and "AutoModelForCausalLM" in help_text
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
     r = _cli("hf-to-flax", tmp_path / "bad", tmp_path / "out")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    assert "LlamaForCausalLM" not in r.stdout and "GPTNeoXForCausalLM" in r.stderr
+    assert "MistralForCausalLM" not in r.stdout and "GPTNeoXForCausalLM" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -284,14 +284,14 @@ def _edit_config(d, **changes):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        (dict(architectures=["LlamaForCausalLM"], model_type="llama"), r"model_type 'llama' is not supported.*GPTNeoXForCausalLM, GPTNeoXForSequenceClassification"),
+        (dict(architectures=["MistralForCausalLM"], model_type="mistral"), r"model_type 'mistral' is not supported.*GPTNeoXForCausalLM, GPTNeoXForSequenceClassification"),
         (dict(architectures=["GPTNeoXForTokenClassification"]), r"GPTNeoXForTokenClassification.*not supported; supported architectures: GPTNeoXForCausalLM"),
         (dict(architectures=["GPTNeoXForSequenceClassification"], id2label={"0": "a", "1": "b"}), r"num_labels=2 is not supported"),
-        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.25}), r"rope_type 'linear' is not supported"),
+        (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4, "partial_rotary_factor": 0.25}), r"rope_parameters.rope_type='linear' is not supported; supported values of rope_parameters.rope_type: \['default'\]"),
         (dict(hidden_act="silu"), r"hidden_act='silu' is not supported"),
-        (dict(num_attention_heads=5), r"config.json: this config is not supported: .*not divisible by num_heads=5"),
+        (dict(num_attention_heads=5), r"config.json: this config is not supported: .*hidden size is not divisible by the number of attention heads"),
     ],
-    ids=["arch-llama", "arch-tokencls", "num-labels", "rope-type", "activation", "heads"],
+    ids=["arch-mistral", "arch-tokencls", "num-labels", "rope-type", "activation", "heads"],
 )
 def test_unsupported_configs(lm, tmp_path, changes, match):
     d = _copy(lm[0], tmp_path / "m")

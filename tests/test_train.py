@@ -126,10 +126,10 @@ def test_tiny_end_to_end_run_improves_reward(tmp_path, algo):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["iteration"] for l in lines] == list(range(1, 9))
     assert os.path.isdir(tmp_path / "checkpoints" / "8")  # saved at the end
-    # The trained policy is exported in our format, equal to the final state (flax-to-hf input).
+    # The trained policy is exported as a Hugging Face directory, equal to the final state.
     from klq_jax.models import hf
 
-    _, _, exported = hf.load_flax(tmp_path / "policy")
+    _, _, exported = hf.load_hf(tmp_path / "policy", value_head=True)
     same = jax.tree_util.tree_map(
         lambda a, b: bool(np.array_equal(a, b)),
         nnx.to_pure_dict(exported), nnx.to_pure_dict(jax.device_get(res.state.params)),

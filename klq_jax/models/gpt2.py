@@ -4,7 +4,7 @@ The paper's Anthropic-HH reward model, ``Ray2333/gpt2-large-helpful-reward_model
 ``GPT2ForSequenceClassification`` (rlhf_facts.md §4: n_embd 1280, 36 layers, 20 heads, n_ctx 1024,
 ``score = Linear(n_embd, 1, bias=False)``). This module holds the network, in the style of
 :mod:`klq_jax.models.gpt_neox` (frozen config, ``(graphdef, params)`` split, ``axes`` metadata on
-every parameter, float32 outputs), and its Hugging Face loader :func:`load_hf_gpt2`::
+every parameter, float32 outputs)::
 
     >>> import jax, jax.numpy as jnp
     >>> from klq_jax.models import gpt2
@@ -29,44 +29,25 @@ ids. Positions are ``max(cumsum(mask) - 1, 0)`` and the score is read at the las
 A row's outputs on its real tokens equal those of the unpadded row (HF with the same
 ``attention_mask`` and ``position_ids``).
 
-Hugging Face tensors (``transformer.`` prefix optional; HF's ``Conv1D`` stores weights as
-``[in, out]``, unlike ``nn.Linear``)::
-
-    HF                                   ours                                     mapping
-    wte.weight          [V, D]           wte              [V, D]                  =
-    wpe.weight          [P, D]           wpe              [P, D]                  =
-    h.i.ln_1.{weight,bias}               h.i.ln_1.{scale,bias}
-    h.i.attn.c_attn.weight [D, 3D]       h.i.attn.qkv_kernel [D, 3, H, hd]        W.reshape(D, 3, H, hd)
-    h.i.attn.c_attn.bias   [3D]          h.i.attn.qkv_bias   [3, H, hd]           b.reshape(3, H, hd)
-    h.i.attn.c_proj.weight [D, D]        h.i.attn.out_kernel [H, hd, D]           W.reshape(H, hd, D)
-    h.i.attn.c_proj.bias   [D]           h.i.attn.out_bias   [D]
-    h.i.ln_2.{weight,bias}               h.i.ln_2.{scale,bias}
-    h.i.mlp.c_fc.{weight [D, F], bias}   h.i.mlp.up_kernel [D, F], up_bias        =
-    h.i.mlp.c_proj.{weight [F, D], bias} h.i.mlp.down_kernel [F, D], down_bias    =
-    ln_f.{weight,bias}                   ln_f.{scale,bias}
-    score.weight        [1, D]           score_kernel     [D]                     W[0]
-    lm_head.weight      [V, D]           (tied to wte; not stored)
-
-Buffers some checkpoints carry (``attn.bias``, ``attn.masked_bias``) are ignored. There is no KV
-cache: the model only scores complete sequences.
+There is no KV cache: the model only scores complete sequences. Hugging Face checkpoints
+(``GPT2ForSequenceClassification`` with one label, ``GPT2LMHeadModel``, ``GPT2Model``) load with
+:func:`klq_jax.models.hf.load_hf`; the tensor table is :data:`klq_jax.models.hf.tables.GPT2`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
-import warnings
-from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from klq_jax.models.gpt_neox import _ACTIVATIONS, _MASK_VALUE, MLP, LayerNorm, _normal, gather_last
+from klq_jax.models.decoder import MLP, LayerNorm, gather_last
+from klq_jax.models.decoder import ACTIVATIONS as _ACTIVATIONS
+from klq_jax.models.decoder import MASK_VALUE as _MASK_VALUE
+from klq_jax.models.decoder import normal as _normal
 
 Array = jax.Array
 
@@ -74,17 +55,11 @@ __all__ = [
     "GPT2Config",
     "GPT2",
     "GPT2Output",
-    "SUPPORTED_ARCHITECTURES",
     "init",
     "abstract_params",
     "apply",
     "score",
-    "hf_tensor_names",
-    "load_hf_gpt2",
 ]
-
-SUPPORTED_ARCHITECTURES = ("GPT2ForSequenceClassification", "GPT2LMHeadModel", "GPT2Model")
-
 
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
@@ -161,74 +136,6 @@ class GPT2Config:
         """A tiny config for tests (vocab 64, 32 positions, D 32, 2 layers, 4 heads)."""
         base = cls(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
         return dataclasses.replace(base, **overrides)
-
-    @classmethod
-    def from_hf(
-        cls,
-        hf_config: Mapping[str, Any],
-        *,
-        dtype: str = "float32",
-        param_dtype: str = "float32",
-        source: str = "config.json",
-    ) -> "GPT2Config":
-        """Our config from a Hugging Face GPT-2 ``config.json`` dict.
-
-        ``GPT2ForSequenceClassification`` (``num_labels`` must be 1) gives a score head,
-        ``GPT2LMHeadModel`` an LM head (tied to ``wte``), ``GPT2Model`` neither.
-
-        Raises:
-          ValueError (``hf.ConversionError``): another architecture, ``num_labels != 1``, missing keys.
-
-        Example::
-
-            >>> GPT2Config.from_hf({"architectures": ["GPT2ForSequenceClassification"],
-            ...     "model_type": "gpt2", "vocab_size": 64, "n_positions": 32, "n_embd": 32,
-            ...     "n_layer": 2, "n_head": 4, "num_labels": 1}).score_head
-            True
-        """
-        from klq_jax.models.hf import ConversionError
-
-        c = dict(hf_config)
-        supported = ", ".join(SUPPORTED_ARCHITECTURES)
-        if c.get("model_type") not in (None, "gpt2"):
-            raise ConversionError(
-                f"{source}: model_type {c.get('model_type')!r} is not GPT-2 (supported architectures: "
-                f"{supported}). GPT-NeoX checkpoints load with klq_jax.models.hf.load_hf."
-            )
-        archs = c.get("architectures") or ["GPT2Model"]
-        if len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
-            raise ConversionError(f"{source}: architecture {archs} is not supported; supported: {supported}.")
-        arch = archs[0]
-        if arch == "GPT2ForSequenceClassification":
-            num_labels = len(c["id2label"]) if c.get("id2label") else c.get("num_labels", 2)
-            if num_labels != 1:
-                raise ConversionError(
-                    f"{source}: GPT2ForSequenceClassification with num_labels={num_labels} is not "
-                    "supported; only a scalar reward model (num_labels=1) converts to a score head."
-                )
-        missing = [k for k in ("vocab_size", "n_embd", "n_layer", "n_head") if k not in c]
-        if missing:
-            raise ConversionError(f"{source} lacks {missing}; is it a GPT-2 config.json?")
-        try:
-            return cls(
-                vocab_size=int(c["vocab_size"]),
-                n_positions=int(c.get("n_positions", c.get("n_ctx", 1024))),
-                n_embd=int(c["n_embd"]),
-                n_layer=int(c["n_layer"]),
-                n_head=int(c["n_head"]),
-                n_inner=None if c.get("n_inner") is None else int(c["n_inner"]),
-                activation_function=c.get("activation_function", "gelu_new"),
-                layer_norm_epsilon=float(c.get("layer_norm_epsilon", 1e-5)),
-                scale_attn_weights=bool(c.get("scale_attn_weights", True)),
-                scale_attn_by_inverse_layer_idx=bool(c.get("scale_attn_by_inverse_layer_idx", False)),
-                lm_head=arch == "GPT2LMHeadModel",
-                score_head=arch == "GPT2ForSequenceClassification",
-                dtype=dtype,
-                param_dtype=param_dtype,
-                initializer_range=float(c.get("initializer_range", 0.02)),
-            )
-        except (TypeError, ValueError) as e:
-            raise ConversionError(f"{source}: this config is not supported: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,146 +297,3 @@ def score(graphdef: nnx.GraphDef, params: nnx.State, tokens: Array, mask: Array)
     if out.scores is None:
         raise ValueError("This GPT-2 has no score head (config.score_head=False); load a GPT2ForSequenceClassification.")
     return out.scores
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face checkpoints
-# --------------------------------------------------------------------------------------------
-
-_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$|^lm_head\.weight$")
-
-
-def _hf_spec(path: tuple, c: GPT2Config):
-    """``(hf name without 'transformer.', hf shape, to_ours)`` of our parameter at ``path``."""
-    D, H, hd, F, V, P = c.n_embd, c.n_head, c.head_dim, c.inner_size, c.vocab_size, c.n_positions
-    ln = {"scale": "weight", "bias": "bias"}
-    ident = lambda w: w  # noqa: E731
-    if path == ("wte",):
-        return "wte.weight", (V, D), ident
-    if path == ("wpe",):
-        return "wpe.weight", (P, D), ident
-    if path == ("score_kernel",):
-        return "score.weight", (1, D), lambda w: w[0]
-    if path[0] == "ln_f":
-        return f"ln_f.{ln[path[1]]}", (D,), ident
-    if path[0] == "h":
-        i, mod, name = path[1], path[2], path[3]
-        pre = f"h.{i}."
-        if mod in ("ln_1", "ln_2"):
-            return pre + f"{mod}.{ln[name]}", (D,), ident
-        table = {
-            ("attn", "qkv_kernel"): ("attn.c_attn.weight", (D, 3 * D), lambda w: w.reshape(D, 3, H, hd)),
-            ("attn", "qkv_bias"): ("attn.c_attn.bias", (3 * D,), lambda b: b.reshape(3, H, hd)),
-            ("attn", "out_kernel"): ("attn.c_proj.weight", (D, D), lambda w: w.reshape(H, hd, D)),
-            ("attn", "out_bias"): ("attn.c_proj.bias", (D,), ident),
-            ("mlp", "up_kernel"): ("mlp.c_fc.weight", (D, F), ident),
-            ("mlp", "up_bias"): ("mlp.c_fc.bias", (F,), ident),
-            ("mlp", "down_kernel"): ("mlp.c_proj.weight", (F, D), ident),
-            ("mlp", "down_bias"): ("mlp.c_proj.bias", (D,), ident),
-        }
-        if (mod, name) in table:
-            n, shape, fn = table[(mod, name)]
-            return pre + n, shape, fn
-    raise ValueError(f"Internal error: no Hugging Face name for GPT-2 parameter {'.'.join(map(str, path))}")
-
-
-def _flat_abstract(config: GPT2Config):
-    graphdef, abstract = abstract_params(config)
-    return graphdef, abstract, {tuple(k): v for k, v in nnx.to_flat_state(abstract)}
-
-
-def hf_tensor_names(config: GPT2Config) -> dict[str, str]:
-    """Our parameter path → the HF tensor name of ``GPT2ForSequenceClassification``.
-
-    Example::
-
-        >>> hf_tensor_names(GPT2Config.tiny())["h.1.attn.qkv_kernel"]
-        'transformer.h.1.attn.c_attn.weight'
-    """
-    _, _, flat = _flat_abstract(config)
-    out = {}
-    for p in flat:
-        name = _hf_spec(p, config)[0]
-        out[".".join(map(str, p))] = name if name == "score.weight" else "transformer." + name
-    return out
-
-
-def load_hf_gpt2(
-    path: str | os.PathLike,
-    *,
-    dtype: str = "float32",
-    param_dtype: str = "float32",
-    strict: bool = False,
-) -> tuple[GPT2Config, nnx.GraphDef, nnx.State]:
-    """Load a local Hugging Face GPT-2 directory as ``(config, graphdef, params)``.
-
-    Reads ``config.json`` and the weights (``model.safetensors[.index.json]`` or
-    ``pytorch_model.bin[.index.json]``) tensor by tensor through
-    :class:`klq_jax.models.hf.HFCheckpointReader`, checking every shape.
-
-    Args:
-      path: directory of a ``GPT2ForSequenceClassification`` (``num_labels=1``), ``GPT2LMHeadModel``
-        or ``GPT2Model`` checkpoint.
-      dtype: compute dtype recorded in the config.
-      param_dtype: dtype of the loaded parameters (float32 by default, whatever the file holds).
-      strict: raise instead of warn on tensors the model does not use.
-
-    Raises:
-      klq_jax.models.hf.ConversionError: bad config, missing or mis-shaped tensor, unreadable file.
-
-    Example::
-
-        >>> config, graphdef, params = load_hf_gpt2("gpt2-large-helpful-reward_model/")   # doctest: +SKIP
-        >>> scores = score(graphdef, params, tokens, mask)                                # doctest: +SKIP
-    """
-    from klq_jax.models import hf
-
-    path = Path(path)
-    config = GPT2Config.from_hf(
-        hf.read_hf_config(path), dtype=dtype, param_dtype=param_dtype, source=str(path / "config.json")
-    )
-    reader = hf.HFCheckpointReader(path)
-    # GPT2ForSequenceClassification / GPT2LMHeadModel prefix the trunk with "transformer.".
-    names = {}
-    for n in reader.names():
-        names.setdefault(n[len("transformer."):] if n.startswith("transformer.") else n, n)
-    graphdef, abstract, flat = _flat_abstract(config)
-    pd = np.dtype(jnp.dtype(param_dtype))
-    values, used = {}, set()
-    for p, var in flat.items():
-        hf_name, hf_shape, to_ours = _hf_spec(p, config)
-        if hf_name not in names:
-            raise hf.ConversionError(
-                f"Tensor '{hf_name}' (shape {hf_shape}, for our '{'.'.join(map(str, p))}') is missing from "
-                f"{path} (files: {reader.files}). The weights do not match config.json "
-                "(a GPT2ForSequenceClassification needs score.weight), or a shard is missing."
-            )
-        found = reader.shape(names[hf_name])
-        if found != hf_shape:
-            raise hf.ConversionError(
-                f"Tensor '{names[hf_name]}' in {reader.file_of(names[hf_name])} has shape {found}, expected "
-                f"{hf_shape} from config.json (n_embd={config.n_embd}, n_head={config.n_head}, "
-                f"n_inner={config.inner_size}, vocab_size={config.vocab_size}, n_positions={config.n_positions})."
-            )
-        arr = np.asarray(to_ours(reader.get(names[hf_name]))).astype(pd)
-        assert arr.shape == tuple(var.shape), (p, arr.shape, var.shape)
-        values[p] = jnp.asarray(arr)
-        used.add(hf_name)
-    unexpected = [n for short, n in names.items() if short not in used and not _IGNORED.search(short)]
-    if unexpected:
-        msg = (
-            f"{path} holds tensors that this GPT-2 ({'score head' if config.score_head else 'no score head'}) "
-            f"does not use: {unexpected[:10]}. Check config.json's architectures and n_layer."
-        )
-        if strict:
-            raise hf.ConversionError(msg)
-        warnings.warn(msg, stacklevel=2)
-    pure = nnx.to_pure_dict(abstract)
-
-    def fill(node, prefix):
-        if isinstance(node, dict):
-            return {k: fill(v, prefix + (k,)) for k, v in node.items()}
-        return values[prefix]
-
-    nnx.replace_by_pure_dict(abstract, fill(pure, ()))
-    return config, graphdef, abstract

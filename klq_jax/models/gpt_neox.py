@@ -29,42 +29,38 @@ Conventions
   device mesh with one rules table.
 * The KV cache (:class:`KVCache`) is a plain pytree, laid out ``[B, H, S, head_dim]`` per layer so the
   decode-step attention contracts without transposing the cache.
+* The forward loop, cache, heads and attention core are shared with Llama
+  (:mod:`klq_jax.models.decoder`); this module holds the GPT-NeoX blocks and partial rotary only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from klq_jax.models.decoder import (  # noqa: F401  (re-exported: the public names of a decoder)
+    ACTIVATIONS as _ACTIVATIONS,
+    MLP,
+    DecoderLM,
+    KVCache,
+    LayerNorm,
+    ModelOutput,
+    apply_rotary,
+    cached_attention,
+    gather_last,
+    init_cache,
+    init_value_head,
+    last_token_index,
+    normal as _normal,
+    param_count,
+    rope_inv_freq,
+    rotary_tables,
+)
+
 Array = jax.Array
-
-# Large negative number for masked attention logits: finite, so fully masked rows (padding queries)
-# give a uniform softmax instead of NaN.
-_MASK_VALUE = -1e30
-
-
-def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
-_ACTIVATIONS = {
-    "gelu": _gelu_exact,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
-    "relu": jax.nn.relu,
-}
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +80,7 @@ class GPTNeoXConfig:
       use_parallel_residual: ``x + attn(ln1(x)) + mlp(ln2(x))`` (Pythia) instead of sequential.
       attention_bias: biases on the QKV and output projections.
       tie_word_embeddings: reuse ``embed_in`` as the unembedding (Pythia: False).
-      hidden_act: ``"gelu"`` (exact erf GELU, Pythia), ``"gelu_new"``/``"gelu_fast"`` (tanh approx.) or ``"relu"``.
+      hidden_act: ``"gelu"`` (exact erf GELU, Pythia), ``"gelu_new"``/``"gelu_fast"`` (tanh approx.), or ``"relu"``.
       lm_head: build the unembedding (``embed_out``); False for a reward model.
       value_head: build a value head ``V(s_t)`` = Linear(D, 1) on the final hidden state.
       score_head: build a reward-model score head (Linear(D, 1), no bias, as HF's
@@ -149,6 +145,11 @@ class GPTNeoXConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        """Key/value heads (= ``num_heads``: GPT-NeoX has no grouped-query attention)."""
+        return self.num_heads
 
     @property
     def rotary_base_dim(self) -> int:
@@ -232,93 +233,8 @@ PYTHIA_PARAM_COUNTS: dict[str, int] = {
 
 
 # --------------------------------------------------------------------------------------------
-# KV cache
-# --------------------------------------------------------------------------------------------
-
-
-class KVCache(NamedTuple):
-    """Decode state: keys/values of every layer and which slots hold real tokens.
-
-    Attributes:
-      k, v: tuples of ``num_layers`` arrays ``[B, H, S, head_dim]`` (compute dtype).
-      mask: ``[B, S]`` bool, True for slots holding a real (non-padding) token.
-      index: ``[]`` int32, the next slot to write (the same for every row).
-      next_pos: ``[B]`` int32, position id of the next real token of each row (its count of real
-        tokens so far).
-    """
-
-    k: tuple[Array, ...]
-    v: tuple[Array, ...]
-    mask: Array
-    index: Array
-    next_pos: Array
-
-    @property
-    def max_len(self) -> int:
-        return self.mask.shape[1]
-
-
-def init_cache(config: GPTNeoXConfig, batch_size: int, max_len: int) -> KVCache:
-    """An empty cache for ``batch_size`` rows of at most ``max_len`` tokens (prompt + response)."""
-    shape = (batch_size, config.num_heads, max_len, config.head_dim)
-    dtype = jnp.dtype(config.dtype)
-    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    zeros_v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
-    return KVCache(
-        k=zeros,
-        v=zeros_v,
-        mask=jnp.zeros((batch_size, max_len), bool),
-        index=jnp.zeros((), jnp.int32),
-        next_pos=jnp.zeros((batch_size,), jnp.int32),
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------------------------
-
-
-def _normal(rngs: nnx.Rngs, shape, std, dtype):
-    return (std * jax.random.normal(rngs.params(), shape)).astype(dtype)
-
-
-class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis, computed in float32, returned in the input's dtype."""
-
-    def __init__(self, dim: int, eps: float, param_dtype):
-        self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("embed",))
-        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype), axes=("embed",))
-
-    def __call__(self, x: Array) -> Array:
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-        return y.astype(x.dtype)
-
-
-def _rotary(positions: Array, base_dim: int, base: float) -> tuple[Array, Array]:
-    """cos, sin ``[B, T, 2*ceil(base_dim/2)]`` (float32) for integer ``positions [B, T]``.
-
-    Frequencies ``base^(-2i / base_dim)`` for ``i < ceil(base_dim / 2)``, duplicated (rotate-half layout).
-    """
-    inv_freq = 1.0 / (base ** (np.arange(0, base_dim, 2, dtype=np.float32) / base_dim))
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def _apply_rotary(x: Array, cos: Array, sin: Array, rotary_dim: int) -> Array:
-    """Rotate the first ``rotary_dim`` dims of ``x [B, T, H, hd]`` (HF's non-interleaved rotate-half)."""
-    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-    half = rotary_dim // 2
-    rotated = jnp.concatenate([-x_rot[..., half:], x_rot[..., :half]], axis=-1)
-    cos = cos[:, :, None, :]
-    sin = sin[:, :, None, :]
-    out = x_rot.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
-    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
 
 
 class Attention(nnx.Module):
@@ -375,59 +291,22 @@ class Attention(nnx.Module):
             if b is not None:
                 kv, q = kv + b[1:], q + b[0]
             k, v = kv[:, :, 0].astype(dt), kv[:, :, 1].astype(dt)
-            q = _apply_rotary(q.astype(dt), cos[:, -1:], sin[:, -1:], c.rotary_dim)
+            q = apply_rotary(q.astype(dt), cos[:, -1:], sin[:, -1:], c.rotary_dim)
         else:
             qkv = jnp.einsum("btd,dkhe->btkhe", x, w, preferred_element_type=jnp.float32)
             if b is not None:
                 qkv = qkv + b
             qkv = qkv.astype(dt)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, T, H, hd]
-            q = _apply_rotary(q, cos, sin, c.rotary_dim)
-        k = _apply_rotary(k, cos, sin, c.rotary_dim)
-        k = k.transpose(0, 2, 1, 3)  # [B, H, T, hd]
-        v = v.transpose(0, 2, 1, 3)
-        new_cache = None
-        if cache_kv is not None:
-            ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, cache_index, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, cache_index, 0))
-            new_cache = (ck, cv)
-            if not local:
-                k, v = ck, cv
-        scale = 1.0 / math.sqrt(c.head_dim)
-        q = q.transpose(0, 2, 1, 3)  # [B, H, T, hd]
-        scores = jnp.einsum("bhqe,bhke->bhqk", q, k, preferred_element_type=jnp.float32)
-        scores = scores * scale + attn_bias
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        ctx = jnp.einsum("bhqk,bhke->bqhe", probs, v, preferred_element_type=jnp.float32).astype(dt)
+            q = apply_rotary(q, cos, sin, c.rotary_dim)
+        k = apply_rotary(k, cos, sin, c.rotary_dim)
+        ctx, new_cache = cached_attention(q, k, v, attn_bias, cache_kv, cache_index, local=local)
         out = jnp.einsum(
             "bqhe,hed->bqd", ctx, self.out_kernel[...].astype(dt), preferred_element_type=jnp.float32
         )
         if c.attention_bias:
             out = out + self.out_bias[...].astype(jnp.float32)
         return out.astype(dt), new_cache
-
-
-class MLP(nnx.Module):
-    """``down(act(up(x)))``: ``up_kernel [D, F]``, ``down_kernel [F, D]`` and biases.
-
-    Shared by GPT-NeoX and GPT-2 (:mod:`klq_jax.models.gpt2`).
-    """
-
-    def __init__(self, dim: int, hidden: int, act: str, *, init_std: float, param_dtype, rngs: nnx.Rngs):
-        pd = jnp.dtype(param_dtype)
-        self.act = _ACTIVATIONS[act]
-        self.up_kernel = nnx.Param(_normal(rngs, (dim, hidden), init_std, pd), axes=("embed", "mlp"))
-        self.up_bias = nnx.Param(jnp.zeros((hidden,), pd), axes=("mlp",))
-        self.down_kernel = nnx.Param(_normal(rngs, (hidden, dim), init_std, pd), axes=("mlp", "embed"))
-        self.down_bias = nnx.Param(jnp.zeros((dim,), pd), axes=("embed",))
-
-    def __call__(self, x: Array) -> Array:
-        dt = x.dtype
-        h = jnp.dot(x, self.up_kernel[...].astype(dt), preferred_element_type=jnp.float32)
-        h = self.act(h + self.up_bias[...].astype(jnp.float32)).astype(dt)
-        y = jnp.dot(h, self.down_kernel[...].astype(dt), preferred_element_type=jnp.float32)
-        return (y + self.down_bias[...].astype(jnp.float32)).astype(dt)
 
 
 class Block(nnx.Module):
@@ -465,26 +344,12 @@ class Block(nnx.Module):
         return x, new_kv
 
 
-class ModelOutput(NamedTuple):
-    """What :func:`apply` returns.
+class GPTNeoX(DecoderLM):
+    """The GPT-NeoX network with optional LM, value and score heads (see the module docstring).
 
-    Attributes:
-      hidden: ``[B, T, D]`` final-layer-normed hidden states (compute dtype).
-      logits: ``[B, T, V]`` float32 next-token logits, or None (no LM head / not asked for).
-      values: ``[B, T]`` float32 value-head outputs ``V(s_t)``, or None.
-      scores: ``[B]`` float32 score-head output at each row's last real token, or None.
-      cache: the updated :class:`KVCache` when one was passed in, else None.
+    The forward pass (``model(tokens, mask, cache=, logits=, prefill=)``) and the heads are
+    :class:`klq_jax.models.decoder.DecoderLM`'s.
     """
-
-    hidden: Array
-    logits: Array | None
-    values: Array | None
-    scores: Array | None
-    cache: KVCache | None
-
-
-class GPTNeoX(nnx.Module):
-    """The GPT-NeoX network with optional LM, value and score heads (see the module docstring)."""
 
     def __init__(self, config: GPTNeoXConfig, *, rngs: nnx.Rngs):
         c = config
@@ -496,158 +361,12 @@ class GPTNeoX(nnx.Module):
         )
         self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
         self.final_layer_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, pd)
-        if c.lm_head and not c.tie_word_embeddings:
-            self.embed_out = nnx.Param(
-                _normal(rngs, (c.hidden_size, c.vocab_size), c.initializer_range, pd),
-                axes=("embed", "vocab"),
-            )
-        head_std = 1.0 / math.sqrt(c.hidden_size + 1)
-        if c.value_head:
-            self.value_kernel = nnx.Param(_normal(rngs, (c.hidden_size,), head_std, pd), axes=("embed",))
-            self.value_bias = nnx.Param(jnp.zeros((), pd), axes=())
-        if c.score_head:
-            self.score_kernel = nnx.Param(_normal(rngs, (c.hidden_size,), head_std, pd), axes=("embed",))
+        self._init_heads(c, rngs)
 
-    # -- trunk ---------------------------------------------------------------------------------
-
-    def __call__(
-        self,
-        tokens: Array,
-        mask: Array,
-        *,
-        cache: KVCache | None = None,
-        logits: bool = True,
-        prefill: bool = False,
-    ) -> ModelOutput:
-        """Run the network.
-
-        Args:
-          tokens: ``[B, T]`` int token ids, left-padded.
-          mask: ``[B, T]`` 1 for real tokens, 0 for padding.
-          cache: optional :class:`KVCache`; the ``T`` tokens are written at slots
-            ``cache.index … cache.index + T - 1`` and attend to every real slot before them.
-          logits: compute the ``[B, T, V]`` logits (set False to get only hidden/values/scores).
-          prefill: the fast path of a sampler's prefill. Needs a ``cache`` that holds no real
-            token (fresh from :func:`init_cache`, or with only padding written so far): the
-            queries attend only to the ``T`` new keys/values instead of all ``S`` slots, and the
-            last layer's attention output, its MLP, the final layer norm and the heads are
-            computed **at the last position only**, so ``hidden``/``logits``/``values`` come back
-            ``[B, 1, ...]`` (``scores`` reads that position). The cache gets the keys/values of
-            every position, exactly as without ``prefill``.
-
-        Returns:
-          :class:`ModelOutput`.
-        """
+    def rotary(self, positions: Array) -> tuple[Array, Array]:
+        """cos, sin ``[B, T, rotary_dim]``: frequencies ``base^(-2i / rotary_base_dim)``."""
         c = self.config
-        dt = jnp.dtype(c.dtype)
-        tokens = jnp.asarray(tokens)
-        mask = jnp.asarray(mask).astype(bool)
-        if tokens.ndim != 2 or mask.shape != tokens.shape:
-            raise ValueError(
-                f"tokens and mask must both be [B, T]; got tokens {tokens.shape}, mask {mask.shape}"
-            )
-        B, T = tokens.shape
-        mask_i = mask.astype(jnp.int32)
-        if prefill and cache is None:
-            raise ValueError(
-                "prefill=True needs a cache (an empty one from init_cache): it writes the prompt's "
-                "keys/values there. Pass cache=init_cache(config, B, max_len), or prefill=False."
-            )
-        if cache is None:
-            positions = jnp.maximum(jnp.cumsum(mask_i, axis=1) - 1, 0)
-            causal = jnp.tril(jnp.ones((T, T), bool))
-            allowed = causal[None, :, :] & mask[:, None, :]  # [B, T(q), T(k)]
-            cache_index = None
-        else:
-            positions = cache.next_pos[:, None] + jnp.maximum(jnp.cumsum(mask_i, axis=1) - 1, 0)
-            S = cache.max_len
-            new_mask = jax.lax.dynamic_update_slice(cache.mask, mask, (0, cache.index))
-            q_slot = cache.index + jnp.arange(T)
-            k_slot = jnp.arange(S)
-            causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
-            allowed = causal[None] & new_mask[:, None, :]
-            cache_index = cache.index
-            if prefill:  # an empty cache: attend among the T new tokens only
-                allowed = jnp.tril(jnp.ones((T, T), bool))[None] & mask[:, None, :]
-        attn_bias = jnp.where(allowed, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None]
-        cos, sin = _rotary(positions, c.rotary_base_dim, c.rotary_emb_base)
-
-        x = jnp.take(self.embed_in[...], tokens, axis=0).astype(dt)
-        new_k, new_v = [], []
-        n_layers = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            x, new_kv = layer(
-                x, cos, sin, attn_bias, kv, cache_index,
-                local=prefill, last_only=prefill and i == n_layers - 1,
-            )
-            if new_kv is not None:
-                new_k.append(new_kv[0])
-                new_v.append(new_kv[1])
-        hidden = self.final_layer_norm(x)
-
-        new_cache = None
-        if cache is not None:
-            new_cache = KVCache(
-                k=tuple(new_k),
-                v=tuple(new_v),
-                mask=new_mask,
-                index=cache.index + T,
-                next_pos=cache.next_pos + mask_i.sum(axis=1),
-            )
-        return ModelOutput(
-            hidden=hidden,
-            logits=self.logits(hidden) if (logits and c.lm_head) else None,
-            values=self.values(hidden) if c.value_head else None,
-            scores=(self.scores(hidden, mask[:, -1:] if prefill else mask) if c.score_head else None),
-            cache=new_cache,
-        )
-
-    # -- heads ---------------------------------------------------------------------------------
-
-    def unembedding(self) -> Array:
-        """The ``[D, V]`` unembedding matrix (``embed_in.T`` when tied)."""
-        if not self.config.lm_head:
-            raise ValueError("This model has no LM head (config.lm_head=False).")
-        if self.config.tie_word_embeddings:
-            return self.embed_in[...].T
-        return self.embed_out[...]
-
-    def logits(self, hidden: Array) -> Array:
-        """``hidden [..., D]`` → float32 logits ``[..., V]``."""
-        w = self.unembedding().astype(hidden.dtype)
-        return jnp.dot(hidden, w, preferred_element_type=jnp.float32)
-
-    def values(self, hidden: Array) -> Array:
-        """Value head: ``hidden [..., D]`` → float32 ``V [...]``."""
-        if not self.config.value_head:
-            raise ValueError("This model has no value head (config.value_head=False).")
-        v = jnp.dot(hidden.astype(jnp.float32), self.value_kernel[...].astype(jnp.float32))
-        return v + self.value_bias[...].astype(jnp.float32)
-
-    def scores(self, hidden: Array, mask: Array) -> Array:
-        """Score head read at each row's last real token: ``[B, T, D]``, ``[B, T]`` → float32 ``[B]``."""
-        if not self.config.score_head:
-            raise ValueError("This model has no score head (config.score_head=False).")
-        per_token = jnp.dot(hidden.astype(jnp.float32), self.score_kernel[...].astype(jnp.float32))
-        return gather_last(per_token, mask)
-
-
-def last_token_index(mask: Array) -> Array:
-    """Index of the last nonzero entry of each row of ``mask [B, T]`` (0 for an all-zero row).
-
-    Works for padding on the left, on the right, or both.
-    """
-    mask = jnp.asarray(mask).astype(bool)
-    T = mask.shape[-1]
-    idx = jnp.where(mask, jnp.arange(T), -1).max(axis=-1)
-    return jnp.maximum(idx, 0)
-
-
-def gather_last(x: Array, mask: Array) -> Array:
-    """``x [B, T, ...]`` at each row's last real token of ``mask [B, T]`` → ``[B, ...]``."""
-    idx = last_token_index(mask)
-    return jnp.take_along_axis(x, idx.reshape((-1, 1) + (1,) * (x.ndim - 2)), axis=1)[:, 0]
+        return rotary_tables(positions, rope_inv_freq(c.rotary_emb_base, c.rotary_base_dim))
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,20 +379,6 @@ def init(config: GPTNeoXConfig, key: Array) -> tuple[nnx.GraphDef, nnx.State]:
     model = GPTNeoX(config, rngs=nnx.Rngs(params=key))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, params
-
-
-def init_value_head(config: GPTNeoXConfig, key: Array) -> dict[str, Array]:
-    """A fresh value head ``{"value_kernel": [D], "value_bias": []}`` in ``config.param_dtype``.
-
-    The initialisation of :class:`GPTNeoX`'s value head (normal with std ``1/sqrt(D + 1)``, zero
-    bias), for adding a head to a model loaded without one.
-    """
-    pd = jnp.dtype(config.param_dtype)
-    std = 1.0 / math.sqrt(config.hidden_size + 1)
-    return {
-        "value_kernel": (std * jax.random.normal(key, (config.hidden_size,))).astype(pd),
-        "value_bias": jnp.zeros((), pd),
-    }
 
 
 def abstract_params(config: GPTNeoXConfig) -> tuple[nnx.GraphDef, nnx.State]:
@@ -692,17 +397,15 @@ def apply(
 ) -> ModelOutput:
     """Pure forward pass: ``nnx.merge(graphdef, params)(tokens, mask, cache=cache)``.
 
+    Works for any decoder of this package (GPT-NeoX, Llama): the graphdef carries the network.
+
     Args:
       graphdef, params: from :func:`init`, :func:`abstract_params` or the HF converter.
       tokens: ``[B, T]`` int token ids, left-padded.
       mask: ``[B, T]`` 1 on real tokens.
-      cache: optional :class:`KVCache` (see :meth:`GPTNeoX.__call__`).
+      cache: optional :class:`KVCache` (see :meth:`DecoderLM.__call__`).
       logits: also compute the float32 ``[B, T, V]`` logits.
     """
     model = nnx.merge(graphdef, params)
     return model(tokens, mask, cache=cache, logits=logits)
 
-
-def param_count(params: Any) -> int:
-    """Number of scalars in a params pytree (works on abstract params too)."""
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
