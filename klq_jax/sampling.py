@@ -366,7 +366,10 @@ def _check_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox
 
 
 # Parameters that the model only ever uses cast to the compute dtype (matmul weights, embeddings).
-_MATRIX_PARAMS = frozenset({"embed_in", "embed_out", "qkv_kernel", "out_kernel", "up_kernel", "down_kernel"})
+_MATRIX_PARAMS = frozenset({
+    "embed_in", "embed_out", "qkv_kernel", "q_kernel", "k_kernel", "v_kernel", "out_kernel",
+    "gate_kernel", "up_kernel", "down_kernel",
+})
 
 
 def _cast_matrices(params, dtype):

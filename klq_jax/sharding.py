@@ -40,6 +40,7 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
     "embed": "fsdp",
     "mlp": "tensor",
     "heads": "tensor",
+    "kv_heads": "tensor",
     "head_dim": None,
     "qkv": None,
 }

@@ -7,7 +7,7 @@ A task is named by :attr:`TaskConfig.kind`:
 * ``"tldr"``, ``"hh"``, ``"imdb"``: the paper's experiments (see :mod:`klq_jax.presets`).
 
 Model sources (``TaskConfig.policy`` / ``reference`` / ``reward_model``) are resolved by
-:func:`load_model`: ``"random:<preset>"`` (a Pythia preset name or ``tiny``), a local Hugging Face
+:func:`load_model`: ``"random:<preset>"`` (a Pythia or Llama 3.2 preset name, ``tiny`` or ``llama-tiny``), a local Hugging Face
 directory, a directory written by ``klq-convert hf-to-flax``, or a hub name (needs the network; set
 ``KLQ_LOCAL_MODELS=/dir`` to map ``org/name`` onto ``/dir/org/name``).
 """

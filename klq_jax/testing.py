@@ -34,6 +34,7 @@ __all__ = [
     "TINY_HF_CONFIG",
     "tiny_hf_gpt_neox",
     "tiny_hf_gpt_neox_reward",
+    "tiny_hf_llama",
     "make_left_padded_batch",
     "position_ids",
     "hf_forward",
@@ -69,7 +70,7 @@ def _randomise(model, seed: int, init_std: float):
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if "layernorm" in name or "layer_norm" in name:
+            if "layernorm" in name or "layer_norm" in name or name.endswith("norm.weight"):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
@@ -128,6 +129,58 @@ def tiny_hf_gpt_neox_reward(
 
     extra = dict(num_labels=1, pad_token_id=pad_token_id)
     return _build(GPTNeoXForSequenceClassification, directory, seed, init_std, config_overrides, extra)
+
+
+# Defaults for the tiny HF Llama checkpoints (transformers' LlamaConfig keyword names).
+TINY_HF_LLAMA_CONFIG: dict[str, Any] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=8,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+# llama3 rope scaling whose three frequency bands all occur in a tiny model (head_dim 8, θ 10^4:
+# wavelengths 6.3, 63, 628, 6283 against the band edges 16/4 and 16/1).
+TINY_LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+}
+
+
+def tiny_hf_llama(directory=None, *, seed: int = 0, init_std: float = 0.2, cls: str = "LlamaForCausalLM",
+                  **config_overrides):
+    """Save a tiny random ``transformers`` Llama (``cls``) to ``directory``; return it (eval mode).
+
+    ``**config_overrides`` are ``transformers.LlamaConfig`` keywords over
+    :data:`TINY_HF_LLAMA_CONFIG` (e.g. ``num_key_value_heads=4``,
+    ``rope_parameters=TINY_LLAMA3_ROPE``, ``tie_word_embeddings=True``).
+    """
+    import warnings
+
+    import torch
+    import transformers
+
+    kwargs = {**TINY_HF_LLAMA_CONFIG, **config_overrides}
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, cls)(transformers.LlamaConfig(**kwargs))
+    _randomise(model, seed, init_std)
+    model.eval()
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+        model.save_pretrained(directory)
+    return model
 
 
 def make_left_padded_batch(rng, B: int, T: int, vocab: int, lengths: Sequence[int]):

@@ -7,6 +7,7 @@ import pytest
 MODULES = [
     "klq_jax.models.gpt_neox",
     "klq_jax.models.gpt2",
+    "klq_jax.models.llama",
     "klq_jax.models.hf",
     "klq_jax.models.hf.convert",
     "klq_jax.models.critic",

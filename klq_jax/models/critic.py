@@ -73,7 +73,7 @@ def critic_from_reward_model(rm: gpt_neox.GPTNeoX) -> gpt_neox.GPTNeoX:
     if not rm.config.score_head:
         raise ValueError("critic_from_reward_model needs a reward model with a score head.")
     cfg = rm.config.replace(score_head=False, value_head=True, lm_head=False, tie_word_embeddings=False)
-    graphdef, params = nnx.split(gpt_neox.GPTNeoX(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+    graphdef, params = nnx.split(type(rm)(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     pure = nnx.to_pure_dict(params)
     rm_pure = nnx.to_pure_dict(nnx.state(rm, nnx.Param))
     for k, v in rm_pure.items():
@@ -93,7 +93,7 @@ def with_critic_from_reward_model(policy_graphdef, policy_params, rm_graphdef, r
         pure = nnx.to_pure_dict(policy_params)
         pure.pop("value_kernel", None)
         pure.pop("value_bias", None)
-        gd, params = nnx.split(gpt_neox.GPTNeoX(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        gd, params = nnx.split(type(policy)(cfg, rngs=nnx.Rngs(0)), nnx.Param)
         nnx.replace_by_pure_dict(params, pure)
         policy = nnx.merge(gd, params)
     critic = critic_from_reward_model(nnx.merge(rm_graphdef, rm_params))

@@ -230,6 +230,38 @@ def cached_attention(
     return ctx.reshape(B, Tq, H, hd), new_cache
 
 
+class Block(nnx.Module):
+    """One pre-norm decoder layer: sequential ``x + attn(n1(x))`` then ``x + mlp(n2(x))``, or
+    parallel ``x + attn(n1(x)) + mlp(n2(x))`` (GPT-NeoX/Pythia).
+
+    The network passes in its own norms, attention (called as
+    ``attention(h, cos, sin, attn_bias, cache_kv, cache_index, local=, last_only=)``) and MLP.
+    """
+
+    def __init__(self, input_layernorm, attention, post_attention_layernorm, mlp, *, parallel: bool):
+        self.parallel = parallel
+        self.input_layernorm = input_layernorm
+        self.post_attention_layernorm = post_attention_layernorm
+        self.attention = attention
+        self.mlp = mlp
+
+    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, last_only=False):
+        if last_only:
+            attn_bias = attn_bias[:, :, -1:]
+        attn, new_kv = self.attention(
+            self.input_layernorm(x), cos, sin, attn_bias, cache_kv, cache_index,
+            local=local, last_only=last_only,
+        )
+        if last_only:
+            x = x[:, -1:]
+        if self.parallel:
+            x = x + attn + self.mlp(self.post_attention_layernorm(x))
+        else:
+            x = x + attn
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
 # --------------------------------------------------------------------------------------------
 # Outputs and read-outs
 # --------------------------------------------------------------------------------------------
@@ -441,6 +473,40 @@ def init_value_head(config, key: Array) -> dict[str, Array]:
         "value_kernel": (std * jax.random.normal(key, (config.hidden_size,))).astype(pd),
         "value_bias": jnp.zeros((), pd),
     }
+
+
+def init_split(model_cls, config, key: Array) -> tuple[nnx.GraphDef, nnx.State]:
+    """A randomly initialised ``model_cls(config)`` split into ``(graphdef, params)``."""
+    return nnx.split(model_cls(config, rngs=nnx.Rngs(params=key)), nnx.Param)
+
+
+def abstract_split(model_cls, config) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, params)`` of ``model_cls(config)`` with ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+    return nnx.eval_shape(lambda: nnx.split(model_cls(config, rngs=nnx.Rngs(0)), nnx.Param))
+
+
+def apply(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    tokens: Array,
+    mask: Array,
+    *,
+    cache: KVCache | None = None,
+    logits: bool = True,
+) -> ModelOutput:
+    """Pure forward pass: ``nnx.merge(graphdef, params)(tokens, mask, cache=cache)``.
+
+    Works for any decoder (GPT-NeoX, Llama): the graphdef carries the network.
+
+    Args:
+      graphdef, params: from an ``init``, ``abstract_params`` or the HF converter.
+      tokens: ``[B, T]`` int token ids, left-padded.
+      mask: ``[B, T]`` 1 on real tokens.
+      cache: optional :class:`KVCache` (see :meth:`DecoderLM.__call__`).
+      logits: also compute the float32 ``[B, T, V]`` logits.
+    """
+    model = nnx.merge(graphdef, params)
+    return model(tokens, mask, cache=cache, logits=logits)
 
 
 def param_count(params) -> int:

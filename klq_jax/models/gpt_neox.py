@@ -44,14 +44,18 @@ from flax import nnx
 from klq_jax.models.decoder import (  # noqa: F401  (re-exported: the public names of a decoder)
     ACTIVATIONS as _ACTIVATIONS,
     MLP,
+    Block,
     DecoderLM,
     KVCache,
     LayerNorm,
     ModelOutput,
+    abstract_split,
+    apply,
     apply_rotary,
     cached_attention,
     gather_last,
     init_cache,
+    init_split,
     init_value_head,
     last_token_index,
     normal as _normal,
@@ -309,39 +313,17 @@ class Attention(nnx.Module):
         return out.astype(dt), new_cache
 
 
-class Block(nnx.Module):
-    """One GPT-NeoX layer (parallel or sequential residual)."""
-
-    def __init__(self, config: GPTNeoXConfig, rngs: nnx.Rngs):
-        pd = jnp.dtype(config.param_dtype)
-        self.parallel = config.use_parallel_residual
-        self.input_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, pd)
-        self.post_attention_layernorm = LayerNorm(config.hidden_size, config.layer_norm_eps, pd)
-        self.attention = Attention(config, rngs)
-        self.mlp = MLP(
-            config.hidden_size,
-            config.intermediate_size,
-            config.hidden_act,
-            init_std=config.initializer_range,
-            param_dtype=config.param_dtype,
-            rngs=rngs,
-        )
-
-    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, last_only=False):
-        if last_only:
-            attn_bias = attn_bias[:, :, -1:]
-        attn, new_kv = self.attention(
-            self.input_layernorm(x), cos, sin, attn_bias, cache_kv, cache_index,
-            local=local, last_only=last_only,
-        )
-        if last_only:
-            x = x[:, -1:]
-        if self.parallel:
-            x = x + attn + self.mlp(self.post_attention_layernorm(x))
-        else:
-            x = x + attn
-            x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new_kv
+def _block(c: GPTNeoXConfig, rngs: nnx.Rngs) -> Block:
+    """One GPT-NeoX layer: LayerNorms, fused-QKV attention, GELU MLP; parallel or sequential residual."""
+    pd = jnp.dtype(c.param_dtype)
+    return Block(
+        LayerNorm(c.hidden_size, c.layer_norm_eps, pd),
+        Attention(c, rngs),
+        LayerNorm(c.hidden_size, c.layer_norm_eps, pd),
+        MLP(c.hidden_size, c.intermediate_size, c.hidden_act, init_std=c.initializer_range,
+            param_dtype=c.param_dtype, rngs=rngs),
+        parallel=c.use_parallel_residual,
+    )
 
 
 class GPTNeoX(DecoderLM):
@@ -359,7 +341,7 @@ class GPTNeoX(DecoderLM):
             _normal(rngs, (c.vocab_size, c.hidden_size), c.initializer_range, pd),
             axes=("vocab", "embed"),
         )
-        self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+        self.layers = nnx.List([_block(c, rngs) for _ in range(c.num_layers)])
         self.final_layer_norm = LayerNorm(c.hidden_size, c.layer_norm_eps, pd)
         self._init_heads(c, rngs)
 
@@ -376,36 +358,9 @@ class GPTNeoX(DecoderLM):
 
 def init(config: GPTNeoXConfig, key: Array) -> tuple[nnx.GraphDef, nnx.State]:
     """Build a randomly initialised model and split it into ``(graphdef, params)``."""
-    model = GPTNeoX(config, rngs=nnx.Rngs(params=key))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, params
+    return init_split(GPTNeoX, config, key)
 
 
 def abstract_params(config: GPTNeoXConfig) -> tuple[nnx.GraphDef, nnx.State]:
     """``(graphdef, params)`` with ``jax.ShapeDtypeStruct`` leaves: no memory is allocated."""
-    return nnx.eval_shape(lambda: nnx.split(GPTNeoX(config, rngs=nnx.Rngs(0)), nnx.Param))
-
-
-def apply(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    tokens: Array,
-    mask: Array,
-    *,
-    cache: KVCache | None = None,
-    logits: bool = True,
-) -> ModelOutput:
-    """Pure forward pass: ``nnx.merge(graphdef, params)(tokens, mask, cache=cache)``.
-
-    Works for any decoder of this package (GPT-NeoX, Llama): the graphdef carries the network.
-
-    Args:
-      graphdef, params: from :func:`init`, :func:`abstract_params` or the HF converter.
-      tokens: ``[B, T]`` int token ids, left-padded.
-      mask: ``[B, T]`` 1 on real tokens.
-      cache: optional :class:`KVCache` (see :meth:`DecoderLM.__call__`).
-      logits: also compute the float32 ``[B, T, V]`` logits.
-    """
-    model = nnx.merge(graphdef, params)
-    return model(tokens, mask, cache=cache, logits=logits)
-
+    return abstract_split(GPTNeoX, config)

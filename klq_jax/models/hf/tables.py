@@ -216,7 +216,69 @@ GPT2 = Arch(
 )
 
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (GPT_NEOX, GPT2)}
+def _llama3(config) -> bool:
+    return config.rope_type == "llama3"
+
+
+LLAMA = Arch(
+    name="llama",
+    config_class="LlamaConfig",
+    model_type="llama",
+    hf_config_class="LlamaConfig",
+    heads=(
+        Head("LlamaForCausalLM", {"lm_head": True, "score_head": False}),
+        Head("LlamaForSequenceClassification",
+             {"lm_head": False, "score_head": True, "tie_word_embeddings": False}, num_labels=1),
+    ),
+    fields=(
+        Field("vocab_size", "vocab_size"),
+        Field("hidden_size", "hidden_size"),
+        Field("num_layers", "num_hidden_layers"),
+        Field("num_heads", "num_attention_heads"),
+        Field("num_kv_heads", "num_key_value_heads"),
+        Field("head_dim", "head_dim"),
+        Field("intermediate_size", "intermediate_size"),
+        Field("rope_theta", "rope_parameters.rope_theta", float),
+        Field("rope_type", "rope_parameters.rope_type"),
+        Field("rope_factor", "rope_parameters.factor", float, write_if=_llama3),
+        Field("rope_low_freq_factor", "rope_parameters.low_freq_factor", float, write_if=_llama3),
+        Field("rope_high_freq_factor", "rope_parameters.high_freq_factor", float, write_if=_llama3),
+        Field("rope_original_max_position_embeddings", "rope_parameters.original_max_position_embeddings",
+              int, write_if=_llama3),
+        Field("max_position_embeddings", "max_position_embeddings"),
+        Field("rms_norm_eps", "rms_norm_eps", float),
+        Field("tie_word_embeddings", "tie_word_embeddings", bool),
+        Field("initializer_range", "initializer_range", float),
+    ),
+    supported={
+        "hidden_act": ("silu",),
+        "attention_bias": (False,),
+        "mlp_bias": (False,),
+        "rope_parameters.rope_type": ("default", "llama3"),
+    },
+    tensors=(
+        ("embed_in", "model.embed_tokens.weight", SAME),
+        ("layers.{i}.input_layernorm.scale", "model.layers.{i}.input_layernorm.weight", SAME),
+        ("layers.{i}.attention.q_kernel", "model.layers.{i}.self_attn.q_proj.weight", LINEAR_TO_HEADS),
+        ("layers.{i}.attention.k_kernel", "model.layers.{i}.self_attn.k_proj.weight", LINEAR_TO_HEADS),
+        ("layers.{i}.attention.v_kernel", "model.layers.{i}.self_attn.v_proj.weight", LINEAR_TO_HEADS),
+        ("layers.{i}.attention.out_kernel", "model.layers.{i}.self_attn.o_proj.weight", LINEAR_FROM_HEADS),
+        ("layers.{i}.post_attention_layernorm.scale", "model.layers.{i}.post_attention_layernorm.weight", SAME),
+        ("layers.{i}.mlp.gate_kernel", "model.layers.{i}.mlp.gate_proj.weight", LINEAR),
+        ("layers.{i}.mlp.up_kernel", "model.layers.{i}.mlp.up_proj.weight", LINEAR),
+        ("layers.{i}.mlp.down_kernel", "model.layers.{i}.mlp.down_proj.weight", LINEAR),
+        ("final_layer_norm.scale", "model.norm.weight", SAME),
+        ("embed_out", "lm_head.weight", LINEAR),
+        ("score_kernel", "score.weight", ROW),
+    ),
+    prefix="model.",
+    ignored=r"(^|\.)rotary_emb\.inv_freq$",
+    tied_names=("lm_head.weight",),
+    value_head=True,
+)
+
+
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (GPT_NEOX, GPT2, LLAMA)}
 
 
 def arch_by_name(name: str) -> Arch:
