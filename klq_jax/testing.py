@@ -35,6 +35,7 @@ __all__ = [
     "tiny_hf_gpt_neox",
     "tiny_hf_gpt_neox_reward",
     "tiny_hf_llama",
+    "tiny_hf_distilbert",
     "make_left_padded_batch",
     "position_ids",
     "hf_forward",
@@ -70,7 +71,8 @@ def _randomise(model, seed: int, init_std: float):
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if "layernorm" in name or "layer_norm" in name or name.endswith("norm.weight"):
+            low = name.lower()
+            if "layernorm" in low or "layer_norm" in low or low.endswith(("norm.weight", "norm.bias")):
                 p.copy_((1.0 if name.endswith("weight") else 0.0) + 0.1 * noise)
             elif name.endswith("bias"):
                 p.copy_(0.1 * noise)
@@ -175,6 +177,33 @@ def tiny_hf_llama(directory=None, *, seed: int = 0, init_std: float = 0.2, cls: 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = getattr(transformers, cls)(transformers.LlamaConfig(**kwargs))
+    _randomise(model, seed, init_std)
+    model.eval()
+    if directory is not None:
+        os.makedirs(directory, exist_ok=True)
+        model.save_pretrained(directory)
+    return model
+
+
+TINY_HF_DISTILBERT_CONFIG: dict[str, Any] = dict(
+    vocab_size=64, max_position_embeddings=32, dim=32, n_layers=2, n_heads=4, hidden_dim=48,
+    id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}, pad_token_id=0,
+)
+
+
+def tiny_hf_distilbert(directory=None, *, seed: int = 0, init_std: float = 0.2, **config_overrides):
+    """Save a tiny random ``DistilBertForSequenceClassification`` (NEGATIVE/POSITIVE); return it.
+
+    ``**config_overrides`` are ``transformers.DistilBertConfig`` keywords over
+    :data:`TINY_HF_DISTILBERT_CONFIG`.
+    """
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.DistilBertForSequenceClassification(
+        transformers.DistilBertConfig(**{**TINY_HF_DISTILBERT_CONFIG, **config_overrides})
+    )
     _randomise(model, seed, init_std)
     model.eval()
     if directory is not None:

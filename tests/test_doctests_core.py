@@ -8,6 +8,7 @@ MODULES = [
     "klq_jax.models.gpt_neox",
     "klq_jax.models.gpt2",
     "klq_jax.models.llama",
+    "klq_jax.models.distilbert",
     "klq_jax.models.hf",
     "klq_jax.models.hf.convert",
     "klq_jax.models.critic",

@@ -278,7 +278,67 @@ LLAMA = Arch(
 )
 
 
-ARCHS: dict[str, Arch] = {a.model_type: a for a in (GPT_NEOX, GPT2, LLAMA)}
+def _labels_to_ours(id2label) -> tuple[str, ...]:
+    return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+
+
+def _labels_to_hf(labels) -> dict[int, str]:
+    return dict(enumerate(labels))
+
+
+DISTILBERT = Arch(
+    name="distilbert",
+    config_class="DistilBertConfig",
+    model_type="distilbert",
+    hf_config_class="DistilBertConfig",
+    heads=(Head("DistilBertForSequenceClassification", {}),),
+    fields=(
+        Field("vocab_size", "vocab_size"),
+        Field("max_position_embeddings", "max_position_embeddings"),
+        Field("dim", "dim"),
+        Field("n_layers", "n_layers"),
+        Field("n_heads", "n_heads"),
+        Field("hidden_dim", "hidden_dim"),
+        Field("activation", "activation"),
+        Field("labels", "id2label", _labels_to_ours, _labels_to_hf),
+        Field("initializer_range", "initializer_range", float),
+    ),
+    supported={"activation": ("gelu", "relu")},
+    tensors=(
+        ("word_embeddings", "distilbert.embeddings.word_embeddings.weight", SAME),
+        ("position_embeddings", "distilbert.embeddings.position_embeddings.weight", SAME),
+        *_ln("embed_layer_norm", "distilbert.embeddings.LayerNorm"),
+        *(
+            (f"layers.{{i}}.attention.{n}_kernel", f"distilbert.transformer.layer.{{i}}.attention.{n}_lin.weight",
+             LINEAR_TO_HEADS)
+            for n in ("q", "k", "v")
+        ),
+        *(
+            (f"layers.{{i}}.attention.{n}_bias", f"distilbert.transformer.layer.{{i}}.attention.{n}_lin.bias", SPLIT_ALL)
+            for n in ("q", "k", "v")
+        ),
+        ("layers.{i}.attention.out_kernel", "distilbert.transformer.layer.{i}.attention.out_lin.weight",
+         LINEAR_FROM_HEADS),
+        ("layers.{i}.attention.out_bias", "distilbert.transformer.layer.{i}.attention.out_lin.bias", SAME),
+        *_ln("layers.{i}.sa_layer_norm", "distilbert.transformer.layer.{i}.sa_layer_norm"),
+        ("layers.{i}.mlp.up_kernel", "distilbert.transformer.layer.{i}.ffn.lin1.weight", LINEAR),
+        ("layers.{i}.mlp.up_bias", "distilbert.transformer.layer.{i}.ffn.lin1.bias", SAME),
+        ("layers.{i}.mlp.down_kernel", "distilbert.transformer.layer.{i}.ffn.lin2.weight", LINEAR),
+        ("layers.{i}.mlp.down_bias", "distilbert.transformer.layer.{i}.ffn.lin2.bias", SAME),
+        *_ln("layers.{i}.output_layer_norm", "distilbert.transformer.layer.{i}.output_layer_norm"),
+        ("pre_classifier_kernel", "pre_classifier.weight", LINEAR),
+        ("pre_classifier_bias", "pre_classifier.bias", SAME),
+        ("classifier_kernel", "classifier.weight", LINEAR),
+        ("classifier_bias", "classifier.bias", SAME),
+    ),
+    layers_field="n_layers",
+    prefix="distilbert.",
+    ignored=r"(^|\.)position_ids$",
+    token_ids={"pad_token_id": 0},
+)
+
+
+ARCHS: dict[str, Arch] = {a.model_type: a for a in (GPT_NEOX, GPT2, LLAMA, DISTILBERT)}
 
 
 def arch_by_name(name: str) -> Arch:
