@@ -135,6 +135,17 @@ def test_tiny_end_to_end_run_improves_reward(tmp_path, algo):
         nnx.to_pure_dict(exported), nnx.to_pure_dict(jax.device_get(res.state.params)),
     )
     assert all(jax.tree_util.tree_leaves(same))
+    # ... and transformers loads it, with the trained policy's logits.
+    import transformers
+
+    from klq_jax import testing
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
+    tokens, mask = testing.make_left_padded_batch(0, 2, 6, back.config.vocab_size, [6, 3])
+    ours = np.asarray(gpt_neox.apply(res.graphdef, res.state.params, tokens, mask).logits)
+    theirs = testing.hf_forward(back, tokens, mask)
+    np.testing.assert_allclose(theirs * mask[..., None], ours * mask[..., None], atol=1e-4, rtol=0)
+    assert (tmp_path / "policy" / "generation_config.json").is_file()
     keys = set(hist[0])
     for k in ("score", "kl", "rlhf_reward", "entropy", "response_length", "truncated_frac",
               "train/loss", "lr", "time_sample", "time_score", "time_update", "tokens_per_s"):

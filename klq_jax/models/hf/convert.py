@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import json
@@ -124,7 +125,7 @@ def _hf_object(raw: Mapping, arch: tables.Arch, source: str):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return cls.from_dict(dict(raw))
+            return cls.from_dict(copy.deepcopy(dict(raw)))  # (transformers edits nested dicts)
     except Exception as e:  # transformers' own validation (strict dataclasses, ValueError, ...)
         msg = " ".join(str(e).split())
         raise ConversionError(
@@ -213,7 +214,7 @@ def config_from_hf(
         )
     kwargs: dict[str, Any] = {}
     for f in arch.fields:
-        v = _get(hf_obj, f.hf)
+        v = _get(hf_obj, f.hf) if f.read else _MISSING
         if v is _MISSING:
             continue
         kwargs[f.ours] = f.to_ours(v) if (f.to_ours is not None and v is not None) else v

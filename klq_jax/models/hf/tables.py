@@ -66,7 +66,8 @@ class Field:
     """Our config field ``ours`` ↔ the HF config attribute ``hf`` (dotted: into a dict attribute).
 
     ``to_ours`` / ``to_hf`` convert values; ``write_if(config)`` skips writing a field that means
-    nothing for this config (e.g. llama3 rope factors of a default rope).
+    nothing for this config (e.g. llama3 rope factors of a default rope); ``read=False`` marks a
+    field that is only written (a second HF spelling of the same value).
     """
 
     ours: str
@@ -74,6 +75,7 @@ class Field:
     to_ours: Callable[[Any], Any] | None = None
     to_hf: Callable[[Any], Any] | None = None
     write_if: Callable[[Any], bool] | None = None
+    read: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +303,7 @@ DISTILBERT = Arch(
         Field("hidden_dim", "hidden_dim"),
         Field("activation", "activation"),
         Field("labels", "id2label", _labels_to_ours, _labels_to_hf),
+        Field("labels", "label2id", to_hf=lambda labels: {n: i for i, n in enumerate(labels)}, read=False),
         Field("initializer_range", "initializer_range", float),
     ),
     supported={"activation": ("gelu", "relu")},
