@@ -1,0 +1,208 @@
+"""klq-convert cannot delete its input, read outside it, leave debris, lose DST on --overwrite, or
+write a tokenizer that does not fit the embedding (issue 14: each example + one more of its kind)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from klq_jax import convert_cli, testing
+from klq_jax.models import hf
+from klq_jax.models.hf import files
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src")
+    testing.tiny_hf_gpt_neox(d, seed=21)
+    return d
+
+
+def _snapshot(d):
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _cli(*args):
+    return convert_cli.main([str(a) for a in args])
+
+
+# ------------------------------------------------------------------------------------------------
+# Overlapping SRC / DST
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["same-dir", "dst-parent-of-src", "src-parent-of-dst", "flax-to-hf-same-dir"])
+def test_overlapping_src_dst_refused_and_src_kept(tmp_path, tiny_src, capsys, layout):
+    parent = tmp_path / "parent"
+    src = parent / "model"
+    shutil.copytree(tiny_src, src)
+    (parent / "other.txt").write_text("keep me")
+    if layout == "flax-to-hf-same-dir":
+        assert _cli("hf-to-flax", src, tmp_path / "flax") == 0
+        src = tmp_path / "flax"
+    before, before_parent = _snapshot(src), _snapshot(parent)
+    cmd = "flax-to-hf" if layout == "flax-to-hf-same-dir" else "hf-to-flax"
+    dst = {"same-dir": src, "dst-parent-of-src": parent, "src-parent-of-dst": src / "out",
+           "flax-to-hf-same-dir": src}[layout]
+    assert _cli(cmd, "--overwrite", src, dst) == 2
+    err = capsys.readouterr().err
+    assert "SRC" in err and "DST" in err and "separate directory" in err and "Traceback" not in err
+    assert _snapshot(src) == before and _snapshot(parent) == before_parent
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading only plain files inside SRC
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["../outside/x.safetensors", "ABSOLUTE", "shards/../../outside/x.safetensors"])
+def test_index_pointing_outside_src_is_refused(tmp_path, tiny_src, where):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    (tmp_path / "outside").mkdir()
+    # A perfectly readable checkpoint outside SRC: reading it would succeed, so only the check stops it.
+    os.replace(src / "model.safetensors", tmp_path / "outside" / "x.safetensors")
+    target = str(tmp_path / "outside" / "x.safetensors") if where == "ABSOLUTE" else where
+    names = list(load_file(str(tmp_path / "outside" / "x.safetensors")))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: target for n in names}}))
+    with pytest.raises(hf.ConversionError, match="refusing to read outside the checkpoint directory") as e:
+        hf.load_hf(src)
+    assert str(src / "model.safetensors.index.json") in str(e.value)
+
+
+def test_index_naming_a_non_regular_file_is_refused(tmp_path, tiny_src):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    sd = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    (src / "shard.safetensors").mkdir()  # a directory where a shard should be
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: "shard.safetensors" for n in sd}}))
+    with pytest.raises(hf.ConversionError, match="is not a regular file"):
+        hf.load_hf(src)
+
+
+# ------------------------------------------------------------------------------------------------
+# Temporary directories: cleaned up, also after a killed run
+# ------------------------------------------------------------------------------------------------
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temp_dir_of_a_killed_run_is_removed(tmp_path, tiny_src):
+    stale = tmp_path / f".out.tmp-{_dead_pid()}-0123abcd"
+    stale.mkdir()
+    (stale / "params.safetensors").write_bytes(b"x" * 1000)  # a killed run's half-written output
+    live_child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".out.tmp-{live_child.pid}-4567cdef"  # a run still going: left alone
+        live.mkdir()
+        assert _cli("hf-to-flax", tiny_src, tmp_path / "out") == 0
+        assert not stale.exists() and live.exists()
+    finally:
+        live_child.kill()
+        live_child.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
+
+
+def test_set_aside_old_dst_of_a_killed_overwrite_is_restored(tmp_path, tiny_src):
+    """A kill between 'old DST aside' and 'new DST in' (no atomic exchange) is repaired next time."""
+    assert _cli("hf-to-flax", tiny_src, tmp_path / "out") == 0
+    before = _snapshot(tmp_path / "out")
+    os.rename(tmp_path / "out", tmp_path / f".out.old-{_dead_pid()}-89abcdef")  # the killed run's state
+    (tmp_path / f".out.tmp-{_dead_pid()}-fedcba98").mkdir()
+    done = hf.clean_stale(tmp_path / "out")
+    assert any("restored" in line for line in done)
+    assert _snapshot(tmp_path / "out") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ------------------------------------------------------------------------------------------------
+# --overwrite keeps DST whole
+# ------------------------------------------------------------------------------------------------
+
+
+def test_overwrite_failing_while_writing_keeps_the_old_dst(tmp_path, tiny_src, monkeypatch):
+    assert _cli("hf-to-flax", tiny_src, tmp_path / "out") == 0
+    before = _snapshot(tmp_path / "out")
+
+    def fail(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "write_weights", fail)
+    monkeypatch.setattr("klq_jax.models.hf.convert.write_weights", fail)
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, tmp_path / "out") == 2
+    assert _snapshot(tmp_path / "out") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_overwrite_swaps_atomically_and_restores_when_the_swap_fails(tmp_path, tiny_src, monkeypatch):
+    assert _cli("hf-to-flax", tiny_src, tmp_path / "out") == 0
+    config, _, params = hf.load_flax(tmp_path / "out")
+    # With an atomic exchange DST is never renamed away: the only operation on it is the swap.
+    renames = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "rename", lambda a, b: (renames.append((str(a), str(b))), real_rename(a, b))[1])
+    if files._exchange(tmp_path / "out", tmp_path / "out"):  # this filesystem supports RENAME_EXCHANGE
+        hf.save_flax(tmp_path / "out", config.replace(dtype="bfloat16"), params, overwrite=True)
+        assert not [r for r in renames if r[0] == str(tmp_path / "out")]
+        assert hf.read_flax_config(tmp_path / "out").dtype == "bfloat16"
+    # Without it: old DST aside, new in; if moving the new one in fails, the old one is restored.
+    before = _snapshot(tmp_path / "out")
+    monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+
+    def flaky(a, b):
+        if ".tmp-" in str(a):
+            raise OSError(5, "Input/output error")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "rename", flaky)
+    with pytest.raises(OSError, match="Input/output error"):
+        hf.save_flax(tmp_path / "out", config, params, overwrite=True)
+    assert _snapshot(tmp_path / "out") == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+# ------------------------------------------------------------------------------------------------
+# A tokenizer larger than the embedding
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tokenizer_larger_than_embedding_refused(tmp_path, tiny_src, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)  # vocab_size 64
+    vocab = {f"t{i}": i for i in range(60)}
+    added = [{"id": 60 + i, "content": f"<x{i}>", "special": True} for i in range(10)]  # ids up to 69
+    (src / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": added}))
+    assert _cli("hf-to-flax", src, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "70 tokens" in err and "64 rows" in err and not (tmp_path / "out").exists()
+
+
+def test_tokenizer_from_vocab_and_added_tokens_larger_than_embedding_refused(tmp_path, tiny_src):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(64)}))
+    (tok / "merges.txt").write_text("#version: 0.2\n")
+    (tok / "added_tokens.json").write_text(json.dumps({"<pad>": 64}))
+    assert files.tokenizer_size(tok) == 65
+    config, _, params = hf.load_hf(tiny_src)
+    with pytest.raises(hf.ConversionError, match="has 65 tokens but the model's embedding has only 64 rows"):
+        hf.save_hf(tmp_path / "hf", config, params, tokenizer_dir=tok)
+    assert not (tmp_path / "hf").exists()
+    # One that fits is copied.
+    (tok / "added_tokens.json").write_text(json.dumps({"<pad>": 63}))
+    hf.save_hf(tmp_path / "hf", config, params, tokenizer_dir=tok)
+    assert (tmp_path / "hf" / "vocab.json").is_file()
+    np.testing.assert_array_equal(
+        load_file(str(tmp_path / "hf" / "model.safetensors"))["gpt_neox.embed_in.weight"],
+        load_file(str(tiny_src / "model.safetensors"))["gpt_neox.embed_in.weight"],
+    )
