@@ -25,8 +25,11 @@ into the policy, the reference policy, the reward and the prompt iterator that
     (``task.reward_tokenizer`` or the RM's directory), score
     (:class:`klq_jax.rewards.CrossTokenizerRewardFn`; HH uses the RM's ``tokenizer(q, a)`` pair
     format, TL;DR/IMDb the concatenated text);
-  - anything else (e.g. IMDb's DistilBERT ``lvwerra/distilbert-imdb``) is not supported yet: a
-    clear error says which architectures are.
+  - ``DistilBertForSequenceClassification`` (IMDb's ``lvwerra/distilbert-imdb``): decode the
+    policy's prompt + response, concatenate them into the review text, re-tokenise with the
+    DistilBERT tokenizer (``[CLS] … [SEP]``) and take the logit of ``task.reward_label``
+    (``"POSITIVE"``, its id from the model's ``config.label2id``), as TRL's sentiment example;
+  - anything else: a clear error says which architectures are supported.
 
 Hub names: every model and dataset name goes through :func:`klq_jax.tasks.resolve_source`, so with
 ``KLQ_LOCAL_MODELS=/dir`` a name ``org/name`` reads ``/dir/org/name`` when it exists (models in the
@@ -88,13 +91,16 @@ def _offline_hint(name: str, what: str) -> str:
     )
 
 
-def load_policy_tokenizer(source: str, *, vocab_size: int | None = None):
+def load_policy_tokenizer(source: str, *, vocab_size: int | None = None, pad_with_eos: bool = False):
     """The policy's tokenizer, with a pad token (``"[PAD]"`` added when missing, as TRL does).
 
     Args:
       source: a tokenizer directory or hub name (resolved by :func:`klq_jax.tasks.resolve_source`).
       vocab_size: rows of the policy's embedding; every token id, the new pad id included, must be
         below it.
+      pad_with_eos: when the tokenizer has no pad token and ``"[PAD]"`` would not fit the
+        embedding (Llama 3.2: 128256 tokens, 128256 rows), use the EOS token as the pad, as TRL's
+        sentiment example does (padding is masked everywhere, its id never matters).
 
     Raises:
       ValueError: the tokenizer has no EOS token, or more tokens than the embedding has rows.
@@ -117,6 +123,11 @@ def load_policy_tokenizer(source: str, *, vocab_size: int | None = None):
             "directory or hub name."
         )
     tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None and pad_with_eos and tok.eos_token_id is not None and (
+        vocab_size is not None and len(tok) + 1 > vocab_size
+    ):
+        tok.pad_token = tok.eos_token
+        logger.info("tokenizer %s has no pad token and no spare embedding row: pad = EOS (%r)", source, tok.eos_token)
     if tok.pad_token_id is None:
         tok.add_special_tokens({"pad_token": _PAD_TOKEN})
         logger.info("tokenizer %s has no pad token: added %r as id %d", source, _PAD_TOKEN, tok.pad_token_id)
@@ -154,7 +165,8 @@ def load_prompts(task: TaskConfig, tokenizer, *, seed: int = 0):
                            data_dir=task.dataset_subset if task.dataset_subset is not None else "helpful-base",
                            max_prompt_length=task.max_prompt_len)
         if task.kind == "imdb":
-            return load_imdb(tokenizer, task.split, name_or_path=source, data_dir=task.dataset_subset, seed=seed)
+            return load_imdb(tokenizer, task.split, name_or_path=source, data_dir=task.dataset_subset, seed=seed,
+                             prompt_length_range=tuple(task.prompt_length_range))
     except (FileNotFoundError, ConnectionError, OSError, ValueError) as err:
         if os.path.exists(source):  # a local copy that fails: the loader's own message says why
             raise
@@ -173,8 +185,11 @@ def _read_config(path: str) -> dict:
         if os.path.isfile(f):
             with open(f) as fh:
                 return json.load(fh)
-    if os.path.isfile(os.path.join(path, "klq_config.json")):  # our GPT-NeoX format
-        return {"architectures": ["GPTNeoXForSequenceClassification"]}
+    if os.path.isfile(os.path.join(path, "klq_config.json")):  # our format
+        from klq_jax.models import hf
+
+        cfg = hf.read_flax_config(path)
+        return {"architectures": [hf.config_to_hf(cfg)["architectures"][0]]}
     raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face reward-model directory.")
 
 
@@ -191,9 +206,11 @@ def load_reward_model(task: TaskConfig, *, key: Any = None):
     if path.startswith("random:"):
         raise ValueError(f"reward_model={task.reward_model!r}: a random reward model is not supported; pass a checkpoint.")
     arch = (_read_config(path).get("architectures") or ["?"])[0]
-    if arch == "GPT2ForSequenceClassification":
+    if arch in ("GPT2ForSequenceClassification", "DistilBertForSequenceClassification"):
         from klq_jax.models import hf
 
+        if os.path.isfile(os.path.join(path, "klq_config.json")):
+            return (arch, *hf.load_flax(path, dtype=task.dtype))
         return (arch, *hf.load_hf(path, dtype=task.dtype))
     if arch == "GPTNeoXForSequenceClassification":
         cfg, graphdef, params = tasks.load_model(path, key=key if key is not None else jax.random.key(0),
@@ -202,9 +219,9 @@ def load_reward_model(task: TaskConfig, *, key: Any = None):
             raise ValueError(f"{task.reward_model}: the GPT-NeoX checkpoint has no score head.")
         return arch, cfg, graphdef, params
     raise ValueError(
-        f"The reward model {task.reward_model} is a {arch}, which is not supported yet. Supported: "
-        "GPTNeoXForSequenceClassification and GPT2ForSequenceClassification with num_labels=1 "
-        "(a DistilBERT sentiment classifier such as lvwerra/distilbert-imdb needs its own model code)."
+        f"The reward model {task.reward_model} is a {arch}, which is not supported as a reward model. "
+        "Supported: GPTNeoXForSequenceClassification and GPT2ForSequenceClassification with "
+        "num_labels=1, DistilBertForSequenceClassification (the logit of TaskConfig.reward_label)."
     )
 
 
@@ -230,11 +247,18 @@ def load_reward_fn(
 
     rm_tok_source = tasks.resolve_source(task.reward_tokenizer or task.reward_model)
     reward_tokenizer = AutoTokenizer.from_pretrained(rm_tok_source)
+    classifier = arch == "DistilBertForSequenceClassification"
+    if classifier and task.reward_label not in cfg.labels:
+        raise ValueError(
+            f"TaskConfig.reward_label={task.reward_label!r} is not a label of the reward model "
+            f"{task.reward_model} (its config.label2id has {list(cfg.labels)}); set --task.reward-label."
+        )
     return rewards.make_cross_tokenizer_reward_fn(
         graphdef, params, policy_tokenizer, reward_tokenizer,
         stop_token_ids=stop_token_ids,
         micro_batch_size=micro_batch_size,
         input_format="pair" if task.kind == "hh" else "concat",
+        label=task.reward_label if classifier else None,
     )
 
 
@@ -272,7 +296,8 @@ def build(
     cfg, graphdef, params = tasks.load_model(
         task.policy, key=key_value, value_head=True, dtype=task.dtype, mesh=mesh
     )
-    tokenizer = load_policy_tokenizer(task.tokenizer or task.policy, vocab_size=cfg.vocab_size)
+    tokenizer = load_policy_tokenizer(task.tokenizer or task.policy, vocab_size=cfg.vocab_size,
+                                      pad_with_eos=task.kind == "imdb")
     ref_graphdef = ref_params = None
     if task.reference is not None:
         _, ref_graphdef, ref_params = tasks.load_model(

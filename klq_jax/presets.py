@@ -64,6 +64,21 @@ HH_TASK = TaskConfig(
     dtype="bfloat16",
 )
 
+# IMDb (paper Table 1): Llama-3.2-1B policy, DistilBERT sentiment reward (the POSITIVE logit),
+# prompts = the first 2-7 tokens of each review of more than 200 characters, responses of at most
+# 32 tokens (TRL's sentiment example), the paper's shared hyperparameters (Table 2).
+IMDB_TASK = TaskConfig(
+    kind="imdb",
+    policy="meta-llama/Llama-3.2-1B",
+    reward_model="lvwerra/distilbert-imdb",
+    dataset="stanfordnlp/imdb",
+    split="train",
+    prompt_length_range=(2, 8),
+    reward_label="POSITIVE",
+    dtype="bfloat16",
+)
+_IMDB = dict(_PAPER, max_new_tokens=32)
+
 # A tiny random policy and a programmatic reward that is easy to increase: runs in seconds on CPU.
 TINY_TASK = TaskConfig(
     kind="synthetic", policy="random:tiny", reward="low_tokens", target_token=16, num_prompts=64
@@ -96,6 +111,9 @@ PRESETS: dict[str, TrainConfig] = {
                             **_PAPER),
     "hh-klq": TrainConfig(task=HH_TASK, algo=_algo("klq"), out_dir="runs/hh-klq", **_PAPER),
     "hh-ppo": TrainConfig(task=HH_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/hh-ppo", **_PAPER),
+    "imdb-klq": TrainConfig(task=IMDB_TASK, algo=_algo("klq"), out_dir="runs/imdb-klq", **_IMDB),
+    "imdb-ppo": TrainConfig(task=IMDB_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/imdb-ppo",
+                            **_IMDB),
     "tiny-klq": TrainConfig(task=TINY_TASK, algo=_algo("klq"), **_TINY),
     "tiny-ppo": TrainConfig(task=TINY_TASK, algo=_algo("ppo"), **dict(_TINY, out_dir="runs/tiny-ppo")),
 }

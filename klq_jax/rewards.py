@@ -111,11 +111,16 @@ def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_
     return reward_fn
 
 
-def make_score_ids_fn(graphdef: nnx.GraphDef, params: nnx.State) -> Callable[[Array, Array], Array]:
-    """Jitted ``(ids [b, L] int32, mask [b, L]) -> scores [b]`` float32 of a score-head model.
+def make_score_ids_fn(
+    graphdef: nnx.GraphDef, params: nnx.State, *, label: str | None = None
+) -> Callable[[Array, Array], Array]:
+    """Jitted ``(ids [b, L] int32, mask [b, L]) -> scores [b]`` float32 of a reward model.
 
-    Works for :mod:`klq_jax.models.gpt2` and :mod:`klq_jax.models.gpt_neox` models built with a
-    score head; one compile per ``(b, L)``.
+    Works for :mod:`klq_jax.models.gpt2`, :mod:`klq_jax.models.gpt_neox` and
+    :mod:`klq_jax.models.llama` models built with a score head, and for a
+    :mod:`klq_jax.models.distilbert` classifier, whose score is the logit of class ``label``
+    (default ``"POSITIVE"``; the id comes from the model's ``config.label2id``). One compile per
+    ``(b, L)``.
 
     Example::
 
@@ -125,7 +130,18 @@ def make_score_ids_fn(graphdef: nnx.GraphDef, params: nnx.State) -> Callable[[Ar
         >>> make_score_ids_fn(g, p)(jnp.array([[3, 4, 0]]), jnp.array([[1, 1, 0]])).shape
         (1,)
     """
-    if not nnx.merge(graphdef, params).config.score_head:
+    cfg = nnx.merge(graphdef, params).config
+    if hasattr(cfg, "labels"):  # a classifier: one label's logit
+        label_id = cfg.label_id(label or "POSITIVE")
+
+        @jax.jit
+        def score_ids(params, ids, mask):
+            return nnx.merge(graphdef, params)(ids, mask).logits[:, label_id].astype(jnp.float32)
+
+        return lambda ids, mask: score_ids(params, jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.float32))
+    if label is not None:
+        raise ValueError(f"label={label!r} needs a classifier; this {type(cfg).__name__} model has one score.")
+    if not getattr(cfg, "score_head", False):
         raise ValueError("make_score_ids_fn needs a model with a score head (a *ForSequenceClassification checkpoint).")
 
     @jax.jit
@@ -435,12 +451,14 @@ def make_cross_tokenizer_reward_fn(
     reward_tokenizer,
     *,
     max_length: int | None = None,
+    label: str | None = None,
     **kwargs,
 ) -> CrossTokenizerRewardFn:
-    """:class:`CrossTokenizerRewardFn` over a score-head model (GPT-2 or GPT-NeoX).
+    """:class:`CrossTokenizerRewardFn` over a reward model (see :func:`make_score_ids_fn`).
 
-    ``max_length`` defaults to the model's context (GPT-2 ``n_positions``, GPT-NeoX
-    ``max_position_embeddings``); other keywords go to :class:`CrossTokenizerRewardFn`.
+    ``max_length`` defaults to the model's context (GPT-2 ``n_positions``, otherwise
+    ``max_position_embeddings``); ``label`` picks a classifier's class (IMDb: ``"POSITIVE"``); other
+    keywords go to :class:`CrossTokenizerRewardFn`.
 
     Example::
 
@@ -453,5 +471,6 @@ def make_cross_tokenizer_reward_fn(
         cfg = nnx.merge(graphdef, params).config
         max_length = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings")
     return CrossTokenizerRewardFn(
-        make_score_ids_fn(graphdef, params), policy_tokenizer, reward_tokenizer, max_length=max_length, **kwargs
+        make_score_ids_fn(graphdef, params, label=label), policy_tokenizer, reward_tokenizer,
+        max_length=max_length, **kwargs,
     )

@@ -52,6 +52,10 @@ class TaskConfig:
       max_prompt_len: prompt token budget (TL;DR: 512).
       tokenizer: tokenizer source (default: the policy's directory).
       reward_tokenizer: the reward model's tokenizer when it differs from the policy's (HH).
+      reward_label: the class whose logit is the reward, for a classifier reward model (IMDb's
+        DistilBERT: ``"POSITIVE"``, looked up in its ``config.label2id``).
+      prompt_length_range: IMDb's half-open range ``[lo, hi)`` of prompt lengths in tokens (the
+        first ``k`` tokens of each review, ``k`` drawn per review; TRL: ``(2, 8)``).
       dtype: compute dtype of every model (``"float32"``, ``"bfloat16"``).
       num_prompts: size of the synthetic prompt set.
       prompt_len: longest synthetic prompt.
@@ -72,6 +76,8 @@ class TaskConfig:
     max_prompt_len: int = 512
     tokenizer: str | None = None
     reward_tokenizer: str | None = None
+    reward_label: str = "POSITIVE"
+    prompt_length_range: tuple[int, int] = (2, 8)
     dtype: str = "float32"
     num_prompts: int = 256
     prompt_len: int = 8

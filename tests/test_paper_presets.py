@@ -27,6 +27,12 @@ TLDR_Q = 80  # TL;DR query budget of the tiny runs (the fixture rows are truncat
 HH_Q = 48  # HH prompt budget (the fixture's 500-token prompt is dropped)
 
 
+def testing_llama3_rope():
+    from klq_jax.testing import TINY_LLAMA3_ROPE
+
+    return dict(TINY_LLAMA3_ROPE)
+
+
 def _tiny_gpt2_rm(directory, vocab_size, seed=0):
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
@@ -61,6 +67,21 @@ def local_hub(tmp_path_factory):
     _tiny_gpt2_rm(root / h.reward_model, len(rm_tok))
     rm_tok.save_pretrained(root / h.reward_model)
     fixtures.write_tiny_hh(root / h.dataset, n=10, data_dir=h.dataset_subset)
+
+    # IMDb: a Llama policy whose embedding is exactly its tokenizer (no room for "[PAD]", as
+    # Llama-3.2-1B), a DistilBERT sentiment classifier with its own WordPiece tokenizer.
+    from klq_jax.testing import tiny_hf_distilbert, tiny_hf_llama
+
+    m = presets.IMDB_TASK
+    llama_tok = fixtures.make_tiny_llama_tokenizer()
+    tiny_hf_llama(root / m.policy, vocab_size=len(llama_tok), seed=4, pad_token_id=None,
+                  bos_token_id=llama_tok.bos_token_id, eos_token_id=llama_tok.eos_token_id,
+                  tie_word_embeddings=True, rope_parameters=testing_llama3_rope())
+    llama_tok.save_pretrained(root / m.policy)
+    bert_tok = fixtures.make_tiny_bert_tokenizer()
+    tiny_hf_distilbert(root / m.reward_model, vocab_size=len(bert_tok), max_position_embeddings=64, seed=5)
+    bert_tok.save_pretrained(root / m.reward_model)
+    fixtures.write_tiny_imdb(root / m.dataset, n=8)
 
     # datasets caches a local directory under its base name (not its path), so another test's
     # "hh-rlhf" or "imdb" copy could be served instead of these: use a private cache.
@@ -187,7 +208,67 @@ def test_missing_model_or_dataset_names_the_env_var(local_hub, tmp_path, monkeyp
     assert "nobody/missing-dataset" in str(info.value)
 
 
-def test_imdb_with_a_gpt_neox_rm_and_distilbert_error(local_hub, tmp_path):
+@pytest.mark.parametrize("name", ["imdb-klq", "imdb-ppo"])
+def test_imdb_preset_runs_one_iteration(local_hub, tmp_path, name):
+    """Llama policy + DistilBERT reward on tiny local stand-ins: one full iteration; the reward model
+    sees exactly decode(prompt) + decode(response without EOS), re-tokenised by its own tokenizer,
+    and scores its POSITIVE logit; the exported policy is a Llama transformers loads."""
+    from transformers import AutoTokenizer
+
+    from klq_jax import testing
+    from klq_jax.models import llama
+
+    cfg = _tiny(name, tmp_path / name)
+    assert cfg.task.prompt_length_range == (2, 8) and cfg.max_new_tokens == 6
+    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+    assert isinstance(exp.reward_fn, rewards.CrossTokenizerRewardFn)
+    policy_dir, rm_dir = local_hub / cfg.task.policy, local_hub / cfg.task.reward_model
+    ptok, rtok = AutoTokenizer.from_pretrained(policy_dir), AutoTokenizer.from_pretrained(rm_dir)
+    assert exp.stop_token_ids == (ptok.eos_token_id,) and exp.pad_token_id == ptok.eos_token_id  # pad = EOS
+    assert isinstance(nnx_config(exp), llama.LlamaConfig)
+    calls = []
+    inner = exp.reward_fn
+
+    def recording_reward_fn(*args):
+        out = inner(*args)
+        calls.append(([np.asarray(a) for a in args], np.asarray(out), inner.last_inputs))
+        return out
+
+    exp.reward_fn = recording_reward_fn
+    result = train.train(cfg, exp, mesh=_mesh())
+    assert len(result.history) == 1 and math.isfinite(result.history[0]["score"])
+
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir).eval()
+    pos = rm.config.label2id["POSITIVE"]
+    (pids, pmask, rids, rmask), scores, seen = calls[0]
+    for b in range(len(pids)):
+        prompt = ptok.decode(pids[b][pmask[b] > 0].tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        resp = rids[b][rmask[b] > 0].tolist()
+        if resp and resp[-1] == ptok.eos_token_id:
+            resp = resp[:-1]
+        text = prompt + ptok.decode(resp, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert seen.prompts[b] + seen.responses[b] == text
+        assert seen.token_ids[b] == rtok(text)["input_ids"]
+        with torch.no_grad():
+            logit = rm(input_ids=torch.as_tensor([rtok(text)["input_ids"]])).logits[0, pos].item()
+        assert abs(float(scores[b]) - logit) <= 1e-4
+    assert np.std(scores) > 0  # different texts, different rewards
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(cfg.out_dir, "policy")).eval()
+    assert type(back).__name__ == "LlamaForCausalLM"
+    tokens, mask = testing.make_left_padded_batch(0, 2, 6, back.config.vocab_size, [6, 3])
+    ours = np.asarray(llama.apply(result.graphdef, result.state.params, tokens, mask).logits)
+    np.testing.assert_allclose(testing.hf_forward(back, tokens, mask) * mask[..., None], ours * mask[..., None],
+                               atol=1e-4, rtol=0)
+
+
+def nnx_config(exp):
+    from flax import nnx
+
+    return nnx.merge(exp.graphdef, exp.params).config
+
+
+def test_imdb_with_a_gpt_neox_rm_and_an_unsupported_rm(local_hub, tmp_path):
     imdb_dir = fixtures.write_tiny_imdb(tmp_path / "imdb", n=8)
     t = presets.TLDR_TASK
     task = tasks.TaskConfig(kind="imdb", policy=t.policy, reward_model=t.reward_model, dataset=imdb_dir)
@@ -198,12 +279,16 @@ def test_imdb_with_a_gpt_neox_rm_and_distilbert_error(local_hub, tmp_path):
     scores = np.asarray(exp.reward_fn(batch["prompt_ids"], batch["prompt_mask"], r, np.ones((2, 3), np.float32)))
     assert scores.shape == (2,) and np.all(np.isfinite(scores))
 
-    bert = tmp_path / "distilbert-imdb"
+    bert = tmp_path / "bert-mlm"
     bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"architectures": ["DistilBertForSequenceClassification"],
-                                                  "model_type": "distilbert"}))
-    with pytest.raises(ValueError, match="not supported yet"):
+    (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
+    with pytest.raises(ValueError, match="BertForMaskedLM, which is not supported as a reward model"):
         paper_tasks.build(dataclasses.replace(task, reward_model=str(bert)), batch_size=2, seed=0)
+    # A DistilBERT reward model asked for a label it does not have.
+    m = presets.IMDB_TASK
+    bad = dataclasses.replace(task, reward_model=m.reward_model, reward_label="JOY")
+    with pytest.raises(ValueError, match=r"reward_label='JOY' is not a label.*\['NEGATIVE', 'POSITIVE'\]"):
+        paper_tasks.build(bad, batch_size=2, seed=0)
 
 
 def test_policy_tokenizer_pad_must_fit_the_embedding(tmp_path):

@@ -355,6 +355,66 @@ def write_tiny_hh(dir: str | os.PathLike, n: int = 10, data_dir: str = "helpful-
     return write_hh_rows(dir, {"train": rows, "test": rows[: max(3, n // 2)]}, data_dir)
 
 
+LLAMA_BOS, LLAMA_EOS = "<|begin_of_text|>", "<|end_of_text|>"
+
+
+def make_tiny_llama_tokenizer(dir: str | os.PathLike | None = None, vocab_size: int = 400):
+    """A tiny Llama-3-like tokenizer: byte-level BPE, ``<|begin_of_text|>`` prepended to every
+    encoding, ``<|end_of_text|>`` the EOS, both special tokens the LAST two ids, **no pad token**
+    (as Llama 3.2, whose 128256 tokens fill its embedding: a ``[PAD]`` would not fit).
+
+    Example:
+      >>> tok = make_tiny_llama_tokenizer()
+      >>> len(tok), tok.eos_token_id, tok.pad_token_id, tok("Hi")["input_ids"][0] == tok.bos_token_id
+      (400, 399, None, True)
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = _train_bpe(vocab_size - 2, special_first=False, corpus=CORPUS[1::2] + CORPUS[::2])
+    tok.add_special_tokens([LLAMA_BOS, LLAMA_EOS])
+    bos = tok.token_to_id(LLAMA_BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{LLAMA_BOS} $A", pair=f"{LLAMA_BOS} $A $B:1", special_tokens=[(LLAMA_BOS, bos)]
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=LLAMA_BOS, eos_token=LLAMA_EOS)
+    assert hf.pad_token_id is None and hf.eos_token_id == len(hf) - 1, (hf.pad_token_id, hf.eos_token_id)
+    if dir is not None:
+        hf.save_pretrained(os.fspath(dir))
+    return hf
+
+
+def make_tiny_bert_tokenizer(dir: str | os.PathLike | None = None, vocab_size: int = 300):
+    """A tiny DistilBERT-like (uncased WordPiece) tokenizer: ``[PAD]`` 0, ``[UNK]``, ``[CLS]``,
+    ``[SEP]``, ``[MASK]``; encodings are ``[CLS] … [SEP]``.
+
+    Example:
+      >>> tok = make_tiny_bert_tokenizer()
+      >>> ids = tok("A great film!")["input_ids"]
+      >>> tok.convert_ids_to_tokens(ids)[0], tok.convert_ids_to_tokens(ids)[-1], tok.pad_token_id
+      ('[CLS]', '[SEP]', 0)
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(list(CORPUS), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                                    show_progress=False))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                 sep_token="[SEP]", mask_token="[MASK]")
+    if dir is not None:
+        hf.save_pretrained(os.fspath(dir))
+    return hf
+
+
 # -------------------------------------------------------------------------------------------- IMDb
 def write_tiny_imdb(dir: str | os.PathLike, n: int = 8) -> str:
     """``stanfordnlp/imdb``'s schema (text, label ClassLabel neg/pos) and layout
