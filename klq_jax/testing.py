@@ -80,19 +80,28 @@ def _randomise(model, seed: int, init_std: float):
                 p.copy_(init_std * noise)
 
 
-def _build(cls, directory, seed, init_std, overrides, extra):
-    import torch
-    from transformers import GPTNeoXConfig
+def _build_hf(cls_name: str, config_cls_name: str, directory, seed, init_std, kwargs):
+    """``transformers.<cls_name>(<config_cls_name>(**kwargs))``, randomised, in eval mode, saved."""
+    import warnings
 
-    kwargs = {**TINY_HF_CONFIG, **extra, **overrides}
+    import torch
+    import transformers
+
     torch.manual_seed(seed)
-    model = cls(GPTNeoXConfig(**kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = getattr(transformers, cls_name)(getattr(transformers, config_cls_name)(**kwargs))
     _randomise(model, seed, init_std)
     model.eval()
     if directory is not None:
         os.makedirs(directory, exist_ok=True)
         model.save_pretrained(directory)
     return model
+
+
+def _build(cls, directory, seed, init_std, overrides, extra):
+    return _build_hf(cls.__name__, "GPTNeoXConfig", directory, seed, init_std,
+                     {**TINY_HF_CONFIG, **extra, **overrides})
 
 
 def tiny_hf_gpt_neox(directory=None, *, seed: int = 0, init_std: float = 0.2, **config_overrides):
@@ -167,22 +176,7 @@ def tiny_hf_llama(directory=None, *, seed: int = 0, init_std: float = 0.2, cls: 
     :data:`TINY_HF_LLAMA_CONFIG` (e.g. ``num_key_value_heads=4``,
     ``rope_parameters=TINY_LLAMA3_ROPE``, ``tie_word_embeddings=True``).
     """
-    import warnings
-
-    import torch
-    import transformers
-
-    kwargs = {**TINY_HF_LLAMA_CONFIG, **config_overrides}
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = getattr(transformers, cls)(transformers.LlamaConfig(**kwargs))
-    _randomise(model, seed, init_std)
-    model.eval()
-    if directory is not None:
-        os.makedirs(directory, exist_ok=True)
-        model.save_pretrained(directory)
-    return model
+    return _build_hf(cls, "LlamaConfig", directory, seed, init_std, {**TINY_HF_LLAMA_CONFIG, **config_overrides})
 
 
 TINY_HF_DISTILBERT_CONFIG: dict[str, Any] = dict(
@@ -197,19 +191,8 @@ def tiny_hf_distilbert(directory=None, *, seed: int = 0, init_std: float = 0.2, 
     ``**config_overrides`` are ``transformers.DistilBertConfig`` keywords over
     :data:`TINY_HF_DISTILBERT_CONFIG`.
     """
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.DistilBertForSequenceClassification(
-        transformers.DistilBertConfig(**{**TINY_HF_DISTILBERT_CONFIG, **config_overrides})
-    )
-    _randomise(model, seed, init_std)
-    model.eval()
-    if directory is not None:
-        os.makedirs(directory, exist_ok=True)
-        model.save_pretrained(directory)
-    return model
+    return _build_hf("DistilBertForSequenceClassification", "DistilBertConfig", directory, seed, init_std,
+                     {**TINY_HF_DISTILBERT_CONFIG, **config_overrides})
 
 
 def make_left_padded_batch(rng, B: int, T: int, vocab: int, lengths: Sequence[int]):

@@ -1,4 +1,5 @@
-"""The sampler's prefill fast path (``GPTNeoX(..., prefill=True)``) against the plain cached forward."""
+"""The sampler's prefill fast path (``model(..., prefill=True)``) against the plain cached forward,
+for every decoder (GPT-NeoX parallel / sequential, Llama with GQA and llama3 rope)."""
 
 import jax
 import jax.numpy as jnp
@@ -6,14 +7,24 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from klq_jax.models import gpt_neox
+from klq_jax.models import gpt_neox, llama
+
+MODELS = {
+    "neox-parallel": lambda: gpt_neox.init(
+        gpt_neox.GPTNeoXConfig.tiny(value_head=True, score_head=True, use_parallel_residual=True), jax.random.key(0)),
+    "neox-sequential": lambda: gpt_neox.init(
+        gpt_neox.GPTNeoXConfig.tiny(value_head=True, score_head=True, use_parallel_residual=False), jax.random.key(0)),
+    "llama-gqa-llama3": lambda: llama.init(
+        llama.LlamaConfig.tiny(value_head=True, score_head=True, rope_type="llama3", rope_factor=8.0,
+                               rope_original_max_position_embeddings=16), jax.random.key(0)),
+}
 
 
-@pytest.mark.parametrize("parallel", [True, False])
-def test_prefill_matches_full_cached_forward(parallel):
-    cfg = gpt_neox.GPTNeoXConfig.tiny(value_head=True, score_head=True, use_parallel_residual=parallel)
-    graphdef, params = gpt_neox.init(cfg, jax.random.key(0))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_prefill_matches_full_cached_forward(name):
+    graphdef, params = MODELS[name]()
     model = nnx.merge(graphdef, params)
+    cfg = model.config
     tokens = jax.random.randint(jax.random.key(1), (3, 7), 1, cfg.vocab_size)
     mask = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7, [0, 0, 0, 0, 0, 0, 1]])
     cache = gpt_neox.init_cache(cfg, 3, 10)

@@ -1,5 +1,5 @@
 """Llama in Flax against Hugging Face's PyTorch Llama: logits, KV-cache decoding, greedy generation,
-the prefill fast path, presets.
+presets (the prefill fast path: tests/test_gpt_neox_prefill.py).
 
 Tiny random ``LlamaConfig`` variants cover grouped-query attention 4:1 and plain multi-head (1:1),
 the ``llama3`` rope scaling on and off, tied and untied embeddings; the reference is transformers'
@@ -113,23 +113,6 @@ def test_greedy_sampling_equals_hf_generate(variant):
     ref = np.pad(ref, ((0, 0), (0, n_new - ref.shape[1])), constant_values=0)
     np.testing.assert_array_equal(np.asarray(ours.tokens), ref)
     assert len(set(ref[:, 0].tolist()) | set(ref[:, -1].tolist())) > 1  # not one repeated token
-
-
-def test_prefill_fast_path_matches_cached_forward():
-    cfg = llama.LlamaConfig.tiny(value_head=True, score_head=True, rope_type="llama3", rope_factor=8.0,
-                                 rope_original_max_position_embeddings=16)
-    model = nnx.merge(*llama.init(cfg, jax.random.key(0)))
-    tokens = jax.random.randint(jax.random.key(1), (3, 7), 1, cfg.vocab_size)
-    mask = jnp.array([[0, 0, 1, 1, 1, 1, 1], [1] * 7, [0, 0, 0, 0, 0, 0, 1]])
-    cache = llama.init_cache(cfg, 3, 10)
-    ref = model(tokens, mask, cache=cache)
-    fast = model(tokens, mask, cache=cache, prefill=True)
-    np.testing.assert_allclose(fast.logits, ref.logits[:, -1:], atol=1e-5)
-    np.testing.assert_allclose(fast.values, ref.values[:, -1:], atol=1e-5)
-    np.testing.assert_allclose(fast.scores, ref.scores, atol=1e-5)
-    real = np.asarray(ref.cache.mask)[:, None, :, None]
-    for a, b in zip(ref.cache.k + ref.cache.v, fast.cache.k + fast.cache.v):
-        np.testing.assert_allclose(np.where(real, b, 0), np.where(real, a, 0), atol=1e-5)
 
 
 @pytest.mark.parametrize("name", sorted(llama.LLAMA_PRESETS))
