@@ -1,11 +1,11 @@
 """Hugging Face GPT-NeoX (Pythia) checkpoints ⇄ our Flax :mod:`klq_jax.models.gpt_neox`.
 
-Both directions, as a library (the ``klq-convert`` CLI in :mod:`klq_jax.convert_cli` is a thin
+Both directions, as a library (the ``klq-convert`` CLI in :mod:`convert.cli` is a thin
 layer over it)::
 
     >>> import jax, tempfile
     >>> from klq_jax.models import hf
-    >>> from klq_jax.testing import tiny_hf_gpt_neox
+    >>> tiny_hf_gpt_neox = testing.tiny_hf_gpt_neox  # test helpers (tests/helpers/testing.py)
     >>> d = tempfile.mkdtemp()
     >>> _ = tiny_hf_gpt_neox(d + "/hf")                           # a tiny random HF checkpoint
     >>> config, graphdef, params = hf.load_hf(d + "/hf")          # HF -> Flax (in memory)
