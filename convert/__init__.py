@@ -1,1 +1,1 @@
-"""Checkpoint conversion entry point: ``python -m convert`` (see :mod:`klq_jax.convert_cli`)."""
+"""Checkpoint conversion entry point: ``python -m convert`` (see :mod:`convert.cli`)."""

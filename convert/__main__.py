@@ -1,12 +1,8 @@
-"""``python -m convert``: the checkpoint conversion CLI (same as ``klq-convert``).
-
-The mapping lives in :mod:`klq_jax.models.hf`; the arguments in :mod:`klq_jax.convert_cli`.
-Run ``python -m convert --help`` for both directions.
-"""
+"""``python -m convert``: the checkpoint conversion CLI (the same as ``klq convert``)."""
 
 import sys
 
-from klq_jax.convert_cli import main
+from convert.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,26 +4,24 @@ The pure functions (the maths of the paper) are re-exported here::
 
     from klq_jax import klq_targets, klq_loss, gae, ppo_loss, token_logprobs
 
-Sub-modules: ``returns`` and ``losses`` (the maths), ``models.gpt_neox`` (the network),
-``models.hf`` (Hugging Face conversion), ``sampling`` (KV-cache sampler), ``rollout`` (experience),
-``algorithms`` (KLQ / PPO as targets + loss), ``train`` (the sharded trainer), ``sharding``,
-``checkpoint``, ``presets``, ``tasks``, ``data``, ``evaluate`` (exact optimum), ``tabular``.
+Sub-modules: ``masked``, ``returns`` and ``losses`` (the maths), ``algorithms`` (KLQ / PPO as
+targets + loss), ``models`` (GPT-NeoX, GPT-2, the critic, Hugging Face conversion, model sources),
+``sampling`` (KV-cache sampler), ``rollout`` (experience), ``rewards`` (reward models and
+programmatic rewards), ``train`` (config, the sharded update step, the loop), ``sharding``,
+``checkpoint``, ``data`` (prompt datasets) and ``evaluate`` (exact evaluation). The experiment
+code (presets, task builders, demo, sweeps) lives in the ``experiments`` package beside it.
 """
 
 from klq_jax.losses import (
     entropy_from_logits,
-    explained_variance,
     kl_estimate,
     klq_loss,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
     ppo_loss,
     ppo_policy_loss,
     ppo_value_loss,
     token_logprobs,
 )
+from klq_jax.masked import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
 from klq_jax.returns import (
     discounted_returns,
     discounted_returns_single,

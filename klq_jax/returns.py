@@ -28,7 +28,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from klq_jax.losses import masked_whiten
+from klq_jax.masked import masked_whiten
 
 Array = jax.Array
 

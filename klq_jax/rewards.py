@@ -47,6 +47,7 @@ Example (a tiny random GPT-NeoX reward model sharing the tokenizer)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any, Callable, Literal, Sequence
 
@@ -55,11 +56,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klq_jax import rollout
+
 Array = jax.Array
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "reward_model_scores",
+    "programmatic_reward",
     "make_rm_reward_fn",
     "make_score_ids_fn",
     "decode_rollout_texts",
@@ -77,12 +82,73 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
+def _reward_model_scores(graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,
+                         micro_batch_size):
+    def forward(p_ids, p_mask, r_ids, r_mask):
+        model = nnx.merge(graphdef, params)
+        tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
+        mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
+        return model(tokens, mask, logits=False).scores
+
+    return rollout.map_micro_batches(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
+
+
+def reward_model_scores(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt_ids: Array,
+    prompt_mask: Array,
+    response_ids: Array,
+    response_mask: Array,
+    *,
+    micro_batch_size: int | None = None,
+) -> Array:
+    """``R_φ(x, y)``: a GPT-NeoX score-head reward model read at the last real token of ``x ⧺ y``.
+
+    The reward model must share the policy's tokenizer (for another tokenizer, decode and
+    re-encode on the host and pass your own ``reward_fn`` to :func:`make_rollout`). As TRL's
+    ``get_reward``, the score is the score head applied to the final hidden state of the last
+    real response token (the stop token when there is one).
+
+    Args:
+      graphdef, params: a GPT-NeoX built with ``score_head=True`` (``load_hf`` of a
+        ``GPTNeoXForSequenceClassification``).
+      prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts.
+      response_ids, response_mask: ``[B, Tr]`` right-padded responses.
+      micro_batch_size: forward in ``lax.map`` chunks of this many rows (``None``: all at once).
+
+    Returns:
+      ``[B]`` float32 scores.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from klq_jax.models import gpt_neox
+      >>> from klq_jax.rewards import reward_model_scores
+      >>> cfg = gpt_neox.GPTNeoXConfig.tiny(lm_head=False, score_head=True)
+      >>> gd, p = gpt_neox.init(cfg, jax.random.key(0))
+      >>> reward_model_scores(gd, p, jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]]),
+      ...                     jnp.array([[7, 0]]), jnp.array([[1.0, 0.0]])).shape
+      (1,)
+    """
+    rollout.check_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask, "reward_model_scores")
+    rollout.check_micro_batch_size(micro_batch_size)
+    if not nnx.merge(graphdef, params).config.score_head:
+        raise ValueError(
+            "reward_model_scores needs a reward model with a score head (GPTNeoXConfig(score_head=True), "
+            "e.g. load_hf of a GPTNeoXForSequenceClassification checkpoint)."
+        )
+    return _reward_model_scores(
+        graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask, micro_batch_size
+    )
+
+
 def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_size: int | None = None) -> Callable:
     """A ``reward_fn`` scoring ``x ⧺ y`` token ids with a GPT-NeoX score-head reward model.
 
     ``R_φ(x, y)`` = the score head on the final hidden state of the last real token of ``x ⧺ y``
     (the stop token of a stopped response), positions from the masks
-    (:func:`klq_jax.rollout.reward_model_scores`, jitted, ``lax.map`` over micro-batches).
+    (:func:`reward_model_scores`, jitted, ``lax.map`` over micro-batches).
 
     Args:
       graphdef, params: a GPT-NeoX with ``score_head=True`` that shares the policy's tokenizer.
@@ -94,8 +160,6 @@ def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_
 
     Example: see the module docstring.
     """
-    from klq_jax import rollout
-
     if not nnx.merge(graphdef, params).config.score_head:
         raise ValueError(
             "make_rm_reward_fn needs a reward model with a score head (load a "
@@ -103,7 +167,7 @@ def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_
         )
 
     def reward_fn(prompt_ids, prompt_mask, response_ids, response_mask):
-        return rollout.reward_model_scores(
+        return reward_model_scores(
             graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
             jnp.asarray(response_ids), jnp.asarray(response_mask), micro_batch_size=micro_batch_size,
         )
@@ -183,7 +247,7 @@ def decode_rollout_texts(
 
     Example::
 
-        >>> from klq_jax.data.fixtures import make_tiny_tokenizer
+        >>> make_tiny_tokenizer = fixtures.make_tiny_tokenizer  # test helpers (tests/helpers/fixtures.py)
         >>> tok = make_tiny_tokenizer()
         >>> p = tok(" Hi", add_special_tokens=False)["input_ids"]; r = tok(" there", add_special_tokens=False)["input_ids"]
         >>> decode_rollout_texts(tok, [p], [[1] * len(p)], [r + [0]], [[1] * (len(r) + 1)], stop_token_ids=(0,))
@@ -265,7 +329,7 @@ def build_rm_inputs(
 
     Example::
 
-        >>> from klq_jax.data.fixtures import make_tiny_tokenizer, make_tiny_gpt2_tokenizer
+        >>> make_tiny_tokenizer, make_tiny_gpt2_tokenizer = fixtures.make_tiny_tokenizer, fixtures.make_tiny_gpt2_tokenizer  # test helpers (tests/helpers/fixtures.py)
         >>> pt, rt = make_tiny_tokenizer(), make_tiny_gpt2_tokenizer()
         >>> p = pt("\\n\\nHuman: Hi\\n\\nAssistant:", add_special_tokens=False)["input_ids"]
         >>> r = pt(" Hello.", add_special_tokens=False)["input_ids"] + [0]
@@ -474,3 +538,37 @@ def make_cross_tokenizer_reward_fn(
         make_score_ids_fn(graphdef, params, label=label), policy_tokenizer, reward_tokenizer,
         max_length=max_length, **kwargs,
     )
+
+
+def programmatic_reward(kind: str, *, target_token: int = 7) -> Callable:
+    """A jitted ``(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`` reward.
+
+    ``"target_token"``: fraction of real response tokens equal to ``target_token``.
+    ``"low_tokens"``: fraction of real response tokens with ids in ``[1, target_token)``.
+    ``"length"``: response length divided by the response width.
+    """
+
+    if kind == "target_token":
+
+        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+            m = response_mask.astype(jnp.float32)
+            hits = (response_ids == target_token).astype(jnp.float32) * m
+            return hits.sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+    elif kind == "low_tokens":
+
+        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+            m = response_mask.astype(jnp.float32)
+            low = (response_ids >= 1) & (response_ids < target_token)
+            return (low.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+
+    elif kind == "length":
+
+        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+            return response_mask.astype(jnp.float32).sum(1) / response_mask.shape[1]
+
+    else:
+        raise ValueError(
+            f"Unknown programmatic reward {kind!r}; choose 'target_token', 'low_tokens' or 'length'"
+        )
+    return jax.jit(fn)

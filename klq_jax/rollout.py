@@ -7,7 +7,7 @@ For a batch of prompts ``x`` (left-padded ``[B, Tq]``):
 2. one forward pass of the policy over ``x ⧺ y`` gives ``log π(a_t|s_t)`` and ``V(s_t)`` for every
    response token (:func:`response_logprobs`), one of the frozen reference policy gives
    ``log π_b(a_t|s_t)``;
-3. the reward model scores ``(x, y)`` (:func:`reward_model_scores`, or any ``reward_fn``);
+3. the reward model scores ``(x, y)`` (:func:`klq_jax.rewards.reward_model_scores`, or any ``reward_fn``);
 4. ``R = R_φ(x, y) − ω·1[no stop token in y]`` is placed at the last real response token
    (:func:`sequence_rewards`).
 
@@ -51,13 +51,12 @@ Array = jax.Array
 __all__ = [
     "Rollout",
     "response_logprobs",
-    "reward_model_scores",
     "sequence_rewards",
     "make_rollout",
 ]
 
 
-def _check_pair(prompt_ids, prompt_mask, response_ids, response_mask, fn: str):
+def check_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask, fn: str):
     pi, pm, ri, rm = (jnp.shape(a) for a in (prompt_ids, prompt_mask, response_ids, response_mask))
     if len(pi) != 2 or pi != pm or len(ri) != 2 or ri != rm or pi[0] != ri[0]:
         raise ValueError(
@@ -70,7 +69,7 @@ def _check_pair(prompt_ids, prompt_mask, response_ids, response_mask, fn: str):
             raise ValueError(f"{fn}: {name} must be integer token ids, got {jnp.result_type(a)}.")
 
 
-def _micro_map(fn: Callable, arrays: tuple, micro_batch_size: int | None):
+def map_micro_batches(fn: Callable, arrays: tuple, micro_batch_size: int | None):
     """``fn(*arrays)`` over the leading (batch) axis in chunks of ``micro_batch_size`` (``lax.map``).
 
     The batch is padded (fully masked rows) up to a multiple of the chunk size, the results are
@@ -91,7 +90,7 @@ def _micro_map(fn: Callable, arrays: tuple, micro_batch_size: int | None):
     return jax.tree_util.tree_map(lambda o: o.reshape((n * mb,) + o.shape[2:])[:B], out)
 
 
-def _check_micro(micro_batch_size):
+def check_micro_batch_size(micro_batch_size):
     if micro_batch_size is not None and (
         not isinstance(micro_batch_size, int) or micro_batch_size < 1
     ):
@@ -122,7 +121,7 @@ def _response_logprobs(
             values = jnp.where(real, out.values[:, Tq - 1 : Tq + Tr - 1], 0.0)
         return logp, values
 
-    return _micro_map(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
+    return map_micro_batches(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
 
 
 def response_logprobs(
@@ -167,72 +166,11 @@ def response_logprobs(
       >>> logp.shape, v.shape, float(logp[0, 1])
       ((1, 2), (1, 2), 0.0)
     """
-    _check_pair(prompt_ids, prompt_mask, response_ids, response_mask, "response_logprobs")
-    _check_micro(micro_batch_size)
+    check_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask, "response_logprobs")
+    check_micro_batch_size(micro_batch_size)
     return _response_logprobs(
         graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,
         jnp.asarray(temperature, jnp.float32), micro_batch_size,
-    )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
-def _reward_model_scores(graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,
-                         micro_batch_size):
-    def forward(p_ids, p_mask, r_ids, r_mask):
-        model = nnx.merge(graphdef, params)
-        tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
-        mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
-        return model(tokens, mask, logits=False).scores
-
-    return _micro_map(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
-
-
-def reward_model_scores(
-    graphdef: nnx.GraphDef,
-    params: nnx.State,
-    prompt_ids: Array,
-    prompt_mask: Array,
-    response_ids: Array,
-    response_mask: Array,
-    *,
-    micro_batch_size: int | None = None,
-) -> Array:
-    """``R_φ(x, y)``: a GPT-NeoX score-head reward model read at the last real token of ``x ⧺ y``.
-
-    The reward model must share the policy's tokenizer (for another tokenizer, decode and
-    re-encode on the host and pass your own ``reward_fn`` to :func:`make_rollout`). As TRL's
-    ``get_reward``, the score is the score head applied to the final hidden state of the last
-    real response token (the stop token when there is one).
-
-    Args:
-      graphdef, params: a GPT-NeoX built with ``score_head=True`` (``load_hf`` of a
-        ``GPTNeoXForSequenceClassification``).
-      prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts.
-      response_ids, response_mask: ``[B, Tr]`` right-padded responses.
-      micro_batch_size: forward in ``lax.map`` chunks of this many rows (``None``: all at once).
-
-    Returns:
-      ``[B]`` float32 scores.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from klq_jax.models import gpt_neox
-      >>> from klq_jax.rollout import reward_model_scores
-      >>> cfg = gpt_neox.GPTNeoXConfig.tiny(lm_head=False, score_head=True)
-      >>> gd, p = gpt_neox.init(cfg, jax.random.key(0))
-      >>> reward_model_scores(gd, p, jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]]),
-      ...                     jnp.array([[7, 0]]), jnp.array([[1.0, 0.0]])).shape
-      (1,)
-    """
-    _check_pair(prompt_ids, prompt_mask, response_ids, response_mask, "reward_model_scores")
-    _check_micro(micro_batch_size)
-    if not nnx.merge(graphdef, params).config.score_head:
-        raise ValueError(
-            "reward_model_scores needs a reward model with a score head (GPTNeoXConfig(score_head=True), "
-            "e.g. load_hf of a GPTNeoXForSequenceClassification checkpoint)."
-        )
-    return _reward_model_scores(
-        graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask, micro_batch_size
     )
 
 

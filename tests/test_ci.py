@@ -17,7 +17,7 @@ def test_readme_starts_with_demo_and_test_commands():
     text = (ROOT / "README.md").read_text()
     assert text.index("```bash") < 200, "the commands must be the README's first lines"
     demo, tests = _readme_commands()[:2]
-    assert "klq_jax.demo" in demo and demo.startswith("pip install")
+    assert "klq demo" in demo and demo.startswith("pip install")
     assert "pytest" in tests and tests.startswith("pip install")
 
 

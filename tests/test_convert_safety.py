@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from klq_jax import convert_cli, testing
+from convert import cli as convert_cli
+from tests.helpers import testing
 from klq_jax.models import hf
 from klq_jax.models.hf import files
 

@@ -1,7 +1,8 @@
 """Offline fixtures: the tiny tokenizers, and loading the same data from the other supported forms."""
 import numpy as np
 
-from klq_jax.data import PromptDataset, fixtures, hh, load_split, tldr
+from klq_jax.data import PromptDataset, hh, load_split, tldr
+from tests.helpers import fixtures
 
 
 def test_tiny_tokenizers(tmp_path):

@@ -1,7 +1,8 @@
 """Anthropic-HH data: prompt extraction, the single-turn filter, the budget, on hand-written rows."""
 import pytest
 
-from klq_jax.data import fixtures, hh
+from tests.helpers import fixtures
+from klq_jax.data import hh
 
 
 @pytest.fixture(scope="module")

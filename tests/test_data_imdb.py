@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from klq_jax.data import fixtures, imdb
+from tests.helpers import fixtures
+from klq_jax.data import imdb
 
 
 @pytest.fixture(scope="module")

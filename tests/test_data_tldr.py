@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from klq_jax.data import fixtures, tldr
+from tests.helpers import fixtures
+from klq_jax.data import tldr
 from klq_jax.data.common import PromptDataset
 
 

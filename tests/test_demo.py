@@ -1,4 +1,4 @@
-"""The offline demo (``python -m klq_jax.demo``), shortened: files written and both algorithms improve."""
+"""The offline demo (``python -m experiments.demo``), shortened: files written and both algorithms improve."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from klq_jax import demo
-from klq_jax.data import synthetic as syn
+from experiments import demo
+from experiments import synthetic as syn
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +88,3 @@ def test_demo_cli_rejects_bad_arguments(capsys):
     cfg = demo.parse_args(["--quick", "--out-dir", "x", "--lr", "0.002"])
     assert cfg.out_dir == "x" and cfg.learning_rate == 0.002 and cfg.iterations == demo.DemoConfig.quick().iterations
 
-
-@pytest.mark.parametrize("name", ["klq_jax.demo", "klq_jax.plots"])
-def test_docstring_examples(name):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0 and result.failed == 0

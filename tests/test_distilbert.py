@@ -8,7 +8,7 @@ import pytest
 import jax
 import torch  # test-time reference (the .[test] extra)
 
-from klq_jax import testing
+from tests.helpers import testing
 from klq_jax.models import distilbert, hf
 
 ATOL = 1e-4

@@ -4,7 +4,7 @@ The next-token distribution is the softmax of a fixed random table row chosen by
 (first real prompt token, last real token, number of real tokens), so the test can recompute
 π(y|x) of every response independently, one sequence at a time, as a product of per-token
 probabilities. The optimum is checked against the closed forms of §2 / App. A and, on a tree MDP,
-against soft policy iteration of ``klq_jax.tabular`` (token-level view, Remark 2.1).
+against soft policy iteration of ``tests.helpers.tabular`` (token-level view, Remark 2.1).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from klq_jax import evaluate as ev
-from klq_jax import tabular as tb
+from tests.helpers import tabular as tb
 
 V, EOS, T_MAX, TAU = 5, 2, 4, 0.6
 N_HASH = 97

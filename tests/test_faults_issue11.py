@@ -11,7 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from klq_jax import evaluate, presets, rollout, tabular, train
+from experiments import presets
+from klq_jax import evaluate, rollout, train
+from tests.helpers import tabular
 from klq_jax.algorithms import AlgoConfig
 from klq_jax.models import gpt_neox
 from klq_jax.returns import ppo_targets, whiten_advantages
@@ -154,7 +156,7 @@ def test_whitening_global_and_per_group():
 
 
 def test_exact_evaluation_defaults_to_the_training_temperature():
-    from klq_jax.data import synthetic as syn
+    from experiments import synthetic as syn
 
     lang = syn.SyntheticLanguage()
     task = syn.SyntheticTask(lang, tau=0.2, omega=1.0, temperature=0.7)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 import torch  # test-time reference (the .[test] extra)
 
-from klq_jax import testing  # noqa: E402
+from tests.helpers import testing  # noqa: E402
 from klq_jax.models import gpt_neox, hf  # noqa: E402
 
 ATOL = 1e-4

@@ -11,7 +11,8 @@ import pytest
 import torch  # test-time reference (the .[test] extra)
 import transformers
 
-from klq_jax import convert_cli, testing
+from convert import cli as convert_cli
+from tests.helpers import testing
 from klq_jax.models import hf
 
 # ------------------------------------------------------------------------------------------------

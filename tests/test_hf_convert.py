@@ -18,7 +18,8 @@ import transformers
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from klq_jax import convert_cli, testing  # noqa: E402
+from convert import cli as convert_cli  # noqa: E402
+from tests.helpers import testing  # noqa: E402
 from klq_jax.models import gpt_neox, hf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

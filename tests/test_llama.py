@@ -15,7 +15,8 @@ from flax import nnx
 
 import torch  # test-time reference (the .[test] extra)
 
-from klq_jax import sampling, testing
+from klq_jax import sampling
+from tests.helpers import testing
 from klq_jax.models import decoder, hf, llama
 
 ATOL = 1e-4

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from klq_jax import paper_tasks, sharding, tasks, testing
+from experiments import tasks
+from klq_jax import sharding
+from klq_jax.models import load
+from tests.helpers import testing
 from klq_jax.models import gpt2, gpt_neox, hf
 from klq_jax.models import critic as critic_lib
 
@@ -74,7 +77,7 @@ POLICY_KINDS = ["random:tiny", "hf", "hf_vh", "klq", "klq_vh", "klq_bf16"]
 def test_every_policy_source_honours_dtype_and_value_head(sources, kind, value_head):
     source = sources.get(kind, kind)
     for dtype in ("bfloat16", "float32"):
-        cfg, gd, params = tasks.load_model(source, key=jax.random.key(0), value_head=value_head, dtype=dtype)
+        cfg, gd, params = load.load_model(source, key=jax.random.key(0), value_head=value_head, dtype=dtype)
         assert cfg.dtype == dtype and _hidden_dtype(gd, params) == jnp.dtype(dtype), (kind, dtype)
         assert _param_dtypes(params) == {jnp.dtype(jnp.float32)}  # master weights stay float32
         assert cfg.value_head == value_head and ("value_kernel" in nnx.to_pure_dict(params)) == value_head
@@ -86,27 +89,27 @@ def test_value_head_and_param_dtype_options(sources):
     """A head stored with the checkpoint is read back; a missing one is gpt_neox.init_value_head(key)
     on every path (the HF reader and the klq reader give the same head for the same key)."""
     key = jax.random.key(7)
-    _, _, stored = tasks.load_model(sources["klq"], key=key)
-    _, _, p_vh = tasks.load_model(sources["hf_vh"], key=key, value_head=True)
+    _, _, stored = load.load_model(sources["klq"], key=key)
+    _, _, p_vh = load.load_model(sources["hf_vh"], key=key, value_head=True)
     _, _, saved = hf.load_hf(sources["hf"], value_head=True, key=jax.random.key(5))
     np.testing.assert_array_equal(p_vh["value_kernel"][...], saved["value_kernel"][...])
     fresh = gpt_neox.init_value_head(gpt_neox.GPTNeoXConfig.tiny(), key)
     for kind in ("hf", "klq"):
-        _, _, p = tasks.load_model(sources[kind], key=key, value_head=True)
+        _, _, p = load.load_model(sources[kind], key=key, value_head=True)
         np.testing.assert_array_equal(p["value_kernel"][...], fresh["value_kernel"])
         assert float(p["value_bias"][...]) == 0.0
         np.testing.assert_array_equal(p["embed_in"][...], stored["embed_in"][...])
     for kind in ("hf", "klq_vh"):
-        _, _, p = tasks.load_model(sources[kind], key=key, value_head=True, param_dtype="bfloat16")
+        _, _, p = load.load_model(sources[kind], key=key, value_head=True, param_dtype="bfloat16")
         assert _param_dtypes(p) == {jnp.dtype(jnp.bfloat16)}
     with pytest.raises(ValueError, match="PRNG key"):
-        tasks.apply_model_options(gpt_neox.GPTNeoXConfig.tiny(), stored, value_head=True)
+        load.apply_model_options(gpt_neox.GPTNeoXConfig.tiny(), stored, value_head=True)
 
 
 def test_mesh_option_on_every_source(sources):
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     for kind in ("random:tiny", "hf", "klq_vh"):
-        cfg, gd, params = tasks.load_model(sources.get(kind, kind), key=jax.random.key(0), value_head=True,
+        cfg, gd, params = load.load_model(sources.get(kind, kind), key=jax.random.key(0), value_head=True,
                                            dtype="bfloat16", mesh=mesh)
         assert _hidden_dtype(gd, params) == jnp.bfloat16
         for leaf in jax.tree_util.tree_leaves(params):
@@ -116,7 +119,7 @@ def test_mesh_option_on_every_source(sources):
 @pytest.mark.parametrize("kind", ["hf_rm", "klq_rm", "gpt2_rm"])
 def test_reward_model_sources_honour_dtype(sources, kind):
     task = tasks.TaskConfig(kind="tldr", reward_model=sources[kind], dtype="bfloat16")
-    arch, cfg, gd, params = paper_tasks.load_reward_model(task, key=jax.random.key(0))
+    arch, cfg, gd, params = tasks.load_reward_model(task, key=jax.random.key(0))
     assert cfg.dtype == "bfloat16"
     if arch == "GPT2ForSequenceClassification":
         assert gpt2.apply(gd, params, TOKENS, MASK, logits=False).hidden.dtype == jnp.bfloat16

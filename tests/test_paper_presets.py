@@ -16,9 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from klq_jax import paper_tasks, presets, rewards, sharding, tasks, train
+from experiments import presets, tasks
+from klq_jax import rewards, sharding, train
 from klq_jax.checkpoint import Checkpointer
-from klq_jax.data import fixtures
+from tests.helpers import fixtures
 
 import torch  # test-time reference (the .[test] extra)
 import transformers
@@ -28,7 +29,7 @@ HH_Q = 48  # HH prompt budget (the fixture's 500-token prompt is dropped)
 
 
 def testing_llama3_rope():
-    from klq_jax.testing import TINY_LLAMA3_ROPE
+    from tests.helpers.testing import TINY_LLAMA3_ROPE
 
     return dict(TINY_LLAMA3_ROPE)
 
@@ -46,7 +47,7 @@ def _tiny_gpt2_rm(directory, vocab_size, seed=0):
 @pytest.fixture(scope="module")
 def local_hub(tmp_path_factory):
     """tiny copies of every hub name of the four presets; KLQ_LOCAL_MODELS points at them."""
-    from klq_jax.testing import tiny_hf_gpt_neox, tiny_hf_gpt_neox_reward
+    from tests.helpers.testing import tiny_hf_gpt_neox, tiny_hf_gpt_neox_reward
 
     root = tmp_path_factory.mktemp("hub")
     tok = fixtures.make_tiny_tokenizer()  # Pythia-like: EOS 0, [PAD] the last id
@@ -70,7 +71,7 @@ def local_hub(tmp_path_factory):
 
     # IMDb: a Llama policy whose embedding is exactly its tokenizer (no room for "[PAD]", as
     # Llama-3.2-1B), a DistilBERT sentiment classifier with its own WordPiece tokenizer.
-    from klq_jax.testing import tiny_hf_distilbert, tiny_hf_llama
+    from tests.helpers.testing import tiny_hf_distilbert, tiny_hf_llama
 
     m = presets.IMDB_TASK
     llama_tok = fixtures.make_tiny_llama_tokenizer()
@@ -200,11 +201,11 @@ def test_iterator_resumes_at_the_same_prompt(local_hub, tmp_path):
 def test_missing_model_or_dataset_names_the_env_var(local_hub, tmp_path, monkeypatch):
     monkeypatch.setenv("KLQ_LOCAL_MODELS", str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="KLQ_LOCAL_MODELS"):
-        paper_tasks.build(presets.TLDR_TASK, batch_size=4, seed=0)
+        tasks.build_experiment(presets.TLDR_TASK, batch_size=4, seed=0)
     monkeypatch.setenv("KLQ_LOCAL_MODELS", str(local_hub))
     task = dataclasses.replace(presets.TLDR_TASK, dataset="nobody/missing-dataset", max_prompt_len=TLDR_Q)
     with pytest.raises(Exception, match="KLQ_LOCAL_MODELS") as info:
-        paper_tasks.build(task, batch_size=4, seed=0)
+        tasks.build_experiment(task, batch_size=4, seed=0)
     assert "nobody/missing-dataset" in str(info.value)
 
 
@@ -215,7 +216,7 @@ def test_imdb_preset_runs_one_iteration(local_hub, tmp_path, name):
     and scores its POSITIVE logit; the exported policy is a Llama transformers loads."""
     from transformers import AutoTokenizer
 
-    from klq_jax import testing
+    from tests.helpers import testing
     from klq_jax.models import llama
 
     cfg = _tiny(name, tmp_path / name)
@@ -272,7 +273,7 @@ def test_imdb_with_a_gpt_neox_rm_and_an_unsupported_rm(local_hub, tmp_path):
     imdb_dir = fixtures.write_tiny_imdb(tmp_path / "imdb", n=8)
     t = presets.TLDR_TASK
     task = tasks.TaskConfig(kind="imdb", policy=t.policy, reward_model=t.reward_model, dataset=imdb_dir)
-    exp = paper_tasks.build(task, batch_size=2, seed=0)
+    exp = tasks.build_experiment(task, batch_size=2, seed=0)
     batch = next(exp.prompts)
     assert batch["prompt_ids"].shape == (2, 7)
     r = np.zeros((2, 3), np.int32) + 5
@@ -283,18 +284,18 @@ def test_imdb_with_a_gpt_neox_rm_and_an_unsupported_rm(local_hub, tmp_path):
     bert.mkdir()
     (bert / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"], "model_type": "bert"}))
     with pytest.raises(ValueError, match="BertForMaskedLM, which is not supported as a reward model"):
-        paper_tasks.build(dataclasses.replace(task, reward_model=str(bert)), batch_size=2, seed=0)
+        tasks.build_experiment(dataclasses.replace(task, reward_model=str(bert)), batch_size=2, seed=0)
     # A DistilBERT reward model asked for a label it does not have.
     m = presets.IMDB_TASK
     bad = dataclasses.replace(task, reward_model=m.reward_model, reward_label="JOY")
     with pytest.raises(ValueError, match=r"reward_label='JOY' is not a label.*\['NEGATIVE', 'POSITIVE'\]"):
-        paper_tasks.build(bad, batch_size=2, seed=0)
+        tasks.build_experiment(bad, batch_size=2, seed=0)
 
 
 def test_policy_tokenizer_pad_must_fit_the_embedding(tmp_path):
     d = tmp_path / "tok"
     fixtures.make_tiny_gpt2_tokenizer(d)  # no pad token: "[PAD]" is added as id 384
-    tok = paper_tasks.load_policy_tokenizer(str(d), vocab_size=385)
+    tok = tasks.load_policy_tokenizer(str(d), vocab_size=385)
     assert tok.pad_token == "[PAD]" and tok.pad_token_id == 384
     with pytest.raises(ValueError, match="embedding has only 384 rows"):
-        paper_tasks.load_policy_tokenizer(str(d), vocab_size=384)
+        tasks.load_policy_tokenizer(str(d), vocab_size=384)

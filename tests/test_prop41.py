@@ -9,7 +9,7 @@ How it is checked here. The Q-space sequence is computed the way Algorithm 2 com
 every trajectory from ρ_0 under π[Q_k] with its exact probability, run the backward λ-return loop
 along each trajectory (conservative, Eq. 7, TD error Eq. 14), and take the exact minimiser of the
 probability-weighted ℓ² loss (the weighted mean of the targets of each (s, a)). The (π, V)
-sequence is computed separately by ``klq_jax.tabular.pv_step``: the closed-form maximiser of
+sequence is computed separately by ``tests.helpers.tabular.pv_step``: the closed-form maximiser of
 Eq. (17) and the conditional mean of Eq. (20). The two sequences are iterated independently from
 the same start and compared after every iteration, to 1e-5 (float64; the observed error is ~1e-12).
 
@@ -42,7 +42,7 @@ import pytest
 from scipy.optimize import minimize
 from scipy.special import logsumexp
 
-from klq_jax import tabular as tb
+from tests.helpers import tabular as tb
 
 TOL = 1e-5  # the acceptance tolerance of issue #7; never loosened.
 TAU = 0.7

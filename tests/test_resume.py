@@ -11,7 +11,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from klq_jax import presets, tasks, train
+from experiments import presets, tasks
+from klq_jax import train
+from klq_jax.train.loop import TIMING_KEYS
 from klq_jax.checkpoint import Checkpointer
 
 ITERS = 8
@@ -19,7 +21,7 @@ ITERS = 8
 
 def _cmd(out_dir, *extra):
     return [
-        sys.executable, "-m", "klq_jax.train", "tiny-klq",
+        sys.executable, "-m", "experiments", "train", "tiny-klq",
         "--out-dir", str(out_dir), "--total-episodes", str(16 * ITERS), "--save-every", "1",
         "--no-progress", "--no-tensorboard", *extra,
     ]
@@ -34,7 +36,7 @@ def _env():
 
 def _metrics(out_dir):
     rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k not in train.TIMING_KEYS} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def _final_params(out_dir):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from klq_jax import rewards
-from klq_jax.data import fixtures
+from tests.helpers import fixtures
 from klq_jax.data.common import left_pad
 from klq_jax.models import gpt2, gpt_neox
 
@@ -181,11 +181,3 @@ def test_bucket_and_pad_helpers():
     assert ids.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
 
-
-@pytest.mark.parametrize("module", ["klq_jax.rewards", "klq_jax.models.gpt2", "klq_jax.paper_tasks"])
-def test_docstring_examples(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0

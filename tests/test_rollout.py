@@ -10,15 +10,15 @@ import jax.numpy as jnp
 
 import torch  # noqa: F401  (test-time reference, the .[test] extra)
 
-from klq_jax import testing  # noqa: E402
+from tests.helpers import testing  # noqa: E402
 from klq_jax.models import gpt_neox, hf  # noqa: E402
 from klq_jax.rollout import (  # noqa: E402
     Rollout,
     make_rollout,
     response_logprobs,
-    reward_model_scores,
     sequence_rewards,
 )
+from klq_jax.rewards import reward_model_scores  # noqa: E402
 from klq_jax.sampling import SamplingConfig, sample  # noqa: E402
 
 _apply = jax.jit(gpt_neox.apply, static_argnums=0, static_argnames=("logits",))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import torch  # test-time reference (the .[test] extra)
 import scipy.stats as scipy_stats
 
-from klq_jax import testing  # noqa: E402
+from tests.helpers import testing  # noqa: E402
 from klq_jax.models import hf  # noqa: E402
 from klq_jax.sampling import SampleResult, SamplingConfig, sample, sample_from_logits  # noqa: E402
 

@@ -4,7 +4,8 @@ import os
 
 import jax
 
-from klq_jax import sharding, sweep
+from experiments import sweep
+from klq_jax import sharding
 
 
 def test_tau_sweep_runs_writes_and_resumes(tmp_path):

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from klq_jax import presets, sharding, tasks, train
+from experiments import presets, tasks
+from experiments import train as train_cmd
+from klq_jax import sharding, train
+from klq_jax.models.load import load_model
 from klq_jax.models import gpt_neox
 
 
@@ -138,7 +141,7 @@ def test_tiny_end_to_end_run_improves_reward(tmp_path, algo):
     # ... and transformers loads it, with the trained policy's logits.
     import transformers
 
-    from klq_jax import testing
+    from tests.helpers import testing
 
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "policy").eval()
     tokens, mask = testing.make_left_padded_batch(0, 2, 6, back.config.vocab_size, [6, 3])
@@ -168,10 +171,10 @@ def test_every_preset_loads_and_validates():
 
 
 def test_cli_overrides_and_clear_errors(capsys):
-    cfg = train.parse_args(["tiny-ppo", "--algo.tau", "0.1", "--total-episodes", "64"])
+    cfg = train_cmd.parse_args(["tiny-ppo", "--algo.tau", "0.1", "--total-episodes", "64"])
     assert cfg.algo.tau == 0.1 and cfg.total_episodes == 64 and cfg.algo.name == "ppo"
     with pytest.raises(SystemExit, match="Unknown preset 'nope'"):
-        train.parse_args(["nope"])
+        train_cmd.parse_args(["nope"])
     capsys.readouterr()
     for args, needle in [
         (["--minibatch-size", "5"], "must be a multiple of minibatch_size=5"),
@@ -179,7 +182,7 @@ def test_cli_overrides_and_clear_errors(capsys):
         (["--no-such-field", "1"], "--no-such-field"),
     ]:
         with pytest.raises(SystemExit) as err:
-            train.parse_args(["tiny-klq", *args])
+            train_cmd.parse_args(["tiny-klq", *args])
         assert err.value.code != 0
         out = capsys.readouterr()
         assert needle in " ".join((out.err + out.out).split()), (args, out.err[-500:])
@@ -204,7 +207,8 @@ def test_nan_stops_the_run_without_a_checkpoint(tmp_path):
 
 def test_separate_critic_from_a_reward_model(tmp_path):
     """TRL's layout: values come from a separate network initialised from the reward model."""
-    from klq_jax import rollout, testing
+    from klq_jax import rollout
+    from tests.helpers import testing
     from klq_jax.models import critic as critic_lib
 
     rm_dir = tmp_path / "rm"
@@ -215,7 +219,7 @@ def test_separate_critic_from_a_reward_model(tmp_path):
     model = nnx.merge(exp.graphdef, exp.params)
     assert isinstance(model, critic_lib.PolicyWithCritic) and not model.policy.config.value_head
     # Before training, V(s_t) of the critic equals the reward model's score of the prefix s_t.
-    rm_cfg, rm_gd, rm_params = tasks.load_model(str(rm_dir), key=jax.random.key(0))
+    rm_cfg, rm_gd, rm_params = load_model(str(rm_dir), key=jax.random.key(0))
     p_ids = jnp.array([[0, 0, 5, 6], [1, 2, 3, 4]])
     p_mask = jnp.array([[0, 0, 1, 1], [1, 1, 1, 1]])
     r_ids = jnp.array([[7, 8, 0], [9, 0, 0]])

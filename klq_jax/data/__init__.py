@@ -9,7 +9,7 @@ per-process batches of it.
 Example (offline):
 
     >>> import tempfile
-    >>> from klq_jax.data import PromptIterator, fixtures, load_hh
+    >>> from klq_jax.data import PromptIterator, load_hh
     >>> tok = fixtures.make_tiny_tokenizer()
     >>> ds = load_hh(tok, "train", name_or_path=fixtures.write_tiny_hh(tempfile.mkdtemp()))
     >>> batch = next(PromptIterator(ds, batch_size=2, seed=0))

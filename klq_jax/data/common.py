@@ -11,7 +11,7 @@ whole batch.
 
 Loading goes through :func:`load_split`, which runs ``datasets.load_dataset`` on a hub name *or* a
 local directory / data files, so the same code reads the real hub datasets and the tiny copies that
-:mod:`klq_jax.data.fixtures` writes to disk.
+:mod:`tests.helpers.fixtures` writes to disk.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def require_pad_id(tokenizer) -> int:
     the pre-tokenised TL;DR queries are padded with.
 
     Example:
-      >>> from klq_jax.data.fixtures import make_tiny_tokenizer
+      >>> make_tiny_tokenizer = fixtures.make_tiny_tokenizer  # test helpers (tests/helpers/fixtures.py)
       >>> require_pad_id(make_tiny_tokenizer()) == make_tiny_tokenizer().pad_token_id
       True
     """
@@ -232,7 +232,6 @@ def load_split(
 
     Example (a local copy of hh-rlhf's layout; ``fixtures.write_tiny_hh`` writes one):
       >>> import tempfile
-      >>> from klq_jax.data import fixtures
       >>> d = fixtures.write_tiny_hh(tempfile.mkdtemp(), n=4)
       >>> len(load_split(d, "test", data_dir="helpful-base")) > 0
       True
@@ -268,7 +267,7 @@ def load_split(
         message = (
             f"Could not load split {split!r} of {path!r} (data_dir={data_dir!r}): {err}\n"
             "Without network access, pass a local directory in the hub repo's layout (see "
-            "klq_jax.data.fixtures for the layouts) or a data file instead of a hub name."
+            "tests.helpers.fixtures for the layouts) or a data file instead of a hub name."
         )
         try:
             new_err = type(err)(message)

@@ -34,7 +34,7 @@ prompt (``pad_to="longest"``, the default: single-turn HH prompts are short) or 
 Example (offline):
 
     >>> import tempfile
-    >>> from klq_jax.data import fixtures, hh
+    >>> from klq_jax.data import hh
     >>> tok = fixtures.make_tiny_tokenizer()
     >>> d = fixtures.write_tiny_hh(tempfile.mkdtemp(), n=6)
     >>> ds = hh.load_hh(tok, "train", name_or_path=d)

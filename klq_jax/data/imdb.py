@@ -16,7 +16,7 @@ decoded prefix; prompts are LEFT-padded to ``max(range)`` tokens. The review lab
 Example (offline):
 
     >>> import tempfile
-    >>> from klq_jax.data import fixtures, imdb
+    >>> from klq_jax.data import imdb
     >>> tok = fixtures.make_tiny_tokenizer()
     >>> d = fixtures.write_tiny_imdb(tempfile.mkdtemp(), n=6)
     >>> ds = imdb.load_imdb(tok, "train", name_or_path=d, seed=0)

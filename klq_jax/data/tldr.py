@@ -37,7 +37,7 @@ References (for evaluation) are the human summaries as a response text, ``" " + 
 Example (offline, with the tiny fixtures):
 
     >>> import tempfile
-    >>> from klq_jax.data import fixtures, tldr
+    >>> from klq_jax.data import tldr
     >>> tok = fixtures.make_tiny_tokenizer()
     >>> d = fixtures.write_tiny_tldr(tempfile.mkdtemp(), tok, n=4, query_length=128)
     >>> ds = tldr.load_tldr(tok, "validation", name_or_path=d, query_length=128)
@@ -138,7 +138,7 @@ def truncate_query(
       even an empty post does not fit.
 
     Example:
-      >>> from klq_jax.data.fixtures import make_tiny_tokenizer
+      >>> make_tiny_tokenizer = fixtures.make_tiny_tokenizer  # test helpers (tests/helpers/fixtures.py)
       >>> tok = make_tiny_tokenizer()
       >>> text, ids = truncate_query(tok, "a", "b", "first line\\nsecond line", 10**6)
       >>> text.endswith("second line\\n\\nTL;DR:")

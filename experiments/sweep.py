@@ -1,7 +1,7 @@
 """τ sweeps of KLQ against PPO: one training run per (algorithm, τ), then a Pareto plot.
 
-``python -m klq_jax.sweep PRESET --taus 0.01 0.05 0.1 [--algos klq ppo] [--out-dir DIR] [-- overrides]``
-runs ``python -m klq_jax.train`` for each ``<algo>`` and τ with the preset's other settings (the
+``python -m experiments.sweep PRESET --taus 0.01 0.05 0.1 [--algos klq ppo] [--out-dir DIR] [-- overrides]``
+runs ``klq train`` for each ``<algo>`` and τ with the preset's other settings (the
 preset's own ``algo.name`` is replaced; any further ``--field value`` overrides after ``--`` apply
 to every run), each in ``<out-dir>/<algo>-tau<τ>``, then writes
 
@@ -15,7 +15,7 @@ sweep continues where it stopped (each run also resumes from its own checkpoints
 
 Example (seconds on a CPU)::
 
-    python -m klq_jax.sweep tiny-klq --taus 0.02 0.2 --out-dir runs/sweep-tiny -- --total-episodes 64
+    python -m experiments.sweep tiny-klq --taus 0.02 0.2 --out-dir runs/sweep-tiny -- --total-episodes 64
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import argparse
 import json
 import os
 
-from klq_jax import plots, presets, tasks, train
+from experiments import plots, presets
+from experiments import train as train_cmd
 
 
 def run_sweep(
@@ -44,17 +45,13 @@ def run_sweep(
     for algo in algos:
         for tau in taus:
             run_dir = os.path.join(out_dir, f"{algo}-tau{tau:g}")
-            cfg = train.parse_args(
+            cfg = train_cmd.parse_args(
                 [preset, "--algo.name", algo, "--algo.tau", str(tau), "--out-dir", run_dir,
                  "--resume", *(overrides or [])]
             )
             metrics = os.path.join(run_dir, "metrics.jsonl")
             if not os.path.isdir(os.path.join(run_dir, "policy")):
-                exp = tasks.build_experiment(
-                    cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed,
-                    score_micro_batch_size=cfg.score_micro_batch_size,
-                )
-                train.train(cfg, exp, mesh=mesh)
+                train_cmd.run(cfg, mesh=mesh)
             with open(metrics) as f:
                 last = [json.loads(line) for line in f][-1]
             rows.append(dict(last, algo=algo, tau=tau))
@@ -84,7 +81,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
-        prog="python -m klq_jax.sweep",
+        prog="klq sweep",
         description="Train KLQ and PPO over several τ and plot final reward against KL.",
         epilog="Arguments after '--' are passed to every run as config overrides "
         "(e.g. -- --total-episodes 64 --mesh.fsdp 2).",
@@ -113,6 +110,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from klq_jax import sweep as _sweep
-
-    _sweep.main()
+    main()

@@ -39,7 +39,7 @@ are drawn from π[Q] (on-policy continuation).
 
 Example:
     >>> import numpy as np
-    >>> from klq_jax import tabular as tb
+    >>> from tests.helpers import tabular as tb
     >>> mdp = tb.make_tree_mdp(n_actions=3, eos_id=0, horizon=3, gamma=1.0, seed=0)
     >>> pi_b = tb.random_policy(mdp, np.random.default_rng(1))
     >>> q0 = np.zeros((mdp.num_states, mdp.n_actions))

@@ -1,8 +1,9 @@
-"""The paper's experiments as :class:`klq_jax.tasks.Experiment`\\ s: TL;DR, Anthropic-HH (and IMDb).
+"""Tasks: how a :class:`TaskConfig` becomes a :class:`klq_jax.train.Experiment` (models, prompts, reward).
 
-:func:`build` turns a :class:`~klq_jax.tasks.TaskConfig` of kind ``"tldr"``, ``"hh"`` or ``"imdb"``
-into the policy, the reference policy, the reward and the prompt iterator that
-:func:`klq_jax.train.train` runs (paper §5, App. D Tables 1-2):
+:func:`build_experiment` is the one task builder. ``kind="synthetic"``: a random or given policy,
+random prompts over its vocabulary and a programmatic reward (:func:`klq_jax.rewards.programmatic_reward`;
+no tokenizer, no network) — for tests and CPU smoke runs. ``"tldr"``, ``"hh"``, ``"imdb"``: the
+paper's experiments (§5, App. D Tables 1-2; presets in :mod:`experiments.presets`):
 
 * **policy** θ_0: the SFT model (``TaskConfig.policy``) with a randomly initialised value head
   (paper §3.2); **reference** π_b: ``TaskConfig.reference`` loaded without value head, or (when
@@ -31,7 +32,7 @@ into the policy, the reference policy, the reward and the prompt iterator that
     (``"POSITIVE"``, its id from the model's ``config.label2id``), as TRL's sentiment example;
   - anything else: a clear error says which architectures are supported.
 
-Hub names: every model and dataset name goes through :func:`klq_jax.tasks.resolve_source`, so with
+Hub names: every model and dataset name goes through :func:`klq_jax.models.load.resolve_source`, so with
 ``KLQ_LOCAL_MODELS=/dir`` a name ``org/name`` reads ``/dir/org/name`` when it exists (models in the
 Hugging Face layout, datasets in the hub repo's file layout); otherwise models are downloaded from
 the Hub and datasets go through ``datasets.load_dataset``. Without network, a missing copy raises
@@ -39,8 +40,8 @@ an error naming ``KLQ_LOCAL_MODELS``.
 
 Example (offline, with tiny local copies under the hub names; see tests/test_paper_presets.py)::
 
-    >>> from klq_jax import paper_tasks, presets                                     # doctest: +SKIP
-    >>> exp = paper_tasks.build(presets.get("hh-klq").task, batch_size=192, seed=0)  # doctest: +SKIP
+    >>> from experiments import presets, tasks                                     # doctest: +SKIP
+    >>> exp = tasks.build_experiment(presets.get("hh-klq").task, batch_size=192, seed=0)  # doctest: +SKIP
     >>> batch = next(exp.prompts); batch["prompt_ids"].shape                         # doctest: +SKIP
     (192, 112)
 """
@@ -52,17 +53,26 @@ import logging
 import os
 from typing import Any
 
-import jax
+import dataclasses
+from typing import Literal
 
-from klq_jax import rewards, tasks
-from klq_jax.tasks import Experiment, TaskConfig
+import jax
+import numpy as np
+
+from klq_jax import rewards
+from klq_jax.data import PromptDataset, PromptIterator, load_hh, load_imdb, load_tldr
+from klq_jax.models.load import attach_critic, load_model, resolve_source
+from klq_jax.train import Experiment, TrainConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "TaskConfig",
+    "RunConfig",
+    "build_experiment",
+    "synthetic_prompts",
     "DEFAULT_DATASETS",
     "DEFAULT_SCORE_MICRO_BATCH_SIZE",
-    "build",
     "load_policy_tokenizer",
     "load_prompts",
     "load_reward_fn",
@@ -81,6 +91,100 @@ DEFAULT_SCORE_MICRO_BATCH_SIZE = 48
 _PAD_TOKEN = "[PAD]"
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Which models, prompts and reward an experiment uses.
+
+    Attributes:
+      kind: ``"synthetic"``, ``"tldr"``, ``"hh"`` or ``"imdb"``.
+      policy: the initial policy (and π_b unless ``reference`` is set); see the module docstring.
+      reference: the reference policy π_b (default: the initial policy).
+      reward_model: a reward model (score head) source, for the RM-based tasks.
+      critic: a separate value network initialised from this score-head model (``"reward_model"``:
+        the task's reward model), TRL's layout; default ``None``: a value head on the policy's body
+        (the paper).
+      reward: the programmatic reward of the synthetic task: ``"target_token"`` (fraction of
+        response tokens equal to ``target_token``), ``"low_tokens"`` (fraction of response tokens
+        with ids below ``target_token``: a dense reward that is easy to increase) or ``"length"``
+        (response length / T_max).
+      target_token: the token the ``"target_token"`` reward likes.
+      dataset: dataset hub name or local path (the task's default when ``None``).
+      dataset_subset: e.g. HH's ``"helpful-base"``.
+      split: dataset split for training prompts.
+      max_prompt_len: prompt token budget (TL;DR: 512).
+      tokenizer: tokenizer source (default: the policy's directory).
+      reward_tokenizer: the reward model's tokenizer when it differs from the policy's (HH).
+      reward_label: the class whose logit is the reward, for a classifier reward model (IMDb's
+        DistilBERT: ``"POSITIVE"``, looked up in its ``config.label2id``).
+      prompt_length_range: IMDb's half-open range ``[lo, hi)`` of prompt lengths in tokens (the
+        first ``k`` tokens of each review, ``k`` drawn per review; TRL: ``(2, 8)``).
+      dtype: compute dtype of every model (``"float32"``, ``"bfloat16"``).
+      num_prompts: size of the synthetic prompt set.
+      prompt_len: longest synthetic prompt.
+      stop_token_id: the stop token (Pythia's EOS ``<|endoftext|>`` is 0).
+      pad_token_id: the padding id for prompts/responses (synthetic: 0).
+    """
+
+    kind: Literal["synthetic", "tldr", "hh", "imdb"] = "synthetic"
+    policy: str = "random:tiny"
+    reference: str | None = None
+    reward_model: str | None = None
+    critic: str | None = None
+    reward: Literal["target_token", "low_tokens", "length"] = "target_token"
+    target_token: int = 7
+    dataset: str | None = None
+    dataset_subset: str | None = None
+    split: str = "train"
+    max_prompt_len: int = 512
+    tokenizer: str | None = None
+    reward_tokenizer: str | None = None
+    reward_label: str = "POSITIVE"
+    prompt_length_range: tuple[int, int] = (2, 8)
+    dtype: str = "float32"
+    num_prompts: int = 256
+    prompt_len: int = 8
+    stop_token_id: int = 0
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ("synthetic", "tldr", "hh", "imdb"):
+            raise ValueError(
+                f"TaskConfig.kind={self.kind!r} is not one of 'synthetic', 'tldr', 'hh', 'imdb'"
+            )
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"TaskConfig.dtype={self.dtype!r} must be float32, bfloat16 or float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig(TrainConfig):
+    """A whole run of ``klq train``: the trainer's :class:`klq_jax.train.TrainConfig` plus its task.
+
+    Attributes:
+      task: models, prompts and reward (:class:`TaskConfig`).
+    """
+
+    task: TaskConfig = TaskConfig()
+
+
+def synthetic_prompts(num_prompts: int, max_len: int, vocab_size: int, seed: int, pad_id: int = 0):
+    """Random left-padded prompts of lengths 1..max_len over tokens ``1..vocab_size-1``."""
+    rng = np.random.RandomState(seed)
+    lengths = rng.randint(1, max_len + 1, size=num_prompts)
+    ids = np.full((num_prompts, max_len), pad_id, np.int32)
+    mask = np.zeros((num_prompts, max_len), np.float32)
+    for i, n in enumerate(lengths):
+        ids[i, max_len - n :] = rng.randint(1, vocab_size, size=n)
+        mask[i, max_len - n :] = 1.0
+    return PromptDataset(
+        prompt_ids=ids,
+        prompt_mask=mask,
+        prompt_texts=[" ".join(map(str, r[m > 0])) for r, m in zip(ids, mask)],
+        references=None,
+        pad_id=pad_id,
+        name="synthetic",
+    )
+
+
 def _offline_hint(name: str, what: str) -> str:
     root = os.environ.get("KLQ_LOCAL_MODELS")
     where = f"/dir/{name}" if not root else os.path.join(root, name)
@@ -95,7 +199,7 @@ def load_policy_tokenizer(source: str, *, vocab_size: int | None = None, pad_wit
     """The policy's tokenizer, with a pad token (``"[PAD]"`` added when missing, as TRL does).
 
     Args:
-      source: a tokenizer directory or hub name (resolved by :func:`klq_jax.tasks.resolve_source`).
+      source: a tokenizer directory or hub name (resolved by :func:`klq_jax.resolve_source`).
       vocab_size: rows of the policy's embedding; every token id, the new pad id included, must be
         below it.
       pad_with_eos: when the tokenizer has no pad token and ``"[PAD]"`` would not fit the
@@ -108,7 +212,7 @@ def load_policy_tokenizer(source: str, *, vocab_size: int | None = None, pad_wit
     Example::
 
         >>> import tempfile
-        >>> from klq_jax.data.fixtures import make_tiny_gpt2_tokenizer
+        >>> make_tiny_gpt2_tokenizer = fixtures.make_tiny_gpt2_tokenizer  # test helpers (tests/helpers/fixtures.py)
         >>> d = tempfile.mkdtemp(); _ = make_tiny_gpt2_tokenizer(d)       # a tokenizer without pad
         >>> tok = load_policy_tokenizer(d, vocab_size=400)
         >>> tok.pad_token, tok.pad_token_id
@@ -116,7 +220,7 @@ def load_policy_tokenizer(source: str, *, vocab_size: int | None = None, pad_wit
     """
     from transformers import AutoTokenizer
 
-    path = tasks.resolve_source(source)
+    path = resolve_source(source)
     if path.startswith("random:"):
         raise ValueError(
             f"A random policy ({source!r}) has no tokenizer; set TaskConfig.tokenizer to a tokenizer "
@@ -147,13 +251,11 @@ def load_policy_tokenizer(source: str, *, vocab_size: int | None = None, pad_wit
 
 def _dataset_source(task: TaskConfig) -> str:
     name = task.dataset or DEFAULT_DATASETS[task.kind]
-    return tasks.resolve_source(name, kind="dataset")
+    return resolve_source(name, kind="dataset")
 
 
 def load_prompts(task: TaskConfig, tokenizer, *, seed: int = 0):
     """The task's training prompts as a :class:`klq_jax.data.PromptDataset` (see the module doc)."""
-    from klq_jax.data import load_hh, load_imdb, load_tldr
-
     name = task.dataset or DEFAULT_DATASETS[task.kind]
     source = _dataset_source(task)
     try:
@@ -176,7 +278,7 @@ def load_prompts(task: TaskConfig, tokenizer, *, seed: int = 0):
         except Exception:  # an exception class with another constructor
             new_err = FileNotFoundError(message)
         raise new_err from err
-    raise ValueError(f"paper_tasks cannot load prompts for task kind {task.kind!r}")
+    raise ValueError(f"experiments.tasks cannot load prompts for task kind {task.kind!r}")
 
 
 def _read_config(path: str) -> dict:
@@ -197,12 +299,12 @@ def load_reward_model(task: TaskConfig, *, key: Any = None):
     """``(architecture, config, graphdef, params)`` of the task's reward model, in ``task.dtype``.
 
     GPT-NeoX score models (a Hugging Face or klq_jax directory) go through
-    :func:`klq_jax.tasks.load_model` (which applies the options on every source kind); GPT-2 score
-    models through :func:`klq_jax.models.hf.load_hf`.
+    :func:`klq_jax.models.load.load_model` (which applies the options on every source kind); GPT-2
+    and DistilBERT reward models through :func:`klq_jax.models.hf.load_hf`.
     """
     if task.reward_model is None:
         raise ValueError(f"Task kind {task.kind!r} needs TaskConfig.reward_model (a reward-model directory or hub name).")
-    path = tasks.resolve_source(task.reward_model)
+    path = resolve_source(task.reward_model)
     if path.startswith("random:"):
         raise ValueError(f"reward_model={task.reward_model!r}: a random reward model is not supported; pass a checkpoint.")
     arch = (_read_config(path).get("architectures") or ["?"])[0]
@@ -213,7 +315,7 @@ def load_reward_model(task: TaskConfig, *, key: Any = None):
             return (arch, *hf.load_flax(path, dtype=task.dtype))
         return (arch, *hf.load_hf(path, dtype=task.dtype))
     if arch == "GPTNeoXForSequenceClassification":
-        cfg, graphdef, params = tasks.load_model(path, key=key if key is not None else jax.random.key(0),
+        cfg, graphdef, params = load_model(path, key=key if key is not None else jax.random.key(0),
                                                  dtype=task.dtype)
         if not cfg.score_head:
             raise ValueError(f"{task.reward_model}: the GPT-NeoX checkpoint has no score head.")
@@ -245,7 +347,7 @@ def load_reward_fn(
         return rewards.make_rm_reward_fn(graphdef, params, micro_batch_size=micro_batch_size)
     from transformers import AutoTokenizer
 
-    rm_tok_source = tasks.resolve_source(task.reward_tokenizer or task.reward_model)
+    rm_tok_source = resolve_source(task.reward_tokenizer or task.reward_model)
     reward_tokenizer = AutoTokenizer.from_pretrained(rm_tok_source)
     classifier = arch == "DistilBertForSequenceClassification"
     if classifier and task.reward_label not in cfg.labels:
@@ -262,7 +364,7 @@ def load_reward_fn(
     )
 
 
-def build(
+def build_experiment(
     task: TaskConfig,
     *,
     batch_size: int,
@@ -270,15 +372,15 @@ def build(
     score_micro_batch_size: int | None = None,
     mesh=None,
 ) -> Experiment:
-    """The :class:`~klq_jax.tasks.Experiment` of a ``"tldr"``, ``"hh"`` or ``"imdb"`` task.
+    """The :class:`klq_jax.train.Experiment` of any task kind (see the module docstring).
 
     Args:
       task: the task (models, dataset, split, prompt budget, dtype).
       batch_size: the GLOBAL number of prompts per iteration (``TrainConfig.rollouts_per_batch``).
       seed: seeds the value head's initialisation and the prompt order.
-      mesh: load the policy and reference straight into their shardings on this mesh.
       score_micro_batch_size: rows per reward-model forward (default
         :data:`DEFAULT_SCORE_MICRO_BATCH_SIZE`, capped at ``batch_size``).
+      mesh: load every model straight into its shardings on this mesh.
 
     Returns:
       The experiment; ``prompts`` yields global batches (every process gets the whole batch, which
@@ -288,25 +390,40 @@ def build(
       FileNotFoundError: a model or dataset is neither local nor downloadable (the message names
         ``KLQ_LOCAL_MODELS``); ValueError: unsupported reward model, tokenizer/embedding mismatch.
     """
-    from klq_jax.data import PromptIterator
-
-    if task.kind not in DEFAULT_DATASETS:
-        raise ValueError(f"paper_tasks.build handles kinds {sorted(DEFAULT_DATASETS)}, not {task.kind!r}.")
-    key_value, key_rm = jax.random.split(jax.random.key(seed))
-    cfg, graphdef, params = tasks.load_model(
+    synthetic = task.kind == "synthetic"
+    if synthetic:
+        key_value = key_rm = jax.random.key(seed)
+    else:
+        key_value, key_rm = jax.random.split(jax.random.key(seed))
+    cfg, graphdef, params = load_model(
         task.policy, key=key_value, value_head=True, dtype=task.dtype, mesh=mesh
     )
-    tokenizer = load_policy_tokenizer(task.tokenizer or task.policy, vocab_size=cfg.vocab_size,
-                                      pad_with_eos=task.kind == "imdb")
     ref_graphdef = ref_params = None
     if task.reference is not None:
-        _, ref_graphdef, ref_params = tasks.load_model(
+        _, ref_graphdef, ref_params = load_model(
             task.reference, key=key_value, dtype=task.dtype, mesh=mesh
         )
     if task.critic is not None:  # TRL's layout: a separate value network from the reward model
-        graphdef, params, crit_ref_gd, crit_ref_p = tasks.attach_critic(task, graphdef, params, key=key_value)
+        source = task.reward_model if task.critic == "reward_model" else task.critic
+        if source is None:
+            raise ValueError("TaskConfig.critic='reward_model' needs TaskConfig.reward_model to be set.")
+        graphdef, params, crit_ref_gd, crit_ref_p = attach_critic(
+            graphdef, params, source, key=key_value, dtype=task.dtype
+        )
         if ref_params is None:
             ref_graphdef, ref_params = crit_ref_gd, crit_ref_p
+    common = dict(graphdef=graphdef, params=params, ref_graphdef=ref_graphdef, ref_params=ref_params)
+    if synthetic:
+        dataset = synthetic_prompts(task.num_prompts, task.prompt_len, cfg.vocab_size, seed, task.pad_token_id)
+        return Experiment(
+            reward_fn=rewards.programmatic_reward(task.reward, target_token=task.target_token),
+            prompts=PromptIterator(dataset, batch_size=batch_size, seed=seed),
+            stop_token_ids=(task.stop_token_id,),
+            pad_token_id=task.pad_token_id,
+            **common,
+        )
+    tokenizer = load_policy_tokenizer(task.tokenizer or task.policy, vocab_size=cfg.vocab_size,
+                                      pad_with_eos=task.kind == "imdb")
     dataset = load_prompts(task, tokenizer, seed=seed)
     logger.info("%s: %d prompts of width %d (dropped %s)", dataset.name, len(dataset), dataset.width,
                 dict(dataset.drop_reasons))
@@ -314,14 +431,11 @@ def build(
     micro = min(score_micro_batch_size or DEFAULT_SCORE_MICRO_BATCH_SIZE, batch_size)
     reward_fn = load_reward_fn(task, tokenizer, stop_token_ids=stop_token_ids, micro_batch_size=micro, key=key_rm)
     return Experiment(
-        graphdef=graphdef,
-        params=params,
         reward_fn=reward_fn,
         prompts=PromptIterator(dataset, batch_size=batch_size, seed=seed),
-        ref_graphdef=ref_graphdef,
-        ref_params=ref_params,
         stop_token_ids=stop_token_ids,
         pad_token_id=int(tokenizer.pad_token_id),
         decode=lambda ids: tokenizer.decode(list(ids)),
         tokenizer=tokenizer,
+        **common,
     )

@@ -144,7 +144,7 @@ def plot_pareto(rows: Iterable[Mapping], path: str, *, title: str | None = None)
     """Reward against KL(π‖π_b) at the end of training, one line per algorithm over τ (paper Fig. 2).
 
     ``rows`` hold ``algo``, ``tau``, ``kl`` and ``score`` (e.g. the last records of a τ sweep,
-    :mod:`klq_jax.sweep`). Each point is labelled with its τ. Returns ``path``.
+    :mod:`experiments.sweep`). Each point is labelled with its τ. Returns ``path``.
 
     Example:
         >>> import os, tempfile

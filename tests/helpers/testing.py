@@ -15,7 +15,7 @@ Stable names (other tests import them):
 Example::
 
     >>> import tempfile, numpy as np
-    >>> from klq_jax.testing import tiny_hf_gpt_neox, make_left_padded_batch
+    >>> from tests.helpers.testing import tiny_hf_gpt_neox, make_left_padded_batch
     >>> d = tempfile.mkdtemp()
     >>> model = tiny_hf_gpt_neox(d, num_attention_heads=3, hidden_size=24)
     >>> tokens, mask = make_left_padded_batch(np.random.default_rng(0), 2, 6, 64, [6, 3])

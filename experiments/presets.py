@@ -1,6 +1,6 @@
 """Named run configurations: the paper's experiments and small CPU runs.
 
-``python -m klq_jax.train <preset> [--field value ...]`` starts one; ``--help`` after the preset
+``klq train <preset> [--field value ...]`` starts one; ``--help`` after the preset
 name lists every field. The paper's settings (Table 2): γ = 1, τ = 0.05, λ = 0.95, learning rate
 1.41e-5 decayed linearly, 4 epochs per batch, 192 rollouts per batch in one minibatch of 192,
 75k episodes, T_max = 53 on TL;DR. PPO's other settings come from TRL: clip 0.2, value clip 0.2,
@@ -12,7 +12,7 @@ and PPO's advantages whitened per process, 48 rows of 192 on the paper's 4 GPUs
 
 Example::
 
-    >>> from klq_jax import presets
+    >>> from experiments import presets
     >>> cfg = presets.get("tldr-klq")
     >>> cfg.algo.name, cfg.algo.tau, cfg.rollouts_per_batch, cfg.max_new_tokens
     ('klq', 0.05, 192, 53)
@@ -23,8 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 from klq_jax.algorithms import AlgoConfig
-from klq_jax.tasks import TaskConfig
-from klq_jax.train import OptimConfig, TrainConfig
+from experiments.tasks import RunConfig, TaskConfig
+from klq_jax.train import OptimConfig
 
 # The paper's shared hyperparameters (Table 2) + TRL's PPO defaults.
 _PAPER = dict(
@@ -105,21 +105,21 @@ def _algo(name: str, **kw) -> AlgoConfig:
 # TRL whitens PPO's advantages per process: the paper ran 4 GPUs.
 _PAPER_PPO = dict(whiten_groups=4)
 
-PRESETS: dict[str, TrainConfig] = {
-    "tldr-klq": TrainConfig(task=TLDR_TASK, algo=_algo("klq"), out_dir="runs/tldr-klq", **_PAPER),
-    "tldr-ppo": TrainConfig(task=TLDR_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/tldr-ppo",
-                            **_PAPER),
-    "hh-klq": TrainConfig(task=HH_TASK, algo=_algo("klq"), out_dir="runs/hh-klq", **_PAPER),
-    "hh-ppo": TrainConfig(task=HH_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/hh-ppo", **_PAPER),
-    "imdb-klq": TrainConfig(task=IMDB_TASK, algo=_algo("klq"), out_dir="runs/imdb-klq", **_IMDB),
-    "imdb-ppo": TrainConfig(task=IMDB_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/imdb-ppo",
-                            **_IMDB),
-    "tiny-klq": TrainConfig(task=TINY_TASK, algo=_algo("klq"), **_TINY),
-    "tiny-ppo": TrainConfig(task=TINY_TASK, algo=_algo("ppo"), **dict(_TINY, out_dir="runs/tiny-ppo")),
+PRESETS: dict[str, RunConfig] = {
+    "tldr-klq": RunConfig(task=TLDR_TASK, algo=_algo("klq"), out_dir="runs/tldr-klq", **_PAPER),
+    "tldr-ppo": RunConfig(task=TLDR_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/tldr-ppo",
+                          **_PAPER),
+    "hh-klq": RunConfig(task=HH_TASK, algo=_algo("klq"), out_dir="runs/hh-klq", **_PAPER),
+    "hh-ppo": RunConfig(task=HH_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/hh-ppo", **_PAPER),
+    "imdb-klq": RunConfig(task=IMDB_TASK, algo=_algo("klq"), out_dir="runs/imdb-klq", **_IMDB),
+    "imdb-ppo": RunConfig(task=IMDB_TASK, algo=_algo("ppo", **_PAPER_PPO), out_dir="runs/imdb-ppo",
+                          **_IMDB),
+    "tiny-klq": RunConfig(task=TINY_TASK, algo=_algo("klq"), **_TINY),
+    "tiny-ppo": RunConfig(task=TINY_TASK, algo=_algo("ppo"), **dict(_TINY, out_dir="runs/tiny-ppo")),
 }
 
 
-def get(name: str) -> TrainConfig:
+def get(name: str) -> RunConfig:
     """The preset called ``name`` (a fresh, frozen config)."""
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}. Available presets: {', '.join(sorted(PRESETS))}")

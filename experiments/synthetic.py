@@ -1,6 +1,6 @@
 """A synthetic language small enough to enumerate: prompts, a generative grammar, an SFT policy, a reward.
 
-This is the world of the offline demo (``python -m klq_jax.demo``) and of the exact-optimum tests.
+This is the world of the offline demo (``python -m experiments.demo``) and of the exact-optimum tests.
 Everything is deterministic from a seed and runs in seconds on a CPU.
 
 * **Vocabulary** (8 words): ``<eos> cat dog and runs sleeps eats fast``. ``<eos>`` is id 0 and is
@@ -22,7 +22,7 @@ Everything is deterministic from a seed and runs in seconds on a CPU.
   ω penalty for a response that hits ``T_max`` without ``<eos>`` (Algorithms 1-2).
 
 :class:`SyntheticTask` bundles the language with τ, ω and T_max, builds the trainer's
-:class:`~klq_jax.tasks.Experiment`, and evaluates a network exactly (J(π), J*, KL(π‖π_b),
+:class:`~klq_jax.train.Experiment`, and evaluates a network exactly (J(π), J*, KL(π‖π_b),
 KL(π‖π*)) by enumerating all ``num_responses(8, 5) = 19608`` responses per prompt.
 
 Example:
@@ -45,10 +45,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from klq_jax import evaluate
-from klq_jax.data.common import PromptDataset
+from klq_jax.data import PromptDataset, PromptIterator
 from klq_jax.models import gpt_neox
+from klq_jax.rollout import response_logprobs
+from klq_jax.train import Experiment
 
 __all__ = [
     "EOS_ID",
@@ -276,8 +279,6 @@ class SFTResult(NamedTuple):
 
 
 def _nll(graphdef, params, batch):
-    from klq_jax.rollout import response_logprobs
-
     logp, _ = response_logprobs(graphdef, params, batch["prompt_ids"], batch["prompt_mask"],
                                 batch["response_ids"], batch["response_mask"])
     m = batch["response_mask"]
@@ -373,8 +374,6 @@ def grammar_kl(language: SyntheticLanguage, graphdef, params) -> np.ndarray:
         >>> grammar_kl(SyntheticLanguage(), sft.graphdef, sft.params)   # doctest: +SKIP
         array([0.004, 0.003, 0.006, 0.005])
     """
-    from klq_jax.rollout import response_logprobs
-
     p_ids, p_mask = language.prompt_arrays()
     out = []
     for i, prompt in enumerate(language.prompts):
@@ -402,8 +401,6 @@ def add_value_head(config: gpt_neox.GPTNeoXConfig, params, key) -> tuple[gpt_neo
       >>> cfg2.value_head, gpt_neox.param_count(p2) - gpt_neox.param_count(p)
       (True, 33)
     """
-    from flax import nnx
-
     cfg2 = config.replace(value_head=True)
     graphdef, fresh = gpt_neox.init(cfg2, key)
     pure = nnx.to_pure_dict(fresh)
@@ -485,10 +482,7 @@ class SyntheticTask:
 
     def experiment(self, graphdef, params, *, batch_size: int, seed: int = 0, ref_graphdef=None,
                    ref_params=None, decode: Callable | None = None):
-        """The trainer's :class:`~klq_jax.tasks.Experiment` (policy with a value head; π_b = θ_0 by default)."""
-        from klq_jax.data.iterator import PromptIterator
-        from klq_jax.tasks import Experiment
-
+        """The trainer's :class:`~klq_jax.train.Experiment` (policy with a value head; π_b = θ_0 by default)."""
         P = len(self.language.prompts)
         copies = max(1, -(-batch_size // P))
         return Experiment(

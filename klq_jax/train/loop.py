@@ -1,0 +1,342 @@
+"""The training loop: one rollout phase and one sharded, jitted update step per iteration.
+
+One iteration (paper Algorithms 1 and 2; DESIGN.md's data flow)::
+
+    prompts ─ sample(θ_old) ─ score (log π, log π_b, V, R_φ) ─ rewards ─ targets (fixed) ─┐
+       epochs × shuffled minibatches × micro-batches of the algorithm's loss (one jit) ←──┘
+
+The update is :mod:`klq_jax.train.step`. :func:`train` is the only place with side effects: the prompt iterator, logging (JSONL,
+TensorBoard, a progress bar), checkpoints (:mod:`klq_jax.checkpoint`) and resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from klq_jax import algorithms, rollout, sharding
+from klq_jax.checkpoint import Checkpointer
+from klq_jax.train.config import TrainConfig, make_optimizer
+from klq_jax.train.step import ROLLOUT_KEYS, TrainState, init_state, jit_update_fn, make_update_fn
+
+Array = jax.Array
+
+
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What :func:`train` trains: the models, the prompts and the reward of one run.
+
+    Experiment code builds it from a task config (``experiments/tasks.py``); library users build
+    it from their own models, prompt iterator and reward function.
+
+    Attributes:
+      graphdef, params: the policy (with a value head); ``params`` become θ_0.
+      reward_fn: ``(prompt_ids, prompt_mask, response_ids, response_mask) -> scores [B]`` (R_φ).
+      prompts: an iterator with ``next()``, ``state_dict()``, ``load_state_dict()`` yielding
+        ``{"prompt_ids": [B, Tq], "prompt_mask": [B, Tq], ...}`` (numpy, global batch).
+      ref_graphdef, ref_params: the frozen reference policy π_b (default: a copy of θ_0).
+      stop_token_ids, pad_token_id: for the sampler.
+      decode: optional ``token ids -> str`` for logged samples.
+      tokenizer: the policy's Hugging Face tokenizer (saved next to the exported policy at the
+        end of training), or None.
+    """
+
+    graphdef: Any
+    params: Any
+    reward_fn: Callable
+    prompts: Any
+    ref_graphdef: Any = None
+    ref_params: Any = None
+    stop_token_ids: tuple[int, ...] = (0,)
+    pad_token_id: int = 0
+    decode: Callable | None = None
+    tokenizer: Any = None
+
+
+# ------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------
+# The loop
+# ------------------------------------------------------------------------------------------
+
+
+def rollout_metrics(ro: rollout.Rollout, tau: float) -> dict[str, float]:
+    """Host-side statistics of one rollout batch (float Python numbers)."""
+    mask = np.asarray(ro.response_mask, np.float64)
+    logp = np.asarray(ro.logp, np.float64)
+    ref = np.asarray(ro.ref_logp, np.float64)
+    kl_seq = ((logp - ref) * mask).sum(1)
+    rewards_seq = (np.asarray(ro.rewards, np.float64) * mask).sum(1)
+    lengths = mask.sum(1)
+    scores = np.asarray(ro.scores, np.float64)
+    return {
+        "score": float(scores.mean()),
+        "reward": float(rewards_seq.mean()),
+        "kl": float(kl_seq.mean()),
+        "rlhf_reward": float((rewards_seq - tau * kl_seq).mean()),
+        "entropy": float((-logp * mask).sum() / max(mask.sum(), 1.0)),
+        "response_length": float(lengths.mean()),
+        "truncated_frac": float(1.0 - np.asarray(ro.stopped, np.float64).mean()),
+    }
+
+
+TIMING_KEYS = (
+    "time_sample", "time_score", "time_update", "time_iteration", "tokens_per_s", "wall_time",
+)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss, gradient or parameter became NaN/inf; the run stopped before writing a checkpoint."""
+
+
+def _check_finite(metrics: dict, iteration: int):
+    for k, v in metrics.items():
+        if not math.isfinite(v):
+            raise NonFiniteError(
+                f"Iteration {iteration}: metric '{k}' is {v}. The run was stopped and no checkpoint "
+                "was written for this iteration; lower the learning rate or check the reward. "
+                "Resume from the last checkpoint with --resume."
+            )
+
+
+def _config_to_json(cfg) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+class _Logger:
+    """JSONL + TensorBoard + samples file under the run directory."""
+
+    def __init__(self, out_dir: str, done_iterations: int, tensorboard: bool):
+        os.makedirs(out_dir, exist_ok=True)
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(out_dir, "samples.jsonl")
+        # On resume, drop the lines of iterations after the checkpoint (they are run again) so the
+        # file matches an uninterrupted run.
+        for path in (self.metrics_path, self.samples_path):
+            if os.path.exists(path):
+                keep = []
+                with open(path) as f:
+                    for line in f:
+                        try:
+                            if json.loads(line)["iteration"] <= done_iterations:
+                                keep.append(line)
+                        except (ValueError, KeyError):
+                            pass
+                with open(path, "w") as f:
+                    f.writelines(keep)
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except Exception:  # tensorboard is optional
+                self.tb = None
+
+    def log(self, iteration: int, record: dict):
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.tb.add_scalar(k, v, iteration)
+
+    def samples(self, iteration: int, texts: list[dict]):
+        with open(self.samples_path, "a") as f:
+            for t in texts:
+                f.write(json.dumps(dict(t, iteration=iteration)) + "\n")
+        if self.tb is not None:
+            body = "\n\n".join(f"**{t['prompt']}** → {t['response']} (score {t['score']:.3f})" for t in texts)
+            self.tb.add_text("samples", body, iteration)
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+class TrainResult(NamedTuple):
+    state: TrainState
+    history: list[dict]
+    graphdef: Any
+
+
+def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callable | None = None) -> TrainResult:
+    """Run (or resume) KLQ / PPO training. See the module docstring.
+
+    Writes ``metrics.jsonl``, ``samples.jsonl``, ``tb/``, ``checkpoints/``, ``config.json`` and,
+    at the end, the trained policy (``policy/``, see :func:`export_policy`) under ``cfg.out_dir``.
+    Returns the final state and the metrics of the iterations run now. ``exp.params`` is copied
+    into the (donated) train state, so the caller's arrays stay valid.
+    """
+    sharding.initialize_distributed()
+    mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
+    dp = sharding.data_parallel_size(mesh)
+    for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size"):
+        if getattr(cfg, name) % dp:
+            raise ValueError(
+                f"{name}={getattr(cfg, name)} must be a multiple of the {dp} data-parallel devices "
+                f"of the mesh {dict(mesh.shape)}."
+            )
+    algo = algorithms.get(cfg.algo.name)
+    total_steps = cfg.num_iterations * cfg.steps_per_iteration
+    optimizer, schedule = make_optimizer(cfg.optim, total_steps, cfg.steps_per_iteration)
+    state, state_sh = init_state(exp.params, optimizer, cfg.seed, mesh)
+    ref_graphdef = exp.ref_graphdef if exp.ref_graphdef is not None else exp.graphdef
+    ref_params = exp.ref_params
+    if ref_params is None:  # π_b = θ_0's policy, frozen (a copy: the state is donated)
+        ref_params = jax.tree_util.tree_map(jnp.copy, state.params)
+    else:
+        ref_params = jax.device_put(ref_params, sharding.param_shardings(ref_params, mesh))
+
+    update = jit_update_fn(make_update_fn(exp.graphdef, cfg, optimizer), state_sh, mesh)
+    targets_fn = jax.jit(lambda e: algo.targets(cfg.algo, e))
+    sampling_cfg = cfg.sampling_config(exp.stop_token_ids, exp.pad_token_id)
+
+    ckpt = Checkpointer(os.path.join(cfg.out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
+    start = 0
+    if cfg.resume and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(None, state)
+        start = int(meta["iteration"])
+        exp.prompts.load_state_dict(meta["prompts"])
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(_config_to_json(cfg), f, indent=2)
+    logger = _Logger(cfg.out_dir, start, cfg.tensorboard)
+
+    history = []
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.num_iterations, initial=start, desc=f"{cfg.algo.name}", unit="it")
+    t_run = time.perf_counter()
+    try:
+        for it in range(start, cfg.num_iterations):
+            t0 = time.perf_counter()
+            batch = next(exp.prompts)
+            phase: dict[str, float] = {}
+            key = jax.random.wrap_key_data(state.key)
+            sample_key = jax.random.fold_in(key, 1_000_003)
+            ro = rollout.make_rollout(
+                exp.graphdef,
+                state.params,
+                ref_graphdef,
+                ref_params,
+                exp.reward_fn,
+                jnp.asarray(batch["prompt_ids"]),
+                jnp.asarray(batch["prompt_mask"]),
+                sample_key,
+                sampling_cfg,
+                omega=cfg.omega,
+                micro_batch_size=cfg.score_micro_batch_size,
+                timings=phase,
+            )
+            exp_dict = {k: getattr(ro, k) for k in ROLLOUT_KEYS}
+            jax.block_until_ready(exp_dict)
+            t1 = time.perf_counter()
+            exp_dict.update(targets_fn(exp_dict))
+            exp_dict = sharding.shard_batch(exp_dict, mesh)
+            state, upd = update(state, exp_dict)
+            upd = {k: float(v) for k, v in jax.device_get(upd).items()}
+            t2 = time.perf_counter()
+
+            record = {"iteration": it + 1, "episodes": (it + 1) * cfg.rollouts_per_batch}
+            record.update(rollout_metrics(ro, cfg.algo.tau))
+            record.update({f"train/{k}": v for k, v in upd.items()})
+            record["lr"] = float(schedule(int(state.step)))
+            n_tokens = float(np.asarray(ro.response_mask).sum())
+            record.update(
+                time_sample=phase["sample"],
+                time_score=phase["score"],
+                time_update=t2 - t1,
+                time_iteration=t2 - t0,
+                tokens_per_s=n_tokens / max(t2 - t0, 1e-9),
+                wall_time=time.perf_counter() - t_run,
+            )
+            _check_finite({k: v for k, v in record.items() if isinstance(v, float)}, it + 1)
+            logger.log(it + 1, record)
+            history.append(record)
+            if cfg.log_samples_every and (it % cfg.log_samples_every == 0):
+                logger.samples(it + 1, _sample_texts(exp, batch, ro, cfg.num_logged_samples))
+            last = it + 1 == cfg.num_iterations
+            if (it + 1) % cfg.save_every == 0 or last:
+                meta = {
+                    "iteration": it + 1,
+                    "prompts": exp.prompts.state_dict(),
+                    "config": _config_to_json(cfg),
+                }
+                ckpt.save(it + 1, state, meta)
+            if bar is not None:
+                bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
+                bar.update(1)
+            if on_iteration is not None:
+                on_iteration(it + 1, record, state)
+        if history and int(history[-1]["iteration"]) == cfg.num_iterations:
+            export_policy(
+                os.path.join(cfg.out_dir, "policy"), exp.graphdef, state.params,
+                tokenizer=exp.tokenizer,
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        ckpt.close()
+    return TrainResult(state=state, history=history, graphdef=exp.graphdef)
+
+
+def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
+    """Write a trained policy as a Hugging Face directory (value head beside it).
+
+    ``transformers.AutoModelForCausalLM.from_pretrained(path)`` loads it (config.json, safetensors,
+    generation_config.json); the value head goes to ``value_head.safetensors``, which
+    :func:`klq_jax.models.hf.load_hf` reads back with ``value_head=True``. With a separate critic
+    (:class:`klq_jax.models.critic.PolicyWithCritic`) only the policy is written. A Hugging Face
+    ``tokenizer``, if given, is saved with it and its bos/eos/pad ids go into the configs.
+    :func:`train` calls this at the end of a run (``<out_dir>/policy``).
+    """
+    import tempfile
+
+    from klq_jax.models import hf
+    from klq_jax.models.critic import PolicyWithCritic
+
+    model = nnx.merge(graphdef, params)
+    if isinstance(model, PolicyWithCritic):
+        model = model.policy
+    _, policy_params = nnx.split(model, nnx.Param)
+    policy_params = jax.device_get(policy_params)
+    if tokenizer is None:
+        hf.save_hf(path, model.config, policy_params, overwrite=True)
+        return path
+    ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer.save_pretrained(tok_dir)
+        hf.save_hf(path, model.config, policy_params, tokenizer_dir=tok_dir, hf_config=ids, overwrite=True)
+    return path
+
+
+def _sample_texts(exp: Experiment, batch, ro, k: int) -> list[dict]:
+    out = []
+    ids = np.asarray(batch["prompt_ids"])
+    pmask = np.asarray(batch["prompt_mask"]) > 0
+    rids = np.asarray(ro.response_ids)
+    rmask = np.asarray(ro.response_mask) > 0
+    scores = np.asarray(ro.scores)
+    for i in range(min(k, ids.shape[0])):
+        p, r = ids[i][pmask[i]].tolist(), rids[i][rmask[i]].tolist()
+        if exp.decode is not None:
+            p, r = exp.decode(p), exp.decode(r)
+        out.append({"prompt": str(p), "response": str(r), "score": float(scores[i])})
+    return out
