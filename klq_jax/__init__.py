@@ -6,7 +6,7 @@ The pure functions (the maths of the paper) are re-exported here::
 
 Sub-modules: ``masked``, ``returns`` and ``losses`` (the maths), ``algorithms`` (KLQ / PPO as
 targets + loss), ``models`` (GPT-NeoX, GPT-2, the critic, Hugging Face conversion, model sources),
-``sampling`` (KV-cache sampler), ``rollout`` (experience), ``rewards`` (reward models and
+``types`` (the typed ``Rollout``/``Batch`` pytrees), ``sampling`` (KV-cache sampler), ``rollout`` (experience), ``rewards`` (reward models and
 programmatic rewards), ``train`` (config, the sharded update step, the loop), ``sharding``,
 ``checkpoint``, ``data`` (prompt datasets) and ``evaluate`` (exact evaluation). The experiment
 code (presets, task builders, demo, sweeps) lives in the ``experiments`` package beside it.

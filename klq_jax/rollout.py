@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import chex
 import jax
@@ -45,6 +45,7 @@ from flax import nnx
 from klq_jax.losses import token_logprobs
 from klq_jax.models import gpt_neox
 from klq_jax.sampling import SamplingConfig, sample
+from klq_jax.types import Rollout
 
 Array = jax.Array
 
@@ -217,36 +218,6 @@ def sequence_rewards(scores: Array, response_mask: Array, stopped: Array, *, ome
     return jnp.where(at_end, R[:, None], 0.0).astype(jnp.float32)
 
 
-class Rollout(NamedTuple):
-    """One batch of experience (``B`` prompts, ``Tq`` prompt slots, ``Tr = T_max`` response slots).
-
-    Attributes:
-      prompt_ids: ``[B, Tq]`` int32 left-padded prompts.
-      prompt_mask: ``[B, Tq]`` their mask (as passed in).
-      response_ids: ``[B, Tr]`` int32 sampled responses, pad after the stop token.
-      response_mask: ``[B, Tr]`` float32, 1 on real response tokens (stop token included).
-      stopped: ``[B]`` bool, the row ended on a stop token (else truncated at ``T_max``).
-      sample_logp: ``[B, Tr]`` float32 log-probs reported by the sampler (checks only).
-      logp: ``[B, Tr]`` float32 ``log π(a_t|s_t)`` of the policy, recomputed by one forward pass.
-      ref_logp: ``[B, Tr]`` float32 ``log π_b(a_t|s_t)`` of the frozen reference policy.
-      values: ``[B, Tr]`` float32 ``V(s_t)`` of the policy's value head (None without one).
-      scores: ``[B]`` float32 ``R_φ(x, y)`` from ``reward_fn`` (no penalty).
-      rewards: ``[B, Tr]`` float32, ``R_φ − ω·1[truncated]`` on the last real token, 0 elsewhere.
-    """
-
-    prompt_ids: Array
-    prompt_mask: Array
-    response_ids: Array
-    response_mask: Array
-    stopped: Array
-    sample_logp: Array
-    logp: Array
-    ref_logp: Array
-    values: Array | None
-    scores: Array
-    rewards: Array
-
-
 def make_rollout(
     policy_graphdef: nnx.GraphDef,
     policy_params: nnx.State,
@@ -281,7 +252,7 @@ def make_rollout(
         ``"sample"`` and ``"score"`` (this waits for the device between them).
 
     Returns:
-      :class:`Rollout`.
+      :class:`klq_jax.types.Rollout`.
 
     Raises:
       ValueError: ``omega > 0`` with ``sampling_config.stop_token_ids=()`` (every response would be

@@ -172,6 +172,28 @@ class SampleResult(NamedTuple):
     logprobs: Array
 
 
+class SamplerState(NamedTuple):
+    """The decode loop's carry (``lax.while_loop`` state) after ``t`` tokens per row.
+
+    Attributes:
+      t: ``[]`` int32, the response slot the next step writes (1 after the prefill).
+      cache: the model's KV cache (``gpt_neox.KVCache``, ``B`` rows of ``Tq + T_max - 1`` slots).
+      prev: ``[B]`` int32, the token sampled last (fed back at the next step).
+      done: ``[B]`` bool, the row has emitted a stop token.
+      tokens: ``[B, T_max]`` int32 tokens so far (``pad_token_id`` elsewhere).
+      logps: ``[B, T_max]`` float32 log-probs of those tokens (0 elsewhere).
+      mask: ``[B, T_max]`` float32, 1 on real response tokens so far.
+    """
+
+    t: Array
+    cache: object
+    prev: Array
+    done: Array
+    tokens: Array
+    logps: Array
+    mask: Array
+
+
 # --------------------------------------------------------------------------------------------
 # Token selection
 # --------------------------------------------------------------------------------------------
@@ -416,34 +438,37 @@ def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: Sampling
     mask = jnp.zeros((B, T), jnp.float32).at[:, 0].set(1.0)
     ones = jnp.ones((B, 1), bool)
 
-    def cond(state):
-        t, _, _, done, _, _, _ = state
-        return (t < T) & ~jnp.all(done)
+    def cond(s: SamplerState):
+        return (s.t < T) & ~jnp.all(s.done)
 
-    def body(state):
-        t, cache, prev, done, tokens, logps, mask = state
+    def body(s: SamplerState) -> SamplerState:
         m = nnx.merge(graphdef, params)
-        o = m(prev[:, None], ones, cache=cache, logits=False)
+        o = m(s.prev[:, None], ones, cache=s.cache, logits=False)
         logits = m.logits(o.hidden[:, 0])
-        tok, lp = sample_from_logits(jax.random.fold_in(key, t), logits, config)
-        live = ~done
+        tok, lp = sample_from_logits(jax.random.fold_in(key, s.t), logits, config)
+        live = ~s.done
         tok = jnp.where(live, tok, pad)
         lp = jnp.where(live, lp, 0.0)
-        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
-        logps = jax.lax.dynamic_update_slice(logps, lp[:, None], (0, t))
-        mask = jax.lax.dynamic_update_slice(mask, live.astype(jnp.float32)[:, None], (0, t))
-        done = done | is_stop(tok)
-        return t + 1, o.cache, tok, done, tokens, logps, mask
+        return SamplerState(
+            t=s.t + 1,
+            cache=o.cache,
+            prev=tok,
+            done=s.done | is_stop(tok),
+            tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.t)),
+            logps=jax.lax.dynamic_update_slice(s.logps, lp[:, None], (0, s.t)),
+            mask=jax.lax.dynamic_update_slice(s.mask, live.astype(jnp.float32)[:, None], (0, s.t)),
+        )
 
-    state = (jnp.int32(1), out.cache, tok0, done0, tokens, logps, mask)
-    _, _, _, done, tokens, logps, mask = jax.lax.while_loop(cond, body, state)
+    init = SamplerState(t=jnp.int32(1), cache=out.cache, prev=tok0, done=done0, tokens=tokens,
+                        logps=logps, mask=mask)
+    final = jax.lax.while_loop(cond, body, init)
     return SampleResult(
-        tokens=tokens,
-        mask=mask,
-        lengths=mask.sum(-1).astype(jnp.int32),
-        stopped=done,
-        truncated=~done,
-        logprobs=logps,
+        tokens=final.tokens,
+        mask=final.mask,
+        lengths=final.mask.sum(-1).astype(jnp.int32),
+        stopped=final.done,
+        truncated=~final.done,
+        logprobs=final.logps,
     )
 
 

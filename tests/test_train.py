@@ -12,12 +12,13 @@ from flax import nnx
 
 from experiments import presets, tasks
 from experiments import train as train_cmd
-from klq_jax import sharding, train
+from klq_jax import algorithms, sharding, train
+from klq_jax.types import Batch
 from klq_jax.models.load import load_model
 from klq_jax.models import gpt_neox
 
 
-def _fake_batch(cfg: train.TrainConfig, vocab: int, seed: int = 0) -> dict:
+def _fake_batch(cfg: train.TrainConfig, vocab: int, seed: int = 0) -> Batch:
     """A rollout-shaped batch with random tokens, log-probs, values and rewards."""
     rng = np.random.RandomState(seed)
     n, tq, tr = cfg.rollouts_per_batch, 5, cfg.max_new_tokens
@@ -26,22 +27,21 @@ def _fake_batch(cfg: train.TrainConfig, vocab: int, seed: int = 0) -> dict:
     rlen = rng.randint(1, tr + 1, n)
     rmask = (np.arange(tr)[None] < rlen[:, None]).astype(np.float32)
     rewards = np.where(np.arange(tr)[None] == rlen[:, None] - 1, rng.randn(n, 1), 0.0)
-    return {
-        "prompt_ids": (rng.randint(1, vocab, (n, tq)) * pmask).astype(np.int32),
-        "prompt_mask": pmask,
-        "response_ids": (rng.randint(1, vocab, (n, tr)) * rmask).astype(np.int32),
-        "response_mask": rmask,
-        "logp": (-rng.rand(n, tr) * 3 * rmask).astype(np.float32),
-        "ref_logp": (-rng.rand(n, tr) * 3 * rmask).astype(np.float32),
-        "values": (rng.randn(n, tr) * rmask).astype(np.float32),
-        "rewards": rewards.astype(np.float32),
-    }
+    return Batch(
+        prompt_ids=(rng.randint(1, vocab, (n, tq)) * pmask).astype(np.int32),
+        prompt_mask=pmask,
+        response_ids=(rng.randint(1, vocab, (n, tr)) * rmask).astype(np.int32),
+        response_mask=rmask,
+        logp=(-rng.rand(n, tr) * 3 * rmask).astype(np.float32),
+        ref_logp=(-rng.rand(n, tr) * 3 * rmask).astype(np.float32),
+        values=(rng.randn(n, tr) * rmask).astype(np.float32),
+        rewards=rewards.astype(np.float32),
+    )
 
 
 def _run_update(cfg, graphdef, params, batch, mesh):
-    algo = __import__("klq_jax.algorithms", fromlist=["get"]).get(cfg.algo.name)
-    batch = dict(batch)
-    batch.update(jax.device_get(algo.targets(cfg.algo, {k: jnp.asarray(v) for k, v in batch.items()})))
+    algo = algorithms.get(cfg.algo.name)
+    batch = jax.device_get(algo.targets(cfg.algo, jax.tree_util.tree_map(jnp.asarray, batch)))
     opt, _ = train.make_optimizer(cfg.optim, 10)
     state, sh = train.init_state(params, opt, 0, mesh)
     update = train.jit_update_fn(train.make_update_fn(graphdef, cfg, opt), sh, mesh)

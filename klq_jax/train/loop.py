@@ -27,7 +27,8 @@ from flax import nnx
 from klq_jax import algorithms, rollout, sharding
 from klq_jax.checkpoint import Checkpointer
 from klq_jax.train.config import TrainConfig, make_optimizer
-from klq_jax.train.step import ROLLOUT_KEYS, TrainState, init_state, jit_update_fn, make_update_fn
+from klq_jax.train.step import TrainState, init_state, jit_update_fn, make_update_fn
+from klq_jax.types import Rollout
 
 Array = jax.Array
 
@@ -73,7 +74,7 @@ class Experiment:
 # ------------------------------------------------------------------------------------------
 
 
-def rollout_metrics(ro: rollout.Rollout, tau: float) -> dict[str, float]:
+def rollout_metrics(ro: Rollout, tau: float) -> dict[str, float]:
     """Host-side statistics of one rollout batch (float Python numbers)."""
     mask = np.asarray(ro.response_mask, np.float64)
     logp = np.asarray(ro.logp, np.float64)
@@ -173,12 +174,12 @@ class TrainResult(NamedTuple):
     graphdef: Any
 
 
-def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callable | None = None) -> TrainResult:
+def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: Callable | None = None) -> TrainResult:
     """Run (or resume) KLQ / PPO training. See the module docstring.
 
     Writes ``metrics.jsonl``, ``samples.jsonl``, ``tb/``, ``checkpoints/``, ``config.json`` and,
     at the end, the trained policy (``policy/``, see :func:`export_policy`) under ``cfg.out_dir``.
-    Returns the final state and the metrics of the iterations run now. ``exp.params`` is copied
+    Returns the final state and the metrics of the iterations run now. ``experiment.params`` is copied
     into the (donated) train state, so the caller's arrays stay valid.
     """
     sharding.initialize_distributed()
@@ -193,24 +194,24 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
     algo = algorithms.get(cfg.algo.name)
     total_steps = cfg.num_iterations * cfg.steps_per_iteration
     optimizer, schedule = make_optimizer(cfg.optim, total_steps, cfg.steps_per_iteration)
-    state, state_sh = init_state(exp.params, optimizer, cfg.seed, mesh)
-    ref_graphdef = exp.ref_graphdef if exp.ref_graphdef is not None else exp.graphdef
-    ref_params = exp.ref_params
+    state, state_sh = init_state(experiment.params, optimizer, cfg.seed, mesh)
+    ref_graphdef = experiment.ref_graphdef if experiment.ref_graphdef is not None else experiment.graphdef
+    ref_params = experiment.ref_params
     if ref_params is None:  # π_b = θ_0's policy, frozen (a copy: the state is donated)
         ref_params = jax.tree_util.tree_map(jnp.copy, state.params)
     else:
         ref_params = jax.device_put(ref_params, sharding.param_shardings(ref_params, mesh))
 
-    update = jit_update_fn(make_update_fn(exp.graphdef, cfg, optimizer), state_sh, mesh)
-    targets_fn = jax.jit(lambda e: algo.targets(cfg.algo, e))
-    sampling_cfg = cfg.sampling_config(exp.stop_token_ids, exp.pad_token_id)
+    update = jit_update_fn(make_update_fn(experiment.graphdef, cfg, optimizer), state_sh, mesh)
+    targets_fn = jax.jit(lambda b: algo.targets(cfg.algo, b))
+    sampling_cfg = cfg.sampling_config(experiment.stop_token_ids, experiment.pad_token_id)
 
     ckpt = Checkpointer(os.path.join(cfg.out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
     start = 0
     if cfg.resume and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(None, state)
         start = int(meta["iteration"])
-        exp.prompts.load_state_dict(meta["prompts"])
+        experiment.prompts.load_state_dict(meta["prompts"])
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
         json.dump(_config_to_json(cfg), f, indent=2)
@@ -226,16 +227,16 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
     try:
         for it in range(start, cfg.num_iterations):
             t0 = time.perf_counter()
-            batch = next(exp.prompts)
+            batch = next(experiment.prompts)
             phase: dict[str, float] = {}
             key = jax.random.wrap_key_data(state.key)
             sample_key = jax.random.fold_in(key, 1_000_003)
             ro = rollout.make_rollout(
-                exp.graphdef,
+                experiment.graphdef,
                 state.params,
                 ref_graphdef,
                 ref_params,
-                exp.reward_fn,
+                experiment.reward_fn,
                 jnp.asarray(batch["prompt_ids"]),
                 jnp.asarray(batch["prompt_mask"]),
                 sample_key,
@@ -244,12 +245,10 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
                 micro_batch_size=cfg.score_micro_batch_size,
                 timings=phase,
             )
-            exp_dict = {k: getattr(ro, k) for k in ROLLOUT_KEYS}
-            jax.block_until_ready(exp_dict)
+            jax.block_until_ready(ro)
             t1 = time.perf_counter()
-            exp_dict.update(targets_fn(exp_dict))
-            exp_dict = sharding.shard_batch(exp_dict, mesh)
-            state, upd = update(state, exp_dict)
+            train_batch = sharding.shard_batch(targets_fn(ro.to_batch()), mesh)
+            state, upd = update(state, train_batch)
             upd = {k: float(v) for k, v in jax.device_get(upd).items()}
             t2 = time.perf_counter()
 
@@ -270,12 +269,12 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
             logger.log(it + 1, record)
             history.append(record)
             if cfg.log_samples_every and (it % cfg.log_samples_every == 0):
-                logger.samples(it + 1, _sample_texts(exp, batch, ro, cfg.num_logged_samples))
+                logger.samples(it + 1, _sample_texts(experiment, batch, ro, cfg.num_logged_samples))
             last = it + 1 == cfg.num_iterations
             if (it + 1) % cfg.save_every == 0 or last:
                 meta = {
                     "iteration": it + 1,
-                    "prompts": exp.prompts.state_dict(),
+                    "prompts": experiment.prompts.state_dict(),
                     "config": _config_to_json(cfg),
                 }
                 ckpt.save(it + 1, state, meta)
@@ -286,15 +285,15 @@ def train(cfg: TrainConfig, exp: Experiment, *, mesh=None, on_iteration: Callabl
                 on_iteration(it + 1, record, state)
         if history and int(history[-1]["iteration"]) == cfg.num_iterations:
             export_policy(
-                os.path.join(cfg.out_dir, "policy"), exp.graphdef, state.params,
-                tokenizer=exp.tokenizer,
+                os.path.join(cfg.out_dir, "policy"), experiment.graphdef, state.params,
+                tokenizer=experiment.tokenizer,
             )
     finally:
         if bar is not None:
             bar.close()
         logger.close()
         ckpt.close()
-    return TrainResult(state=state, history=history, graphdef=exp.graphdef)
+    return TrainResult(state=state, history=history, graphdef=experiment.graphdef)
 
 
 def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
@@ -327,7 +326,7 @@ def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
     return path
 
 
-def _sample_texts(exp: Experiment, batch, ro, k: int) -> list[dict]:
+def _sample_texts(experiment: Experiment, batch, ro, k: int) -> list[dict]:
     out = []
     ids = np.asarray(batch["prompt_ids"])
     pmask = np.asarray(batch["prompt_mask"]) > 0
@@ -336,7 +335,7 @@ def _sample_texts(exp: Experiment, batch, ro, k: int) -> list[dict]:
     scores = np.asarray(ro.scores)
     for i in range(min(k, ids.shape[0])):
         p, r = ids[i][pmask[i]].tolist(), rids[i][rmask[i]].tolist()
-        if exp.decode is not None:
-            p, r = exp.decode(p), exp.decode(r)
+        if experiment.decode is not None:
+            p, r = experiment.decode(p), experiment.decode(r)
         out.append({"prompt": str(p), "response": str(r), "score": float(scores[i])})
     return out

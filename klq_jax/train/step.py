@@ -20,6 +20,7 @@ from flax import nnx
 
 from klq_jax import algorithms, rollout, sharding
 from klq_jax.train.config import TrainConfig
+from klq_jax.types import Batch
 
 Array = jax.Array
 
@@ -40,12 +41,6 @@ class TrainState(NamedTuple):
     key: Array
 
 
-ROLLOUT_KEYS = (
-    "prompt_ids", "prompt_mask", "response_ids", "response_mask", "logp", "ref_logp", "values",
-    "rewards",
-)
-
-
 def _global_norm(tree):
     norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
     return norm(tree)
@@ -59,11 +54,11 @@ def make_update_fn(
     graphdef: nnx.GraphDef,
     cfg: TrainConfig,
     optimizer: optax.GradientTransformation,
-) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The update phase of one iteration as a pure function ``(state, batch) -> (state, metrics)``.
 
-    ``batch`` holds the rollout (``ROLLOUT_KEYS``, ``[N, ...]`` with ``N = rollouts_per_batch``)
-    plus the algorithm's fixed targets. ``metrics`` are float32 scalars averaged over every
+    ``batch`` is a :class:`klq_jax.types.Batch` of ``N = rollouts_per_batch`` rows: the rollout
+    of θ_old with the algorithm's fixed targets filled in (``algorithm.targets``). ``metrics`` are float32 scalars averaged over every
     optimizer step of the iteration (plus ``grad_norm``). Not jitted: see :func:`jit_update_fn`.
     """
     algo = algorithms.get(cfg.algo.name)
@@ -74,15 +69,15 @@ def make_update_fn(
         logp, values = rollout.response_logprobs(
             graphdef,
             params,
-            micro["prompt_ids"],
-            micro["prompt_mask"],
-            micro["response_ids"],
-            micro["response_mask"],
+            micro.prompt_ids,
+            micro.prompt_mask,
+            micro.response_ids,
+            micro.response_mask,
             temperature=cfg.temperature,
         )
         loss, metrics = algo.loss(cfg.algo, logp, values, micro)
         # Share of the minibatch's real tokens: Σ_micro w·loss_micro = Σ tokens / Σ T (Alg. 1-2).
-        w = micro["response_mask"].sum() / jnp.maximum(n_tokens_minibatch, 1.0)
+        w = micro.response_mask.sum() / jnp.maximum(n_tokens_minibatch, 1.0)
         metrics = {k: v * w for k, v in metrics.items() if k != "num_tokens"}
         return loss * w, metrics
 
@@ -90,7 +85,7 @@ def make_update_fn(
 
     def minibatch_step(carry, minibatch):
         params, opt_state = carry
-        n_tok = minibatch["response_mask"].sum()
+        n_tok = minibatch.response_mask.sum()
         micros = jax.tree_util.tree_map(
             lambda x: x.reshape((n_micro, mu) + x.shape[1:]), minibatch
         )
@@ -119,7 +114,7 @@ def make_update_fn(
         (params, opt_state), metrics = jax.lax.scan(minibatch_step, (params, opt_state), minibatches)
         return (batch, params, opt_state), metrics
 
-    def update(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         key = jax.random.wrap_key_data(state.key)
         key, *epoch_keys = jax.random.split(key, cfg.epochs + 1)
         (_, params, opt_state), metrics = jax.lax.scan(
