@@ -2,7 +2,7 @@
 
 import sys
 
-from convert.cli import main
+from experiments.cli import klq_convert
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(klq_convert())

@@ -1,12 +1,24 @@
-"""The ``klq`` command: ``klq {train,sweep,demo,convert} ...``.
+"""The ``klq`` command: ``klq {train,sweep,demo,convert} ...`` (also ``python -m experiments``).
 
-Each subcommand is a module with a ``main(argv)``; only the chosen one is imported.
+Each subcommand is a module with a ``main(argv)`` whose arguments tyro builds from a config
+dataclass; only the chosen one is imported, and the configs import no JAX, so ``--help`` is fast.
+
+Options every command takes (anywhere on its line):
+
+* ``--config FILE``: start from a recorded config (a run's ``config.json``) instead of the
+  defaults; flags still override it (handled by each command, see :func:`load_config`);
+* ``--debug``: show the traceback of an error (otherwise: one line and a non-zero exit);
+* ``--no-compile-cache``: do not use the persistent JAX compilation cache
+  (default ``~/.cache/klq_jax/jax``, or ``$KLQ_COMPILE_CACHE_DIR``).
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import sys
+import traceback
 
 COMMANDS = {
     "train": ("experiments.train", "train KLQ or PPO from a preset (klq train PRESET --help)"),
@@ -15,26 +27,156 @@ COMMANDS = {
     "convert": ("convert.cli", "convert checkpoints between Hugging Face and klq_jax"),
 }
 
+COMMON_HELP = (
+    "Options of every klq command: --config FILE starts from a recorded config.json (flags "
+    "after it still override); --debug shows the traceback of an error; --no-compile-cache "
+    "turns off the persistent compilation cache (default ~/.cache/klq_jax/jax, or "
+    "$KLQ_COMPILE_CACHE_DIR)."
+)
+
+# Packages whose exceptions (and whose raised ValueErrors) are ours: one line, no traceback.
+_OUR_PACKAGES = ("klq_jax", "experiments", "convert")
+
 
 def _usage() -> str:
     lines = ["usage: klq COMMAND [ARGS ...]", "", "commands:"]
     lines += [f"  {name:<9} {desc}" for name, (_, desc) in COMMANDS.items()]
-    lines += ["", "Run `klq COMMAND --help` for the arguments of a command."]
+    lines += ["", "Run `klq COMMAND --help` for the arguments of a command.", "", COMMON_HELP]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None):
+def pop_flag(argv: list[str], flag: str) -> tuple[bool, list[str]]:
+    """``(present, argv without it)`` for a boolean flag such as ``--debug``."""
+    return flag in argv, [a for a in argv if a != flag]
+
+
+def pop_option(argv: list[str], option: str) -> tuple[str | None, list[str]]:
+    """``(value, argv without it)`` for ``option VALUE`` or ``option=VALUE`` (the last one wins)."""
+    value, rest, i = None, [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a == option:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{option} needs a value: {option} FILE")
+            value, i = argv[i + 1], i + 2
+            continue
+        if a.startswith(option + "="):
+            value = a[len(option) + 1:]
+        else:
+            rest.append(a)
+        i += 1
+    return value, rest
+
+
+def load_config(cls: type, path: str):
+    """The config dataclass ``cls`` from the JSON file ``path`` (a run's recorded ``config.json``)."""
+    from klq_jax.config import from_dict
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config {path}: no such file; pass a run's config.json")
+    with open(path) as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {path} is not valid JSON ({e})") from None
+    return from_dict(cls, data, where=f"--config {path}")
+
+
+def default_compile_cache_dir() -> str:
+    """``$KLQ_COMPILE_CACHE_DIR``, else ``$XDG_CACHE_HOME/klq_jax/jax`` (``~/.cache/klq_jax/jax``)."""
+    if os.environ.get("KLQ_COMPILE_CACHE_DIR"):
+        return os.environ["KLQ_COMPILE_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "klq_jax", "jax")
+
+
+def enable_compile_cache(path: str | None = None) -> str:
+    """Turn on JAX's persistent compilation cache in ``path`` (default :func:`default_compile_cache_dir`).
+
+    A second run of the same shapes then loads its compiled programs instead of compiling them
+    (programs that compile in under a second are not stored: JAX's threshold). Before JAX is
+    imported this only sets ``JAX_COMPILATION_CACHE_DIR`` (``--help`` stays fast); a directory the
+    user set there already wins.
+    """
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or path or default_compile_cache_dir()
+    os.makedirs(path, exist_ok=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def _is_ours(err: BaseException) -> bool:
+    """An error to report in one line: one of our classes, an OSError (a file, a permission), or a
+    ValueError / FloatingPointError raised by our code (a bad value the message names)."""
+    if type(err).__module__.split(".")[0] in _OUR_PACKAGES:
+        return True
+    if isinstance(err, OSError):
+        return True
+    if isinstance(err, (ValueError, FloatingPointError)):
+        tb = err.__traceback__
+        last = None
+        while tb is not None:
+            last, tb = tb, tb.tb_next
+        module = last.tb_frame.f_globals.get("__name__", "") if last is not None else ""
+        return module.split(".")[0] in _OUR_PACKAGES
+    return False
+
+
+def _one_line(err: BaseException) -> str:
+    msg = " ".join(str(err).split()) if str(err) else type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in msg:
+        msg = f"{msg}: {err.filename}"
+    return msg
+
+
+def run(name: str, argv: list[str]) -> int:
+    """Run command ``name`` with ``argv``; returns the exit status.
+
+    Exit status 2: an error of ours, printed in one line (``--debug``: with its traceback), e.g. a
+    bad value or a missing file; 1: an unexpected error (its traceback is printed); 130: Ctrl-C.
+    """
+    debug, argv = pop_flag(argv, "--debug")
+    no_cache, argv = pop_flag(argv, "--no-compile-cache")
+    prog = f"klq {name}"
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+        if not no_cache and not any(a in ("-h", "--help") for a in argv):
+            enable_compile_cache()
+        rc = module.main(argv)
+    except SystemExit:
+        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug or not _is_ours(err):
+            traceback.print_exc()
+            if not debug:
+                print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
+            return 1
+        print(f"{prog}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    return rc if isinstance(rc, int) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"klq: error: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    rc = module.main(rest)
-    return rc if isinstance(rc, int) else 0
+    return run(name, rest)
+
+
+def klq_convert() -> int:
+    """The ``klq-convert`` script: the same as ``klq convert``."""
+    return main(["convert", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The offline demo (the README's first command): ``python -m experiments.demo [--quick] [--out-dir DIR]``.
+"""The offline demo (the README's first command): ``klq demo [--quick] [--out-dir DIR] [--field value ...]``.
 
 End to end on a 2-core CPU in a couple of minutes, with no network:
 
@@ -29,11 +29,11 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -51,14 +51,14 @@ class DemoConfig:
       out_dir: where everything is written.
       seed: seeds the corpus, the SFT fit, the value heads, the prompts and the sampling.
       tau: KL coefficient τ of both algorithms and of J*.
-      omega: missing-``<eos>`` penalty ω (in the rollout and in the exact rewards).
+      omega: missing-<eos> penalty ω (in the rollout and in the exact rewards).
       sft_steps: optimizer steps of the maximum-likelihood fit of π_b.
-      iterations: RL iterations per algorithm (each samples ``rollouts_per_batch`` responses).
+      iterations: RL iterations per algorithm (each samples rollouts_per_batch responses).
       rollouts_per_batch: responses per iteration (one minibatch, as in the paper).
       epochs: passes over each batch (paper: 4).
       learning_rate: peak AdamW learning rate, decayed linearly to 0 (paper's schedule).
       eval_every: exact evaluation every this many iterations (and at the end).
-      samples_per_prompt: responses shown per prompt and policy in ``samples.md``.
+      samples_per_prompt: responses shown per prompt and policy in samples.md.
       progress: progress bars.
     """
 
@@ -74,6 +74,17 @@ class DemoConfig:
     eval_every: int = 10
     samples_per_prompt: int = 4
     progress: bool = True
+
+    def __post_init__(self):
+        p = [f"{n}={getattr(self, n)} must be >= 1" for n in
+             ("sft_steps", "iterations", "rollouts_per_batch", "epochs", "eval_every") if getattr(self, n) < 1]
+        p += [f"{n}={getattr(self, n)} must be > 0" for n in ("tau", "learning_rate") if getattr(self, n) <= 0]
+        if self.omega < 0:
+            p.append(f"omega={self.omega} must be >= 0")
+        if self.samples_per_prompt < 0:
+            p.append(f"samples_per_prompt={self.samples_per_prompt} must be >= 0")
+        if p:
+            raise ValueError("Invalid DemoConfig: " + "; ".join(p))
 
     @classmethod
     def quick(cls, **overrides) -> "DemoConfig":
@@ -101,6 +112,8 @@ def run(cfg: DemoConfig) -> dict:
     t0 = time.perf_counter()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # The demo's own settings: ``klq demo --config <out_dir>/config.json`` runs it again.
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     lang = syn.SyntheticLanguage()
     task = syn.SyntheticTask(lang, tau=cfg.tau, omega=cfg.omega, temperature=1.0)  # the runs' temperature
     say = print
@@ -342,33 +355,27 @@ def _samples_markdown(cfg, lang, task, decode, graphdef, results, ref_graphdef, 
 
 
 def parse_args(argv: list[str] | None = None) -> DemoConfig:
-    """``[--quick] [--out-dir DIR] [--seed N] [--iterations N] [--lr X] [--no-progress]`` → :class:`DemoConfig`."""
-    p = argparse.ArgumentParser(
-        prog="python -m experiments.demo",
-        description="Offline KLQ vs PPO demo on a synthetic language, with the exact optimum J*.",
+    """``[--quick] [--config FILE] [--field value ...]`` → a :class:`DemoConfig` (tyro).
+
+    ``--quick`` starts from :meth:`DemoConfig.quick`, ``--config`` from a recorded demo's
+    ``config.json``; any field can then be overridden (``--iterations 50 --learning-rate 1e-3``).
+    """
+    import tyro
+
+    from experiments import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quick, argv = cli.pop_flag(argv, "--quick")
+    config_path, argv = cli.pop_option(argv, "--config")
+    if config_path:
+        default = cli.load_config(DemoConfig, config_path)
+    else:
+        default = DemoConfig.quick() if quick else DemoConfig()
+    description = (
+        "The offline demo: KLQ vs PPO on a synthetic language, against the exact optimum J*. "
+        "--quick: a shortened run (about a minute on 2 cores). " + cli.COMMON_HELP
     )
-    p.add_argument("--out-dir", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a shortened run (about a minute)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--iterations", type=int, default=None, help="RL iterations per algorithm")
-    p.add_argument("--lr", type=float, default=None, help="learning rate of both algorithms")
-    p.add_argument("--tau", type=float, default=None, help="KL coefficient τ")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    kw = dict(out_dir=a.out_dir, seed=a.seed, progress=not a.no_progress)
-    if a.iterations is not None:
-        if a.iterations < 1:
-            p.error(f"--iterations must be >= 1, got {a.iterations}")
-        kw["iterations"] = a.iterations
-    if a.lr is not None:
-        if a.lr <= 0:
-            p.error(f"--lr must be > 0, got {a.lr}")
-        kw["learning_rate"] = a.lr
-    if a.tau is not None:
-        if a.tau <= 0:
-            p.error(f"--tau must be > 0, got {a.tau}")
-        kw["tau"] = a.tau
-    return DemoConfig.quick(**kw) if a.quick else DemoConfig(**kw)
+    return tyro.cli(DemoConfig, default=default, args=argv, prog="klq demo", description=description)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,9 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from klq_jax.algorithms import AlgoConfig
-from experiments.tasks import RunConfig, TaskConfig
-from klq_jax.train import OptimConfig
+from experiments.config import RunConfig, TaskConfig
+from klq_jax.config import AlgoConfig, OptimConfig
 
 # The paper's shared hyperparameters (Table 2) + TRL's PPO defaults.
 _PAPER = dict(

@@ -2,50 +2,61 @@
 
 Nested fields are dotted: ``--algo.tau 0.1``, ``--task.policy path/to/hf_dir``,
 ``--optim.learning-rate 1e-5``, ``--mesh.fsdp 2``. ``klq train PRESET --help`` lists every field.
+``--config RUN_DIR/config.json`` starts from a recorded run's config instead of the preset's (the
+preset name may then be left out). The arguments are parsed by tyro's overridable-config CLI (one
+subcommand per preset); JAX is imported only once a run starts.
 """
 
 from __future__ import annotations
 
 import sys
 
-from experiments import presets
-from experiments.tasks import RunConfig, build_experiment
-from klq_jax import sharding
-from klq_jax.train import TrainResult, train
+from experiments import cli, presets
+from experiments.config import RunConfig
 
 PROG = "klq train"
 
 
+def describe(cfg: RunConfig) -> str:
+    """One line about a preset: its task, algorithm, models and size."""
+    t = cfg.task
+    what = t.policy if t.kind == "synthetic" else f"{t.policy}, reward model {t.reward_model}"
+    return (
+        f"{cfg.algo.name.upper()} on the {t.kind} task ({what}): {cfg.num_iterations} iterations "
+        f"of {cfg.rollouts_per_batch} rollouts, τ={cfg.algo.tau}."
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    """``<preset> [--field value ...]`` → a validated :class:`experiments.tasks.RunConfig`."""
+    """``[PRESET] [--config FILE] [--field value ...]`` → a validated :class:`RunConfig`."""
     import tyro
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0].startswith("-"):
-        if argv and argv[0] in ("-h", "--help"):
-            print(
-                f"usage: {PROG} PRESET [--field value ...]\n\n"
-                "Presets: " + ", ".join(sorted(presets.PRESETS)) + "\n"
-                f"Run `{PROG} PRESET --help` to list every field of a preset."
-            )
-            raise SystemExit(0)
-        raise SystemExit(
-            f"error: name a preset first: {PROG} PRESET [--field value ...]\n"
-            "Presets: " + ", ".join(sorted(presets.PRESETS))
-        )
-    name, rest = argv[0], argv[1:]
-    try:
-        default = presets.get(name)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    try:
-        return tyro.cli(RunConfig, default=default, args=rest, prog=f"{PROG} {name}")
-    except ValueError as e:  # a config __post_init__ rejected the overrides
-        raise SystemExit(f"error: {e}") from None
+    config_path, argv = cli.pop_option(argv, "--config")
+    recorded = cli.load_config(RunConfig, config_path) if config_path else None
+    description = (
+        "Train KLQ or PPO. Name a preset, then override any field (--algo.tau 0.1, "
+        "--task.policy DIR, --total-episodes 512); PRESET --help lists every field. "
+        + cli.COMMON_HELP
+    )
+    if recorded is not None and (not argv or argv[0].startswith("-")):
+        # No preset named: the recorded config is the starting point.
+        return tyro.cli(RunConfig, default=recorded, args=argv, prog=PROG, description=description)
+    more = " Also --config FILE, --debug, --no-compile-cache (see klq train --help)."
+    configs = {name: (describe(cfg) + more, cfg) for name, cfg in presets.PRESETS.items()}
+    if recorded is not None and argv[0] in configs:
+        configs[argv[0]] = (f"The run recorded in {config_path}." + more, recorded)
+    return tyro.extras.overridable_config_cli(
+        configs, prog=PROG, description=description, args=argv
+    )
 
 
-def run(cfg: RunConfig, *, mesh=None) -> TrainResult:
+def run(cfg: RunConfig, *, mesh=None):
     """Build the task's experiment on the configured mesh (or ``mesh``) and train it."""
+    from experiments.tasks import build_experiment
+    from klq_jax import sharding
+    from klq_jax.train import train
+
     sharding.initialize_distributed()
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
     exp = build_experiment(
@@ -58,15 +69,27 @@ def run(cfg: RunConfig, *, mesh=None) -> TrainResult:
     return train(cfg, exp, mesh=mesh)
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
+def summary(cfg: RunConfig, history: list[dict]) -> str:
+    """The final line of a run: its last iteration's score, ω penalty, KL and RLHF reward.
+
+    ``reward = score - ω·(fraction of responses without a stop token)``, so the line says how
+    much of the reward the ω penalty is.
+    """
+    last = history[-1]
+    penalty = last["reward"] - last["score"]
+    return (
+        f"done: {len(history)} iterations -> {cfg.out_dir}; last batch: score {last['score']:.4f}, "
+        f"ω penalty {penalty:+.4f} (ω={cfg.omega:g} x {last['truncated_frac']:.0%} of responses "
+        f"without a stop token), reward {last['reward']:.4f}, KL {last['kl']:.4f}, "
+        f"RLHF reward {last['rlhf_reward']:.4f}"
+    )
+
+
+def main(argv: list[str] | None = None):
     cfg = parse_args(argv)
     result = run(cfg)
     if result.history:
-        last = result.history[-1]
-        print(
-            f"done: {len(result.history)} iterations, score {last['score']:.4f}, "
-            f"KL {last['kl']:.4f}, RLHF reward {last['rlhf_reward']:.4f} -> {cfg.out_dir}"
-        )
+        print(summary(cfg, result.history))
     return result
 
 

@@ -12,28 +12,20 @@ programmatic rewards), ``train`` (config, the sharded update step, the loop), ``
 code (presets, task builders, demo, sweeps) lives in the ``experiments`` package beside it.
 """
 
-from klq_jax.losses import (
-    entropy_from_logits,
-    kl_estimate,
-    klq_loss,
-    ppo_loss,
-    ppo_policy_loss,
-    ppo_value_loss,
-    token_logprobs,
-)
-from klq_jax.masked import explained_variance, masked_mean, masked_sum, masked_var, masked_whiten
-from klq_jax.returns import (
-    discounted_returns,
-    discounted_returns_single,
-    gae,
-    gae_single,
-    kl_shaped_rewards,
-    klq_targets,
-    klq_targets_single,
-    ppo_targets,
-    ppo_value_targets,
-    whiten_advantages,
-)
+import importlib
+
+# name -> the submodule that defines it. Loaded on first use (PEP 562), so that importing a light
+# submodule (klq_jax.config: the run configs behind the command-line help) does not load JAX.
+_EXPORTS = {
+    "klq_jax.losses": ("entropy_from_logits", "kl_estimate", "klq_loss", "ppo_loss",
+                       "ppo_policy_loss", "ppo_value_loss", "token_logprobs"),
+    "klq_jax.masked": ("explained_variance", "masked_mean", "masked_sum", "masked_var",
+                       "masked_whiten"),
+    "klq_jax.returns": ("discounted_returns", "discounted_returns_single", "gae", "gae_single",
+                        "kl_shaped_rewards", "klq_targets", "klq_targets_single", "ppo_targets",
+                        "ppo_value_targets", "whiten_advantages"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __version__ = "0.1.0"
 
@@ -44,3 +36,21 @@ __all__ = [
     "masked_mean", "masked_var", "masked_whiten", "explained_variance", "klq_loss",
     "ppo_policy_loss", "ppo_value_loss", "ppo_loss",
 ]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    else:  # a submodule: klq_jax.losses after a bare ``import klq_jax``
+        try:
+            value = importlib.import_module(f"klq_jax.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"klq_jax.{name}":
+                raise
+            raise AttributeError(f"module 'klq_jax' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

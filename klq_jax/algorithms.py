@@ -28,74 +28,15 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 
 from klq_jax import losses, returns
+from klq_jax.config import ALGORITHMS_NAMES, AlgoConfig  # noqa: F401  (re-exported)
 from klq_jax.types import Batch
 
 Array = jax.Array
-
-
-@dataclasses.dataclass(frozen=True)
-class AlgoConfig:
-    """Hyperparameters of KLQ (Algorithm 2) and PPO (Algorithm 1). Defaults: paper Table 2 + TRL.
-
-    Attributes:
-      name: ``"klq"`` or ``"ppo"``.
-      tau: KL coefficient τ (both algorithms; paper: 0.05).
-      gamma: discount γ (paper: 1).
-      lam: λ of the λ-returns / GAE (paper: 0.95).
-      alpha: KLQ's conservativeness α of Eq. (7) (paper experiments: 1).
-      clip_eps: PPO ratio clip ε (TRL: 0.2).
-      value_clip: PPO value clip η (TRL: 0.2); ``None`` disables it.
-      vf_coef: PPO value-loss coefficient ζ (TRL: 0.1).
-      whiten_advantages: masked whitening of GAE advantages (TRL: on; Algorithm 1: off), over
-        the GLOBAL rollout batch.
-      whiten_groups: whiten ``G`` equal contiguous row groups separately (the data-parallel
-        shards); TRL whitens per process, i.e. ``G`` = its number of GPUs (the paper: 4). 1: global.
-      value_target: ``"trl"`` (advantages + old values) or ``"mc"`` (Algorithm 1's Monte-Carlo sum).
-      half_value_loss: the ½ in TRL's value loss (Algorithm 1 has none).
-    """
-
-    name: Literal["klq", "ppo"] = "klq"
-    tau: float = 0.05
-    gamma: float = 1.0
-    lam: float = 0.95
-    alpha: float = 1.0
-    clip_eps: float = 0.2
-    value_clip: float | None = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    whiten_groups: int = 1
-    value_target: Literal["trl", "mc"] = "trl"
-    half_value_loss: bool = True
-
-    def __post_init__(self):
-        problems = []
-        if self.name not in ALGORITHMS_NAMES:
-            problems.append(f"name={self.name!r} is not one of {ALGORITHMS_NAMES}")
-        if self.tau < 0:
-            problems.append(f"tau={self.tau} must be >= 0")
-        if not 0.0 <= self.gamma <= 1.0:
-            problems.append(f"gamma={self.gamma} must be in [0, 1]")
-        if not 0.0 <= self.lam <= 1.0:
-            problems.append(f"lam={self.lam} must be in [0, 1]")
-        if not 0.0 < self.alpha <= 1.0:
-            problems.append(f"alpha={self.alpha} must be in (0, 1]")
-        if self.clip_eps <= 0:
-            problems.append(f"clip_eps={self.clip_eps} must be > 0")
-        if not isinstance(self.whiten_groups, int) or self.whiten_groups < 1:
-            problems.append(f"whiten_groups={self.whiten_groups!r} must be an integer >= 1")
-        if self.value_target not in ("trl", "mc"):
-            problems.append(f"value_target={self.value_target!r} must be 'trl' or 'mc'")
-        if problems:
-            raise ValueError("Invalid AlgoConfig: " + "; ".join(problems))
-
-
-ALGORITHMS_NAMES = ("klq", "ppo")
 
 
 class Algorithm(NamedTuple):

@@ -23,7 +23,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import Any
 
@@ -31,6 +30,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from klq_jax.config import MeshConfig  # noqa: F401  (re-exported)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -47,15 +48,6 @@ LOGICAL_AXIS_RULES: dict[str, str | None] = {
 
 # The batch axis of activations / rollouts is split over every data-parallel mesh axis.
 BATCH_AXES = ("data", "fsdp")
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh shape. ``-1`` for ``data`` means "all devices not used by the other axes"."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:

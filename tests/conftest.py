@@ -1,11 +1,15 @@
 """Test set-up: 8 simulated CPU devices (for the sharding tests), float32 matmuls, no network."""
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The klq command's persistent compilation cache goes to a temporary directory, never to ~/.cache.
+os.environ["KLQ_COMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="klq-test-jax-cache-")
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import jax  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""The offline demo (``python -m experiments.demo``), shortened: files written and both algorithms improve."""
+"""The offline demo (``klq demo``), shortened: files written and both algorithms improve."""
 
 from __future__ import annotations
 
@@ -51,6 +51,10 @@ def test_demo_writes_its_files(demo_run):
     for name in ("π_b (SFT, before)", "KLQ (after)", "PPO (after)", "π* (optimum)"):
         assert name in samples
     assert "`runs fast <eos>`" in samples
+    # config.json: `klq demo --config <it>` gives the same config back; flags still override it.
+    ran = demo.DemoConfig.quick(out_dir=str(out), progress=False)
+    assert demo.parse_args(["--config", str(out / "config.json")]) == ran
+    assert demo.parse_args(["--config", str(out / "config.json"), "--seed", "3"]).seed == 3
     # The summary table (also printed).
     summary = (out / "summary.md").read_text()
     for row in ("| π_b (SFT, start) |", "| KLQ |", "| PPO |", "| π* (exact optimum) |"):
@@ -82,9 +86,10 @@ def test_both_algorithms_improve_the_reward(demo_run):
 
 
 def test_demo_cli_rejects_bad_arguments(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as err:
         demo.parse_args(["--iterations", "0"])
-    assert "--iterations must be >= 1" in capsys.readouterr().err
-    cfg = demo.parse_args(["--quick", "--out-dir", "x", "--lr", "0.002"])
+    assert err.value.code != 0
+    assert "iterations=0 must be >= 1" in " ".join(capsys.readouterr().err.split())
+    cfg = demo.parse_args(["--quick", "--out-dir", "x", "--learning-rate", "0.002"])
     assert cfg.out_dir == "x" and cfg.learning_rate == 0.002 and cfg.iterations == demo.DemoConfig.quick().iterations
 

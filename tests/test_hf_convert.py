@@ -260,7 +260,7 @@ def test_cli_help_and_bad_input_exit_2(tmp_path):
     with pytest.raises(SystemExit) as e:
         convert_cli.main(["--help"])
     assert e.value.code == 0
-    help_text = convert_cli.build_parser().format_help()
+    help_text = _cli("--help").stdout
     assert "hf-to-flax" in help_text and "flax-to-hf" in help_text and "AutoModelForCausalLM" in help_text
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text(json.dumps({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}))

@@ -129,6 +129,14 @@ def test_tiny_end_to_end_run_improves_reward(tmp_path, algo):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["iteration"] for l in lines] == list(range(1, 9))
     assert os.path.isdir(tmp_path / "checkpoints" / "8")  # saved at the end
+    # `klq train PRESET --config <the recorded config.json>` gives this run's config back.
+    assert train_cmd.parse_args([f"tiny-{algo}", "--config", str(tmp_path / "config.json")]) == cfg
+    assert train_cmd.parse_args(["--config", str(tmp_path / "config.json")]) == cfg
+    # The final line splits the reward into the score and the ω penalty (ω x share without a stop).
+    last_rec = hist[-1]
+    penalty = -cfg.omega * last_rec["truncated_frac"]
+    assert last_rec["reward"] == pytest.approx(last_rec["score"] + penalty, abs=1e-5)
+    assert f"ω penalty {penalty:+.4f}" in train_cmd.summary(cfg, hist)
     # The trained policy is exported as a Hugging Face directory, equal to the final state.
     from klq_jax.models import hf
 
@@ -173,9 +181,10 @@ def test_every_preset_loads_and_validates():
 def test_cli_overrides_and_clear_errors(capsys):
     cfg = train_cmd.parse_args(["tiny-ppo", "--algo.tau", "0.1", "--total-episodes", "64"])
     assert cfg.algo.tau == 0.1 and cfg.total_episodes == 64 and cfg.algo.name == "ppo"
-    with pytest.raises(SystemExit, match="Unknown preset 'nope'"):
+    with pytest.raises(SystemExit):
         train_cmd.parse_args(["nope"])
-    capsys.readouterr()
+    out = capsys.readouterr()
+    assert "nope" in out.err and "tiny-klq" in out.err  # names the unknown preset and the known ones
     for args, needle in [
         (["--minibatch-size", "5"], "must be a multiple of minibatch_size=5"),
         (["--algo.tau", "-1"], "tau=-1.0 must be >= 0"),

@@ -1,25 +1,40 @@
-"""Training: the run configuration, the sharded update step and the loop.
+"""Training: the sharded update step and the loop (the run configs are :mod:`klq_jax.config`).
 
-* :mod:`klq_jax.train.config` — :class:`TrainConfig`, :class:`OptimConfig`, :func:`make_optimizer`;
+* :mod:`klq_jax.train.optim` — :func:`make_optimizer` (AdamW + schedule of an :class:`OptimConfig`);
 * :mod:`klq_jax.train.step` — :class:`TrainState`, :func:`make_update_fn` (the whole update phase
   of an iteration as one pure function), :func:`init_state`, :func:`jit_update_fn`;
 * :mod:`klq_jax.train.loop` — :class:`Experiment` (models, prompts, reward) and :func:`train`, the
   only place with side effects (logging, checkpoints, resume, the policy export).
+
+The names below load on first use (PEP 562): ``from klq_jax.train import TrainConfig`` does not
+import JAX.
 """
 
-from klq_jax.train.config import OptimConfig, TrainConfig, make_optimizer
-from klq_jax.train.loop import (
-    Experiment,
-    NonFiniteError,
-    TrainResult,
-    export_policy,
-    rollout_metrics,
-    train,
-)
-from klq_jax.train.step import TrainState, init_state, jit_update_fn, make_update_fn, state_shardings
+import importlib
 
-__all__ = [
-    "OptimConfig", "TrainConfig", "make_optimizer", "Experiment", "NonFiniteError", "TrainResult",
-    "export_policy", "rollout_metrics", "train", "TrainState", "init_state", "jit_update_fn",
-    "make_update_fn", "state_shardings",
-]
+_EXPORTS = {
+    "klq_jax.config": ("OptimConfig", "TrainConfig"),
+    "klq_jax.train.optim": ("make_optimizer",),
+    "klq_jax.train.loop": ("Experiment", "NonFiniteError", "TrainResult", "export_policy",
+                           "rollout_metrics", "train"),
+    "klq_jax.train.step": ("TrainState", "init_state", "jit_update_fn", "make_update_fn",
+                           "state_shardings"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(_WHERE[name]), name)
+    elif name in ("loop", "optim", "step"):
+        value = importlib.import_module(f"klq_jax.train.{name}")
+    else:
+        raise AttributeError(f"module 'klq_jax.train' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

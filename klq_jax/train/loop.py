@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Literal, NamedTuple
 
@@ -26,7 +27,8 @@ from flax import nnx
 
 from klq_jax import algorithms, rollout, sharding
 from klq_jax.checkpoint import Checkpointer
-from klq_jax.train.config import TrainConfig, make_optimizer
+from klq_jax.config import TrainConfig
+from klq_jax.train.optim import make_optimizer
 from klq_jax.train.step import TrainState, init_state, jit_update_fn, make_update_fn
 from klq_jax.types import Rollout
 
@@ -168,6 +170,21 @@ class _Logger:
             self.tb.close()
 
 
+def count_without_timing(bar, seconds: float) -> None:
+    """Count one step of the tqdm ``bar`` that took ``seconds`` without letting it enter the rate.
+
+    An iteration that compiled takes far longer than the others: counting it like them would make
+    the first ETAs wrong by the compile time. Its time is left out of the bar's elapsed time and
+    rate (so the ETA is that of the iterations that run compiled programs).
+    """
+    bar.n += 1
+    bar.initial += 1  # the rate counts from here, as for a resumed bar
+    bar.start_t += seconds
+    bar.last_print_n = bar.n
+    bar.last_print_t = bar._time()
+    bar.refresh()
+
+
 class TrainResult(NamedTuple):
     state: TrainState
     history: list[dict]
@@ -224,10 +241,21 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
 
         bar = tqdm(total=cfg.num_iterations, initial=start, desc=f"{cfg.algo.name}", unit="it")
     t_run = time.perf_counter()
+    seen_shapes = set()  # prompt-batch shapes compiled for: a new one compiles every program
     try:
         for it in range(start, cfg.num_iterations):
             t0 = time.perf_counter()
             batch = next(experiment.prompts)
+            compiling = np.shape(batch["prompt_ids"]) not in seen_shapes
+            if compiling:
+                seen_shapes.add(np.shape(batch["prompt_ids"]))
+                if bar is not None:
+                    bar.write(
+                        f"compiling the sampler, scoring and update step for prompts of shape "
+                        f"{list(np.shape(batch['prompt_ids']))} (once per shape; not counted in "
+                        "the ETA)…",
+                        file=sys.stderr,
+                    )
             phase: dict[str, float] = {}
             key = jax.random.wrap_key_data(state.key)
             sample_key = jax.random.fold_in(key, 1_000_003)
@@ -279,8 +307,11 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
                 }
                 ckpt.save(it + 1, state, meta)
             if bar is not None:
-                bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}")
-                bar.update(1)
+                bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", refresh=False)
+                if compiling:
+                    count_without_timing(bar, time.perf_counter() - t0)
+                else:
+                    bar.update(1)
             if on_iteration is not None:
                 on_iteration(it + 1, record, state)
         if history and int(history[-1]["iteration"]) == cfg.num_iterations:

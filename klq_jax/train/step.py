@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from klq_jax import algorithms, rollout, sharding
-from klq_jax.train.config import TrainConfig
+from klq_jax.config import TrainConfig
 from klq_jax.types import Batch
 
 Array = jax.Array

@@ -1,0 +1,318 @@
+"""The configuration dataclasses of a run: algorithm, optimiser, mesh and schedule.
+
+Plain Python (no JAX import), so that command-line help, presets and recorded config files load in
+a fraction of a second. Their docstrings are the command-line help of ``klq train``: write them
+as plain text (no reStructuredText roles or double backquotes; tests/test_cli.py checks).
+
+* AlgoConfig — KLQ / PPO hyperparameters (used by :mod:`klq_jax.algorithms`);
+* OptimConfig — AdamW and its learning-rate schedule (:func:`klq_jax.train.make_optimizer`);
+* MeshConfig — the device mesh (:func:`klq_jax.sharding.mesh_from_config`);
+* TrainConfig — everything the trainer (:func:`klq_jax.train.train`) needs besides the models,
+  prompts and reward; experiment code adds the task on top (``experiments.tasks.RunConfig``).
+
+Example::
+
+    >>> from klq_jax.config import AlgoConfig, TrainConfig
+    >>> cfg = TrainConfig(algo=AlgoConfig(name="ppo"), rollouts_per_batch=8, minibatch_size=4,
+    ...                   micro_batch_size=2, total_episodes=32)
+    >>> cfg.num_iterations, cfg.steps_per_iteration
+    (4, 8)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal
+
+ALGORITHMS_NAMES = ("klq", "ppo")
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    """KLQ / PPO hyperparameters (KLQ: Algorithm 2, PPO: Algorithm 1; defaults: paper Table 2 + TRL).
+
+    Attributes:
+      name: the algorithm, klq or ppo.
+      tau: KL coefficient τ (both algorithms; paper: 0.05).
+      gamma: discount γ (paper: 1).
+      lam: λ of the λ-returns / GAE (paper: 0.95).
+      alpha: KLQ's conservativeness α of Eq. (7) (paper experiments: 1).
+      clip_eps: PPO ratio clip ε (TRL: 0.2).
+      value_clip: PPO value clip η (TRL: 0.2); None disables it.
+      vf_coef: PPO value-loss coefficient ζ (TRL: 0.1).
+      whiten_advantages: masked whitening of GAE advantages (TRL: on; Algorithm 1: off), over
+        the global rollout batch.
+      whiten_groups: whiten G equal contiguous row groups separately (the data-parallel shards);
+        TRL whitens per process, i.e. G = its number of GPUs (the paper: 4). 1: the global batch.
+      value_target: trl (advantages + old values) or mc (Algorithm 1's Monte-Carlo sum).
+      half_value_loss: the 1/2 in TRL's value loss (Algorithm 1 has none).
+    """
+
+    name: Literal["klq", "ppo"] = "klq"
+    tau: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    alpha: float = 1.0
+    clip_eps: float = 0.2
+    value_clip: float | None = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    whiten_groups: int = 1
+    value_target: Literal["trl", "mc"] = "trl"
+    half_value_loss: bool = True
+
+    def __post_init__(self):
+        problems = []
+        if self.name not in ALGORITHMS_NAMES:
+            problems.append(f"name={self.name!r} is not one of {ALGORITHMS_NAMES}")
+        if self.tau < 0:
+            problems.append(f"tau={self.tau} must be >= 0")
+        if not 0.0 <= self.gamma <= 1.0:
+            problems.append(f"gamma={self.gamma} must be in [0, 1]")
+        if not 0.0 <= self.lam <= 1.0:
+            problems.append(f"lam={self.lam} must be in [0, 1]")
+        if not 0.0 < self.alpha <= 1.0:
+            problems.append(f"alpha={self.alpha} must be in (0, 1]")
+        if self.clip_eps <= 0:
+            problems.append(f"clip_eps={self.clip_eps} must be > 0")
+        if not isinstance(self.whiten_groups, int) or self.whiten_groups < 1:
+            problems.append(f"whiten_groups={self.whiten_groups!r} must be an integer >= 1")
+        if self.value_target not in ("trl", "mc"):
+            problems.append(f"value_target={self.value_target!r} must be 'trl' or 'mc'")
+        if problems:
+            raise ValueError("Invalid AlgoConfig: " + "; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser: AdamW with a learning-rate schedule and optional global-norm gradient clipping.
+
+    What the paper ran: its TRL fork (PPOv2's loop: no clip_grad_norm_, an HF linear scheduler
+    stepped once per iteration) does not clip gradients, and Table 2 lists none; the paper presets
+    therefore set max_grad_norm=None and lr_schedule_unit=iteration. This class's own default
+    max_grad_norm=1.0 is a stabiliser for small, high-learning-rate runs (the tiny presets, the
+    demo; pre-clip norms of 6-70 on a tiny run), not the paper's setting.
+
+    Attributes:
+      learning_rate: peak learning rate (paper Table 2: 1.41e-5).
+      schedule: linear decay to end_lr_fraction x learning_rate over the whole run (paper),
+        cosine, or constant.
+      lr_schedule_unit: what the schedule counts. step: optimiser steps, so the learning rate also
+        decays inside an iteration's epochs x minibatches steps. iteration: TRL's PPOv2, constant
+        within an iteration and advanced before each iteration's updates (iteration k = 1..N uses
+        the schedule's value after k of N units: with linear decay to 0 the last iteration has
+        rate 0). warmup_steps counts the same unit.
+      warmup_steps: linear warm-up length (optimiser steps or iterations, see lr_schedule_unit).
+      end_lr_fraction: final learning rate as a fraction of the peak.
+      b1: Adam's first-moment decay.
+      b2: Adam's second-moment decay.
+      eps: Adam's epsilon.
+      weight_decay: AdamW decoupled weight decay.
+      max_grad_norm: clip the global gradient norm at this value (None: no clipping, as the paper
+        and TRL; default 1.0, see above).
+    """
+
+    learning_rate: float = 1.41e-5
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    lr_schedule_unit: Literal["step", "iteration"] = "step"
+    warmup_steps: int = 0
+    end_lr_fraction: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self):
+        if self.learning_rate <= 0:
+            raise ValueError(f"OptimConfig.learning_rate={self.learning_rate} must be > 0")
+        if self.schedule not in ("linear", "cosine", "constant"):
+            raise ValueError(
+                f"OptimConfig.schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'"
+            )
+        if self.lr_schedule_unit not in ("step", "iteration"):
+            raise ValueError(
+                f"OptimConfig.lr_schedule_unit={self.lr_schedule_unit!r} must be 'step' or 'iteration'"
+            )
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"OptimConfig.max_grad_norm={self.max_grad_norm} must be > 0 or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes; their product is the device count (data=-1: every remaining device).
+
+    Attributes:
+      data: data-parallel size (parameters replicated); -1 fills in the devices left over.
+      fsdp: data-parallel size with parameters and optimiser state sharded (ZeRO-3 style).
+      tensor: tensor-parallel size (heads, MLP width, vocabulary).
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """One RLHF run: the algorithm, the optimiser, the mesh and the schedule.
+
+    The library trainer takes it with an Experiment (models, prompts, reward); klq train adds
+    the task (experiments.tasks.RunConfig) and every field can be overridden on the command line
+    (klq train tiny-klq --algo.tau 0.1 --total-episodes 512).
+
+    Batch sizes are global (all devices together). One iteration samples rollouts_per_batch
+    responses, then runs epochs passes of rollouts_per_batch / minibatch_size optimizer steps,
+    each accumulating gradients over minibatch_size / micro_batch_size micro-batches.
+
+    Attributes:
+      algo: KLQ / PPO hyperparameters.
+      optim: optimiser and learning-rate schedule.
+      mesh: device mesh sizes (data, fsdp, tensor); data=-1 uses every remaining device.
+      rollouts_per_batch: N, responses sampled per iteration (paper: 192).
+      minibatch_size: B, rollouts per optimizer step (paper: 192).
+      micro_batch_size: rows per forward/backward inside a minibatch (gradient accumulation).
+      epochs: passes over each rollout batch (paper: 4).
+      total_episodes: responses sampled over the whole run (paper: 75k).
+      max_new_tokens: T_max, the response budget (TL;DR: 53).
+      temperature: sampling temperature; log π and log π_b are taken at the same temperature.
+      top_k: keep the k most likely tokens when sampling (0: off).
+      top_p: nucleus sampling mass (1.0: off).
+      omega: ω, the penalty subtracted from R_φ when a response has no stop token.
+      score_micro_batch_size: rows per scoring forward (None: the whole batch).
+      seed: seeds the prompt order, the sampler and the minibatch shuffles.
+      out_dir: run directory (metrics.jsonl, samples.jsonl, tb/, checkpoints/, config.json).
+      save_every: checkpoint every this many iterations (and at the end).
+      keep_checkpoints: how many checkpoints to keep.
+      log_samples_every: log a few decoded samples every this many iterations (0: never).
+      num_logged_samples: how many samples to log.
+      resume: continue from the newest complete checkpoint in out_dir.
+      progress: show a progress bar.
+      tensorboard: write TensorBoard event files under out_dir/tb.
+    """
+
+    algo: AlgoConfig = AlgoConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    rollouts_per_batch: int = 192
+    minibatch_size: int = 192
+    micro_batch_size: int = 192
+    epochs: int = 4
+    total_episodes: int = 75_000
+    max_new_tokens: int = 53
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    omega: float = 1.0
+    score_micro_batch_size: int | None = None
+    seed: int = 0
+    out_dir: str = "runs/default"
+    save_every: int = 50
+    keep_checkpoints: int = 3
+    log_samples_every: int = 10
+    num_logged_samples: int = 4
+    resume: bool = False
+    progress: bool = True
+    tensorboard: bool = True
+
+    def __post_init__(self):
+        p = []
+        for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size", "epochs",
+                     "total_episodes", "max_new_tokens", "save_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                p.append(f"{name}={getattr(self, name)} must be positive")
+        if not p:
+            if self.rollouts_per_batch % self.minibatch_size:
+                p.append(
+                    f"rollouts_per_batch={self.rollouts_per_batch} must be a multiple of "
+                    f"minibatch_size={self.minibatch_size}"
+                )
+            if self.minibatch_size % self.micro_batch_size:
+                p.append(
+                    f"minibatch_size={self.minibatch_size} must be a multiple of "
+                    f"micro_batch_size={self.micro_batch_size}"
+                )
+            if self.total_episodes < self.rollouts_per_batch:
+                p.append(
+                    f"total_episodes={self.total_episodes} is less than one batch of "
+                    f"rollouts_per_batch={self.rollouts_per_batch}"
+                )
+        if self.temperature <= 0:
+            p.append(f"temperature={self.temperature} must be > 0")
+        if self.omega < 0:
+            p.append(f"omega={self.omega} must be >= 0")
+        if self.rollouts_per_batch % self.algo.whiten_groups:
+            p.append(
+                f"algo.whiten_groups={self.algo.whiten_groups} must divide "
+                f"rollouts_per_batch={self.rollouts_per_batch}"
+            )
+        if p:
+            raise ValueError("Invalid TrainConfig: " + "; ".join(p))
+
+    @property
+    def num_iterations(self) -> int:
+        return self.total_episodes // self.rollouts_per_batch
+
+    @property
+    def steps_per_iteration(self) -> int:
+        return self.epochs * (self.rollouts_per_batch // self.minibatch_size)
+
+    def sampling_config(self, stop_token_ids=(0,), pad_token_id=0):
+        """The :class:`klq_jax.sampling.SamplingConfig` of this run's rollouts."""
+        from klq_jax.sampling import SamplingConfig  # JAX: only when a run starts
+
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            stop_token_ids=tuple(stop_token_ids),
+            pad_token_id=pad_token_id,
+        )
+
+
+def to_dict(cfg) -> dict:
+    """A config dataclass as JSON-ready nested dicts (what ``config.json`` of a run holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict, *, where: str = "config"):
+    """The config dataclass ``cls`` from nested dicts (e.g. a run's ``config.json``).
+
+    Fields missing from ``data`` take their defaults; an unknown field is an error naming it.
+    JSON lists become tuples where the field is a tuple. The dataclass validates the values.
+
+    Example::
+
+        >>> from klq_jax.config import TrainConfig, from_dict, to_dict
+        >>> cfg = TrainConfig(rollouts_per_batch=8, minibatch_size=8, micro_batch_size=8)
+        >>> from_dict(TrainConfig, to_dict(cfg)) == cfg
+        True
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must be a JSON object of {cls.__name__} fields, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"{where} has field(s) {', '.join(unknown)} that {cls.__name__} does not have; "
+            f"its fields are: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {name: _from_json(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _from_json(tp: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return from_dict(tp, value, where=where)
+    if typing.get_origin(tp) is tuple and isinstance(value, list):
+        return tuple(value)
+    for arg in typing.get_args(tp):  # X | None holding a dataclass or a tuple
+        if value is not None and (
+            (dataclasses.is_dataclass(arg) and isinstance(value, dict))
+            or (typing.get_origin(arg) is tuple and isinstance(value, list))
+        ):
+            return _from_json(arg, value, where)
+    return value

@@ -1,0 +1,145 @@
+"""The ``klq`` command: plain-text help without JAX, one-line errors (``--debug``: the traceback),
+the compile notice, the persistent compilation cache and the final line of a run."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import cli
+
+# reStructuredText that must not reach a terminal: ``code``, :class:`x` and other roles.
+RST = re.compile(r"``|:(class|func|mod|meth|attr|data|exc|obj|ref):`")
+
+
+def _klq(*args, cwd, env=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "experiments", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--help"], ["train", "sweep", "demo", "convert", "--debug"]),
+    (["train", "--help"], ["tiny-klq", "tldr-ppo", "--config"]),
+    (["train", "tiny-klq", "--help"], ["--algo.tau", "--optim.learning-rate", "--task.policy"]),
+    (["demo", "--help"], ["--quick", "--iterations", "--config"]),
+    (["convert", "--help"], ["hf-to-flax", "flax-to-hf"]),
+    (["sweep", "--help"], ["--taus"]),
+])
+def test_help_is_plain_text(tmp_path, args, needles):
+    out = _klq(*args, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = " ".join(out.stdout.split())
+    for needle in needles:
+        assert needle in text, (args, needle)
+    bad = RST.findall(out.stdout)
+    assert not bad, f"RST markup in `klq {' '.join(args)}`: {[m for m in RST.finditer(out.stdout)][:3]}"
+
+
+@pytest.mark.parametrize("command", [["train", "tiny-klq"], ["demo"], ["convert", "hf-to-flax"]])
+def test_help_does_not_import_jax(tmp_path, command):
+    code = (
+        "import sys\nfrom experiments import cli\n"
+        f"try:\n    cli.main({command + ['--help']!r})\nexcept SystemExit:\n    pass\n"
+        "print('JAX LOADED:', [m for m in ('jax', 'flax', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert "JAX LOADED: []" in out.stdout, out.stdout[-500:] + out.stderr[-2000:]
+
+
+def test_installed_klq_script_runs():
+    exe = shutil.which("klq") or os.path.join(os.path.dirname(sys.executable), "klq")
+    assert os.path.exists(exe), "the klq console script is not installed (pip install -e .)"
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "train" in out.stdout, out.stderr[-2000:]
+
+
+def _one_error_line(out, prog: str) -> str:
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode != 0
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, prog, needle", [
+    (["train", "tiny-klq", "--config", "missing.json"], "klq train", "missing.json"),
+    (["demo", "--config", "missing.json"], "klq demo", "missing.json"),
+    # A ValueError of ours raised once the run starts (the mesh does not fit the devices).
+    (["train", "tiny-klq", "--mesh.data", "3", "--out-dir", "run"], "klq train", "devices"),
+    (["convert", "hf-to-flax", "no-such-dir", "out"], "klq convert", "no-such-dir"),
+    (["sweep", "tiny-klq", "--taus", "0.1", "--out-dir", "sw", "--", "--mesh.data", "3"], "klq sweep", "devices"),
+])
+def test_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, args, prog, needle):
+    line = _one_error_line(_klq(*args, cwd=tmp_path), prog)
+    assert needle in line, line
+    debug = _klq(*args, "--debug", cwd=tmp_path)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+
+
+def test_which_errors_are_ours():
+    from klq_jax.train import NonFiniteError
+
+    def raised(fn):
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    assert cli._is_ours(raised(lambda: cli.load_config(dict, "/no/such/config.json")))
+    assert cli._is_ours(NonFiniteError("Iteration 3: metric 'loss' is nan."))
+    assert cli._is_ours(raised(lambda: open("/no/such/file")))  # a file the user named
+    # A ValueError raised inside a library (not by our code) is a bug to see in full.
+    assert not cli._is_ours(raised(lambda: np.zeros(3).reshape(2, 2)))
+
+
+def test_no_compile_cache_leaves_jax_alone(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("KLQ_COMPILE_CACHE_DIR", str(tmp_path / "cache"))
+    rc = cli.run("train", ["tiny-klq", "--no-compile-cache", "--config", str(tmp_path / "none.json")])
+    assert rc == 2 and "JAX_COMPILATION_CACHE_DIR" not in os.environ
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_compiling_iteration_is_left_out_of_the_eta():
+    from tqdm import tqdm
+
+    from klq_jax.train.loop import count_without_timing
+
+    clock = [1000.0]
+    bar = tqdm(total=10, disable=False, file=open(os.devnull, "w"), mininterval=0, smoothing=0.3)
+    bar._time = lambda: clock[0]
+    bar.start_t = bar.last_print_t = clock[0]
+    clock[0] += 100.0  # iteration 1 compiles for 100 s
+    count_without_timing(bar, 100.0)
+    for _ in range(2):  # then 1 s per iteration
+        clock[0] += 1.0
+        bar.update(1)
+    d = bar.format_dict
+    assert d["n"] == 3
+    assert d["elapsed"] == pytest.approx(2.0)
+    rate = d["rate"] or (d["n"] - d["initial"]) / d["elapsed"]
+    assert (d["total"] - d["n"]) / rate == pytest.approx(7.0)  # the ETA: 7 more seconds, not ~240
+    bar.close()
+
+
+def test_a_run_says_compiling_caches_programs_and_splits_off_the_omega_penalty(tmp_path):
+    """One subprocess run of 2 tiny iterations, saved at each, with the compile cache on."""
+    env = dict(os.environ, KLQ_COMPILE_CACHE_DIR=str(tmp_path / "cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # cache every program, however fast
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
+    out = _klq("train", "tiny-klq", "--total-episodes", "32", "--save-every", "1", "--out-dir", "run",
+               "--no-tensorboard", "--log-samples-every", "0", cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    err = out.stderr.replace("\r", "\n")
+    assert err.count("compiling the sampler, scoring and update step") == 1, err[-3000:]
+    assert os.listdir(tmp_path / "cache"), "nothing in the compilation cache"
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: 2 iterations") and "ω penalty" in last, last
+    # No per-save warnings flood the log: nothing but the bar, the notice and the final line.
+    others = [x for x in err.splitlines() if x.strip() and not x.startswith("klq:") and "compiling" not in x]
+    assert not others, others[:5]
