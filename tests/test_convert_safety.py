@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from convert import cli as convert_cli
+from experiments import cli
 from tests.helpers import testing
 from klq_jax.models import hf
 from klq_jax.models.hf import files
@@ -29,7 +29,8 @@ def _snapshot(d):
 
 
 def _cli(*args):
-    return convert_cli.main([str(a) for a in args])
+    """``klq convert ARGS`` in process: the exit status (2 and one line on stderr for our errors)."""
+    return cli.run("convert", ["--no-compile-cache", *map(str, args)])
 
 
 # ------------------------------------------------------------------------------------------------
