@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["plot_training_curves", "plot_pareto", "plot_validation_curves", "moving_average"]
+__all__ = ["plot_training_curves", "plot_pareto", "plot_validation_curves", "plot_win_rates", "moving_average"]
 
 COLORS = {"klq": "tab:blue", "ppo": "tab:orange"}
 LABELS = {"klq": "KLQ", "ppo": "PPO"}
@@ -251,6 +251,49 @@ def plot_validation_curves(
             ax.legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rates(rows: Iterable[Mapping], path: str, *, title: str | None = None) -> str:
+    """One bar per pair of runs (e.g. per τ): the pooled win rate of A over B with its Jeffreys
+    interval as an error bar, and the 50% line (paper Fig. 3). ``rows``: :mod:`experiments.judge`'s
+    summaries (``label``, ``pooled`` with ``win_rate``, ``interval_low``, ``interval_high``).
+    Returns ``path``.
+
+    Example:
+        >>> import os, tempfile
+        >>> rows = [{"label": "τ=0.05", "pooled": {"win_rate": 0.6, "interval_low": 0.5,
+        ...          "interval_high": 0.7, "alpha": 0.2}}]
+        >>> p = plot_win_rates(rows, os.path.join(tempfile.mkdtemp(), "w.png"))
+        >>> open(p, "rb").read(4) == b"\\x89PNG"
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    labels = [r["label"] for r in rows]
+    rate = np.array([r["pooled"]["win_rate"] for r in rows], np.float64)
+    lo = np.array([r["pooled"]["interval_low"] for r in rows], np.float64)
+    hi = np.array([r["pooled"]["interval_high"] for r in rows], np.float64)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4))
+    x = np.arange(len(rows))
+    ax.bar(x, np.nan_to_num(rate), color=COLORS["klq"], alpha=0.8)
+    ax.errorbar(x, np.nan_to_num(rate), yerr=[np.nan_to_num(rate - lo), np.nan_to_num(hi - rate)],
+                fmt="none", ecolor="k", capsize=4)
+    ax.axhline(0.5, color="gray", ls="--", lw=1)
+    ax.set_xticks(x, labels, rotation=20 if len(rows) > 4 else 0)
+    ax.set_ylim(0, 1)
+    level = round(100 * (1 - rows[0]["pooled"].get("alpha", 0.2))) if rows else 80
+    ax.set_ylabel(f"win rate of A over B ({level}% Jeffreys interval)")
+    ax.set_title(title or "LLM-as-a-judge win rate")
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
