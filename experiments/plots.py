@@ -285,8 +285,10 @@ def plot_win_rates(rows: Iterable[Mapping], path: str, *, title: str | None = No
     fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4))
     x = np.arange(len(rows))
     ax.bar(x, np.nan_to_num(rate), color=COLORS["klq"], alpha=0.8)
-    ax.errorbar(x, np.nan_to_num(rate), yerr=[np.nan_to_num(rate - lo), np.nan_to_num(hi - rate)],
-                fmt="none", ecolor="k", capsize=4)
+    # The interval drawn as it is (it need not contain wins/(wins+losses), e.g. at 6 wins, 0 losses).
+    ax.vlines(x, lo, hi, color="k", lw=1.2)
+    ax.hlines(np.concatenate([lo, hi]), np.concatenate([x, x]) - 0.12, np.concatenate([x, x]) + 0.12,
+              color="k", lw=1.2)
     ax.axhline(0.5, color="gray", ls="--", lw=1)
     ax.set_xticks(x, labels, rotation=20 if len(rows) > 4 else 0)
     ax.set_ylim(0, 1)

@@ -247,3 +247,28 @@ def test_local_judge_verdict_for_every_pair_and_deterministic(tmp_path, two_runs
             logp = torch.log_softmax(torch_model(ids).logits[0, -1].double(), -1).numpy()
         assert abs(logp[ida[0]] - r["extra"]["logp_A"]) < 1e-4 and abs(logp[idb[0]] - r["extra"]["logp_B"]) < 1e-4
         assert r["choice"] == ("A" if logp[ida[0]] > logp[idb[0]] else "B")
+
+
+def test_judge_pairs_klq_with_ppo_of_each_sweep_point(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "test-key")
+    sweep_dir = tmp_path / "sweep"
+    rows = []
+    for algo in ("klq", "ppo"):
+        for tau in (0.05, 0.5):
+            run = f"{algo}-tau{tau!r}"
+            # KLQ's responses are the good ones at τ=0.05 and the bad ones at τ=0.5.
+            good = (algo == "klq") == (tau == 0.05)
+            _write_run(sweep_dir / run, [(p, ("good " if good else "bad ") + p) for p, _, _ in POSTS[:3]])
+            rows.append({"algo": algo, "tau": tau, "run": run, "setting": f"τ={tau:g}"})
+    (sweep_dir / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    server = FakeJudgeServer()
+    try:
+        judge = J.HTTPJudge(server.url, "m", str(tmp_path / "cache"), api_key_env="TEST_JUDGE_KEY",
+                            backoff_s=0.0, sleep=lambda s: None)
+        out = judge_cmd.run(judge_cmd.JudgeCommand(sweep=str(sweep_dir), out_dir=str(tmp_path / "out")),
+                            judge=judge)
+    finally:
+        server.close()
+    assert [(r["label"], os.path.basename(r["a"]), os.path.basename(r["b"])) for r in out] == [
+        ("τ=0.05", "klq-tau0.05", "ppo-tau0.05"), ("τ=0.5", "klq-tau0.5", "ppo-tau0.5")]
+    assert [r["pooled"]["wins"] for r in out] == [6, 0] and [r["pooled"]["losses"] for r in out] == [0, 6]

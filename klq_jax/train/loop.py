@@ -197,8 +197,8 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     sharding.initialize_distributed()
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
     dp = sharding.data_parallel_size(mesh)
-    for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size"):
-        if getattr(cfg, name) % dp:
+    for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size", "eval_batch_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) % dp:
             raise ValueError(
                 f"{name}={getattr(cfg, name)} must be a multiple of the {dp} data-parallel devices "
                 f"of the mesh {dict(mesh.shape)}."
