@@ -45,23 +45,23 @@ class JudgeConfig:
     """The judge.
 
     Attributes:
-      backend: ``http`` (an OpenAI-compatible chat-completions endpoint) or ``local`` (a causal LM
+      backend: http (an OpenAI-compatible chat-completions endpoint) or local (a causal LM
         checkpoint loaded with klq_jax).
-      base_url: the endpoint's base URL (``http``).
-      model: the judge model: a model name (``http``; the paper used gpt-4o-mini) or a checkpoint
-        directory / hub name (``local``).
+      base_url: the endpoint's base URL (http).
+      model: the judge model: a model name (http; the paper used gpt-4o-mini) or a checkpoint
+        directory / hub name (local).
       tokenizer: the local judge's tokenizer (default: the model's directory).
-      api_key_env: environment variable with the API key (``""``: send none).
-      prompt: App. F's judge prompt to use, ``tldr`` or ``hh`` (default: the runs' task).
-      prompt_file: a file with another judge prompt (overrides ``prompt``).
+      api_key_env: environment variable with the API key (empty: send none).
+      prompt: App. F's judge prompt to use, tldr or hh (default: the runs' task).
+      prompt_file: a file with another judge prompt (overrides prompt).
       temperature: the judge's sampling temperature.
-      max_tokens: the longest answer (``http``) / comparison (``local``).
+      max_tokens: the longest answer (http) / comparison (local).
       structured: ask the endpoint for JSON structured output.
       max_retries: retries after HTTP 429/5xx or a network error.
-      backoff_s: first back-off delay (doubling per retry).
+      backoff_s: first back-off delay in seconds (doubling per retry).
       concurrency: requests in flight at most.
-      timeout_s: per-request timeout.
-      cache_dir: where requests and raw answers are cached (default ``<out_dir>/cache``).
+      timeout_s: per-request timeout in seconds.
+      cache_dir: where requests and raw answers are cached (default OUT_DIR/cache).
       seed: the local judge's sampling seed.
       batch_size: the local judge's batch size.
     """
@@ -91,10 +91,10 @@ class JudgeCommand:
 
     Attributes:
       a: run A of each pair: run directories or completions files.
-      b: run B of each pair (as many as ``a``).
+      b: run B of each pair (as many as a).
       labels: a label per pair (default: the grid values of a sweep, else the run names).
       sweep: a sweep directory: every KLQ run against the PPO run of the same grid point.
-      mode: which completions: ``greedy`` or ``sample`` (at the training temperature).
+      mode: which completions: greedy or sample (at the training temperature).
       num_prompts: prompts per pair (the first ones of the held-out set; the paper: 32).
       alpha: the Jeffreys interval's level (the paper: 0.2, an 80% interval).
       out_dir: where the judgements, table and plot go.
@@ -263,11 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     import tyro
 
     cmd = tyro.cli(JudgeCommand, args=list(sys.argv[1:] if argv is None else argv), prog="klq judge")
-    try:
-        rows = run(cmd)
-    except J.JudgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = run(cmd)
     print(format_table(rows))
     print(f"wrote {cmd.out_dir}/judge.md, judge.jsonl, judgements.jsonl, judge.png")
     return 0

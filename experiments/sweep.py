@@ -70,18 +70,18 @@ class SweepError(ValueError):
 class SweepConfig:
     """Train a preset for every algorithm and grid point; plot validation reward against KL.
 
-    Config overrides for every run go after ``--`` (e.g. ``-- --total-episodes 64 --eval-every 5``).
+    Config overrides for every run go after -- (e.g. -- --total-episodes 64 --eval-every 5).
 
     Attributes:
-      preset: the preset every run starts from (``klq train --help`` lists them).
-      taus: KL coefficients τ (the grid axis ``algo.tau``).
-      grid: further grid axes, each ``FIELD=V1,V2,...`` with a dotted config field, e.g.
-        ``algo.lam=0.9,0.95`` or ``optim.learning-rate=1e-5,1.41e-5``; the sweep runs the product
-        of all axes for every algorithm.
+      preset: the preset every run starts from (klq train --help lists them).
+      taus: KL coefficients τ (the grid axis algo.tau).
+      grid: further grid axes, each FIELD=V1,V2,... with a dotted config field, e.g.
+        algo.lam=0.9,0.95 or optim.learning-rate=1e-5,1.41e-5; the sweep runs the product of all
+        axes for every algorithm.
       algos: the algorithms.
-      out_dir: the sweep directory (default ``runs/sweep-<preset>``), one subdirectory per run.
-      on_mismatch: a run directory trained with another config: ``refuse`` (an error naming the
-        fields that differ) or ``rerun`` (move it aside to ``<dir>.stale-<n>`` and train again).
+      out_dir: the sweep directory (default runs/sweep-PRESET), one subdirectory per run.
+      on_mismatch: a run directory trained with another config: refuse (an error naming the
+        fields that differ) or rerun (move it aside to DIR.stale-N and train again).
     """
 
     preset: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PRESET")]
@@ -375,11 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         argv, overrides = argv[:i], argv[i + 1:]
     cfg = tyro.cli(SweepConfig, args=argv, prog="klq sweep",
                    description=__doc__.split("\n\n")[0] + " Overrides for every run go after '--'.")
-    try:
-        rows = run_sweep(cfg, overrides)
-    except SweepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    rows = run_sweep(cfg, overrides)
     out_dir = cfg.out_dir or os.path.join("runs", f"sweep-{cfg.preset}")
     with open(os.path.join(out_dir, "sweep.md")) as f:
         print(f.read())

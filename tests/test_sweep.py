@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import sweep
+from experiments import cli, sweep
 from experiments.sweep import SweepConfig, SweepError
 from klq_jax import sharding
 
@@ -101,9 +101,10 @@ def test_run_safety(tmp_path, mesh, capsys):
         sweep.run_sweep(cfg, [*overrides, "--algo.lam", "0.9"], mesh=mesh)
     assert os.path.getmtime(tmp_path / "klq-tau0.1" / "metrics.jsonl") == stamp
     # The sweep owns --out-dir: refused before any training (it used to crash after training).
-    assert sweep.main(["tiny-klq", "--taus", "0.3", "--algos", "klq", "--out-dir", str(tmp_path),
-                       "--", "--out-dir", str(tmp_path / "elsewhere"), *overrides]) == 2
-    assert "--out-dir cannot be a per-run override" in capsys.readouterr().err
+    assert cli.run("sweep", ["tiny-klq", "--taus", "0.3", "--algos", "klq", "--out-dir", str(tmp_path),
+                             "--", "--out-dir", str(tmp_path / "elsewhere"), *overrides]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith("klq sweep: error: --out-dir cannot be a per-run override"), line
     assert not (tmp_path / "klq-tau0.3").exists() and not (tmp_path / "elsewhere").exists()
     # --on-mismatch rerun moves the old run aside (never deletes it) and trains the new config.
     cfg1 = SweepConfig(preset="tiny-klq", taus=(0.1,), algos=("klq",), out_dir=str(tmp_path),
