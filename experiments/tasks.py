@@ -45,6 +45,7 @@ Example (offline, with tiny local copies under the hub names; see tests/test_pap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
