@@ -22,7 +22,8 @@ import traceback
 
 COMMANDS = {
     "train": ("experiments.train", "train KLQ or PPO from a preset (klq train PRESET --help)"),
-    "sweep": ("experiments.sweep", "train over a grid of τ and plot reward against KL"),
+    "sweep": ("experiments.sweep", "train over a grid (τ, λ, lr, ...) and plot validation reward against KL"),
+    "judge": ("experiments.judge", "LLM-as-a-judge win rates of two runs' completions (Jeffreys intervals)"),
     "demo": ("experiments.demo", "the offline demo: KLQ vs PPO against the exact optimum"),
     "convert": ("convert.cli", "convert checkpoints between Hugging Face and klq_jax"),
 }

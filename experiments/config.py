@@ -33,6 +33,9 @@ class TaskConfig:
       dataset: dataset hub name or local path (the task's default when None).
       dataset_subset: e.g. HH's helpful-base.
       split: dataset split for training prompts.
+      eval_split: dataset split of the held-out validation prompts (see eval_every); None: the
+        task's default (TL;DR validation, HH and IMDb test; the synthetic task draws a separate
+        prompt set disjoint from the training prompts).
       max_prompt_len: prompt token budget (TL;DR: 512).
       tokenizer: tokenizer source (default: the policy's directory).
       reward_tokenizer: the reward model's tokenizer when it differs from the policy's (HH).
@@ -57,6 +60,7 @@ class TaskConfig:
     dataset: str | None = None
     dataset_subset: str | None = None
     split: str = "train"
+    eval_split: str | None = None
     max_prompt_len: int = 512
     tokenizer: str | None = None
     reward_tokenizer: str | None = None

@@ -30,7 +30,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-__all__ = ["plot_training_curves", "plot_pareto", "moving_average"]
+__all__ = ["plot_training_curves", "plot_pareto", "plot_validation_curves", "plot_win_rates", "moving_average"]
 
 COLORS = {"klq": "tab:blue", "ppo": "tab:orange"}
 LABELS = {"klq": "KLQ", "ppo": "PPO"}
@@ -140,18 +140,136 @@ def plot_training_curves(
     return path
 
 
-def plot_pareto(rows: Iterable[Mapping], path: str, *, title: str | None = None) -> str:
-    """Reward against KL(π‖π_b) at the end of training, one line per algorithm over τ (paper Fig. 2).
+def plot_pareto(
+    rows: Iterable[Mapping],
+    path: str,
+    *,
+    x: str = "eval/kl",
+    y: str = "eval/score",
+    group: str = "group",
+    title: str | None = None,
+) -> dict[str, list[dict]]:
+    """Reward against KL(π‖π_b) at the end of training, one line per group over τ (paper Fig. 2).
 
-    ``rows`` hold ``algo``, ``tau``, ``kl`` and ``score`` (e.g. the last records of a τ sweep,
-    :mod:`experiments.sweep`). Each point is labelled with its τ. Returns ``path``.
+    ``rows`` hold ``algo``, ``tau``, the ``x`` and ``y`` metrics (default: the VALIDATION KL and
+    reward-model score of the final policy, as the paper's Fig. 2) and a ``group`` label (default
+    the algorithm when a row has no ``group``); e.g. the rows of :mod:`experiments.sweep`. Each
+    point is labelled with its τ. Writes ``path`` (PNG) and returns the points drawn,
+    ``{group: [{"tau", "x", "y"}, ...]}`` sorted by ``x``.
 
     Example:
         >>> import os, tempfile
-        >>> rows = [{"algo": a, "tau": t, "kl": 1 / t, "score": 1 - t} for a in ("klq", "ppo")
-        ...         for t in (0.05, 0.1, 0.2)]
-        >>> path = plot_pareto(rows, os.path.join(tempfile.mkdtemp(), "p.png"))
-        >>> open(path, "rb").read(4) == b"\\x89PNG"
+        >>> rows = [{"algo": a, "tau": t, "eval/kl": 1 / t, "eval/score": 1 - t}
+        ...         for a in ("klq", "ppo") for t in (0.05, 0.1, 0.2)]
+        >>> d = tempfile.mkdtemp()
+        >>> drawn = plot_pareto(rows, os.path.join(d, "p.png"))
+        >>> [p["tau"] for p in drawn["klq"]], open(os.path.join(d, "p.png"), "rb").read(4) == b"\\x89PNG"
+        ([0.2, 0.1, 0.05], True)
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(rows)
+    missing = [r.get("run", r.get("algo")) for r in rows if x not in r or y not in r]
+    if missing:
+        raise ValueError(f"plot_pareto: rows {missing} have no {x!r} / {y!r} (validation metrics).")
+    drawn: dict[str, list[dict]] = {}
+    for r in rows:
+        drawn.setdefault(str(r.get(group, r["algo"])), []).append(
+            {"tau": r["tau"], "x": float(r[x]), "y": float(r[y]), "algo": r["algo"]})
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, pts in drawn.items():
+        pts.sort(key=lambda p: p["x"])
+        algo = pts[0]["algo"]
+        ax.plot([p["x"] for p in pts], [p["y"] for p in pts], "o-", color=COLORS.get(algo) if
+                sum(q[0]["algo"] == algo for q in drawn.values()) == 1 else None,
+                label=LABELS.get(name, name))
+        for p in pts:
+            ax.annotate(f"τ={p['tau']:g}", (p["x"], p["y"]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL(π‖π_b) (sequence level)" + (" — validation" if x.startswith("eval/") else ""))
+    ax.set_ylabel("reward-model score" + (" — validation" if y.startswith("eval/") else ""))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Reward vs KL at the end of training")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def plot_validation_curves(
+    records: Iterable[Mapping],
+    path: str,
+    *,
+    keys: tuple[str, ...] = ("eval/score", "eval/rlhf_reward"),
+    panel: str = "setting",
+    line: str = "algo",
+    title: str | None = None,
+) -> str:
+    """Validation metrics over training (paper Figs. 4-6): one column of panels per ``panel``
+    value (e.g. a τ of a sweep), one row per metric in ``keys``, one line per ``line`` value.
+
+    ``records``: metrics records with ``episodes`` and the ``keys`` (a validation at iteration k
+    is of the policy after k iterations, so it is drawn at ``episodes``), plus the ``panel`` and
+    ``line`` labels. Returns ``path``.
+
+    Example:
+        >>> import os, tempfile
+        >>> recs = [{"algo": a, "setting": f"τ={t}", "episodes": 64 * i, "eval/score": i * t,
+        ...          "eval/rlhf_reward": i * t / 2} for a in ("klq", "ppo") for t in (0.1, 0.2)
+        ...         for i in range(1, 4)]
+        >>> p = plot_validation_curves(recs, os.path.join(tempfile.mkdtemp(), "v.png"))
+        >>> open(p, "rb").read(4) == b"\\x89PNG"
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in records if all(k in r for k in keys)]
+    panels = list(dict.fromkeys(str(r.get(panel, "")) for r in records)) or [""]
+    lines = list(dict.fromkeys(str(r.get(line, "run")) for r in records))
+    fig, axes = plt.subplots(len(keys), len(panels), figsize=(4.2 * len(panels), 3.2 * len(keys)),
+                             squeeze=False)
+    for col, pv in enumerate(panels):
+        for row, key in enumerate(keys):
+            ax = axes[row][col]
+            for lv in lines:
+                pts = sorted((r["episodes"], r[key]) for r in records
+                             if str(r.get(panel, "")) == pv and str(r.get(line, "run")) == lv)
+                if pts:
+                    ep, val = zip(*pts)
+                    ax.plot(ep, val, "o-", ms=3, color=COLORS.get(lv), label=LABELS.get(lv, lv))
+            ax.set_title(f"{pv}  {key}" if pv else key, fontsize=9)
+            ax.set_xlabel("episodes")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_win_rates(rows: Iterable[Mapping], path: str, *, title: str | None = None) -> str:
+    """One bar per pair of runs (e.g. per τ): the pooled win rate of A over B with its Jeffreys
+    interval as an error bar, and the 50% line (paper Fig. 3). ``rows``: :mod:`experiments.judge`'s
+    summaries (``label``, ``pooled`` with ``win_rate``, ``interval_low``, ``interval_high``).
+    Returns ``path``.
+
+    Example:
+        >>> import os, tempfile
+        >>> rows = [{"label": "τ=0.05", "pooled": {"win_rate": 0.6, "interval_low": 0.5,
+        ...          "interval_high": 0.7, "alpha": 0.2}}]
+        >>> p = plot_win_rates(rows, os.path.join(tempfile.mkdtemp(), "w.png"))
+        >>> open(p, "rb").read(4) == b"\\x89PNG"
         True
     """
     import matplotlib
@@ -160,20 +278,24 @@ def plot_pareto(rows: Iterable[Mapping], path: str, *, title: str | None = None)
     import matplotlib.pyplot as plt
 
     rows = list(rows)
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    for algo in sorted({r["algo"] for r in rows}):
-        pts = sorted((r for r in rows if r["algo"] == algo), key=lambda r: r["kl"])
-        xs = [r["kl"] for r in pts]
-        ys = [r["score"] for r in pts]
-        ax.plot(xs, ys, "o-", color=COLORS.get(algo), label=LABELS.get(algo, algo))
-        for r in pts:
-            ax.annotate(f"τ={r['tau']:g}", (r["kl"], r["score"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("KL(π‖π_b) (sequence level)")
-    ax.set_ylabel("reward-model score")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "Reward vs KL at the end of training")
+    labels = [r["label"] for r in rows]
+    rate = np.array([r["pooled"]["win_rate"] for r in rows], np.float64)
+    lo = np.array([r["pooled"]["interval_low"] for r in rows], np.float64)
+    hi = np.array([r["pooled"]["interval_high"] for r in rows], np.float64)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows) + 2), 4))
+    x = np.arange(len(rows))
+    ax.bar(x, np.nan_to_num(rate), color=COLORS["klq"], alpha=0.8)
+    # The interval drawn as it is (it need not contain wins/(wins+losses), e.g. at 6 wins, 0 losses).
+    ax.vlines(x, lo, hi, color="k", lw=1.2)
+    ax.hlines(np.concatenate([lo, hi]), np.concatenate([x, x]) - 0.12, np.concatenate([x, x]) + 0.12,
+              color="k", lw=1.2)
+    ax.axhline(0.5, color="gray", ls="--", lw=1)
+    ax.set_xticks(x, labels, rotation=20 if len(rows) > 4 else 0)
+    ax.set_ylim(0, 1)
+    level = round(100 * (1 - rows[0]["pooled"].get("alpha", 0.2))) if rows else 80
+    ax.set_ylabel(f"win rate of A over B ({level}% Jeffreys interval)")
+    ax.set_title(title or "LLM-as-a-judge win rate")
+    ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -48,6 +48,7 @@ Example (offline, with tiny local copies under the hub names; see tests/test_pap
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -69,6 +70,9 @@ __all__ = [
     "RunConfig",
     "build_experiment",
     "synthetic_prompts",
+    "heldout_synthetic_prompts",
+    "load_validation_prompts",
+    "DEFAULT_EVAL_SPLITS",
     "DEFAULT_DATASETS",
     "DEFAULT_SCORE_MICRO_BATCH_SIZE",
     "load_policy_tokenizer",
@@ -76,6 +80,9 @@ __all__ = [
     "load_reward_fn",
     "load_reward_model",
 ]
+
+# The held-out split of each dataset (hh-rlhf and IMDb have no validation split).
+DEFAULT_EVAL_SPLITS = {"tldr": "validation", "hh": "test", "imdb": "test"}
 
 DEFAULT_DATASETS = {
     "tldr": "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessing_1706381144",
@@ -106,6 +113,46 @@ def synthetic_prompts(num_prompts: int, max_len: int, vocab_size: int, seed: int
         pad_id=pad_id,
         name="synthetic",
     )
+
+
+def heldout_synthetic_prompts(train, num_prompts: int, max_len: int, vocab_size: int, seed: int,
+                              pad_id: int = 0):
+    """``num_prompts`` synthetic prompts (as :func:`synthetic_prompts`) none of which is a training
+    prompt of ``train`` (nor repeated), drawn from a seed apart from the training set's.
+
+    Raises:
+      ValueError: the prompt space is too small to hold that many new prompts.
+    """
+    seen = {tuple(r[m > 0].tolist()) for r, m in zip(train.prompt_ids, train.prompt_mask)}
+    keep: list[int] = []
+    candidates = synthetic_prompts(4 * num_prompts + 64, max_len, vocab_size, seed + 1_000_003, pad_id)
+    for i, (r, m) in enumerate(zip(candidates.prompt_ids, candidates.prompt_mask)):
+        t = tuple(r[m > 0].tolist())
+        if t not in seen:
+            seen.add(t)
+            keep.append(i)
+        if len(keep) == num_prompts:
+            return dataclasses.replace(candidates.select(keep), name="synthetic-heldout")
+    raise ValueError(
+        f"Could not draw {num_prompts} held-out synthetic prompts disjoint from the {len(train)} "
+        f"training prompts (prompt_len={max_len}, vocabulary {vocab_size}); lower eval_prompts or "
+        "raise task.prompt_len."
+    )
+
+
+def load_validation_prompts(task: "TaskConfig", tokenizer, num_prompts: int, *, seed: int = 0):
+    """The first ``num_prompts`` prompts of the task's held-out split (``task.eval_split`` or
+    :data:`DEFAULT_EVAL_SPLITS`), a :class:`klq_jax.data.PromptDataset` (real datasets only)."""
+    split = task.eval_split or DEFAULT_EVAL_SPLITS[task.kind]
+    if split == task.split:
+        raise ValueError(
+            f"task.eval_split={split!r} is the training split: validation needs held-out prompts; "
+            f"set --task.eval-split to another split."
+        )
+    ds = load_prompts(dataclasses.replace(task, split=split), tokenizer, seed=seed)
+    if len(ds) == 0:
+        raise ValueError(f"The {split!r} split of {ds.name} has no usable prompts for validation.")
+    return ds.select(np.arange(min(num_prompts, len(ds))))
 
 
 def _offline_hint(name: str, what: str) -> str:
@@ -294,6 +341,7 @@ def build_experiment(
     seed: int,
     score_micro_batch_size: int | None = None,
     mesh=None,
+    validation_prompts: int = 0,
 ) -> Experiment:
     """The :class:`klq_jax.train.Experiment` of any task kind (see the module docstring).
 
@@ -304,6 +352,8 @@ def build_experiment(
       score_micro_batch_size: rows per reward-model forward (default
         :data:`DEFAULT_SCORE_MICRO_BATCH_SIZE`, capped at ``batch_size``).
       mesh: load every model straight into its shardings on this mesh.
+      validation_prompts: load this many held-out prompts as ``Experiment.validation_prompts``
+        (0: none): the task's held-out split, or a synthetic set disjoint from the training prompts.
 
     Returns:
       The experiment; ``prompts`` yields global batches (every process gets the whole batch, which
@@ -338,7 +388,12 @@ def build_experiment(
     common = dict(graphdef=graphdef, params=params, ref_graphdef=ref_graphdef, ref_params=ref_params)
     if synthetic:
         dataset = synthetic_prompts(task.num_prompts, task.prompt_len, cfg.vocab_size, seed, task.pad_token_id)
+        heldout = None
+        if validation_prompts:
+            heldout = heldout_synthetic_prompts(dataset, validation_prompts, task.prompt_len,
+                                                cfg.vocab_size, seed, task.pad_token_id)
         return Experiment(
+            validation_prompts=heldout,
             reward_fn=rewards.programmatic_reward(task.reward, target_token=task.target_token),
             prompts=PromptIterator(dataset, batch_size=batch_size, seed=seed),
             stop_token_ids=(task.stop_token_id,),
@@ -353,7 +408,11 @@ def build_experiment(
     stop_token_ids = (int(tokenizer.eos_token_id),)
     micro = min(score_micro_batch_size or DEFAULT_SCORE_MICRO_BATCH_SIZE, batch_size)
     reward_fn = load_reward_fn(task, tokenizer, stop_token_ids=stop_token_ids, micro_batch_size=micro, key=key_rm)
+    heldout = None
+    if validation_prompts:
+        heldout = load_validation_prompts(task, tokenizer, validation_prompts, seed=seed)
     return Experiment(
+        validation_prompts=heldout,
         reward_fn=reward_fn,
         prompts=PromptIterator(dataset, batch_size=batch_size, seed=seed),
         stop_token_ids=stop_token_ids,

@@ -65,6 +65,7 @@ def run(cfg: RunConfig, *, mesh=None):
         seed=cfg.seed,
         score_micro_batch_size=cfg.score_micro_batch_size,
         mesh=mesh,
+        validation_prompts=cfg.eval_prompts if cfg.eval_every else 0,
     )
     return train(cfg, exp, mesh=mesh)
 

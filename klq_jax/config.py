@@ -190,6 +190,14 @@ class TrainConfig:
       resume: continue from the newest complete checkpoint in out_dir.
       progress: show a progress bar.
       tensorboard: write TensorBoard event files under out_dir/tb.
+      eval_every: validate on held-out prompts every this many iterations and at the end (0:
+        never): eval/... metrics in metrics.jsonl and TensorBoard, the final completions in
+        out_dir/eval/completions.jsonl. Never changes the training.
+      eval_prompts: how many held-out prompts (the first ones of the held-out set).
+      eval_modes: sample (at the training temperature) and/or greedy.
+      eval_seed: seeds the validation sampler (independent of seed).
+      eval_batch_size: rows per validation rollout (None: rollouts_per_batch, whose compiled
+        sampler it then reuses).
     """
 
     algo: AlgoConfig = AlgoConfig()
@@ -215,6 +223,11 @@ class TrainConfig:
     resume: bool = False
     progress: bool = True
     tensorboard: bool = True
+    eval_every: int = 0
+    eval_prompts: int = 64
+    eval_modes: tuple[Literal["sample", "greedy"], ...] = ("sample", "greedy")
+    eval_seed: int = 1234
+    eval_batch_size: int | None = None
 
     def __post_init__(self):
         p = []
@@ -242,6 +255,15 @@ class TrainConfig:
             p.append(f"temperature={self.temperature} must be > 0")
         if self.omega < 0:
             p.append(f"omega={self.omega} must be >= 0")
+        if self.eval_every < 0:
+            p.append(f"eval_every={self.eval_every} must be >= 0 (0: no validation)")
+        if self.eval_prompts < 1:
+            p.append(f"eval_prompts={self.eval_prompts} must be positive")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            p.append(f"eval_batch_size={self.eval_batch_size} must be positive or None")
+        modes = tuple(self.eval_modes)
+        if not modes or len(set(modes)) != len(modes) or not set(modes) <= {"sample", "greedy"}:
+            p.append(f"eval_modes={modes!r} must be one or both of 'sample', 'greedy'")
         if self.rollouts_per_batch % self.algo.whiten_groups:
             p.append(
                 f"algo.whiten_groups={self.algo.whiten_groups} must divide "

@@ -1,26 +1,115 @@
-"""The τ sweep runs every (algorithm, τ), writes its table and Pareto plot, and skips finished runs."""
+"""Sweeps: a grid over config fields, the Pareto plot and table from VALIDATION metrics, finished
+runs skipped, and run safety (distinct values never share a directory, a rerun with other
+overrides is refused or moved aside, sweep-owned fields refused among the overrides)."""
 import json
 import os
 
 import jax
+import numpy as np
+import pytest
 
-from experiments import sweep
+from experiments import cli, sweep
+from experiments.sweep import SweepConfig, SweepError
 from klq_jax import sharding
 
+FAST = ["--no-progress", "--no-tensorboard", "--log-samples-every", "0", "--eval-prompts", "4"]
 
-def test_tau_sweep_runs_writes_and_resumes(tmp_path):
-    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    overrides = ["--total-episodes", "16", "--no-progress", "--no-tensorboard"]
-    rows = sweep.run_sweep("tiny-klq", [0.05, 0.5], ["klq", "ppo"], str(tmp_path), overrides, mesh=mesh)
+
+@pytest.fixture(scope="module")
+def mesh():
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _completions(run_dir, mode="sample"):
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "eval", "completions.jsonl"))]
+    return [r for r in rows if r["mode"] == mode]
+
+
+def test_plan_runs_grid_over_config_fields():
+    cfg = SweepConfig(preset="tiny-klq", taus=(0.05, 0.1), algos=("klq", "ppo"),
+                      grid=("algo.lam=0.9,0.95", "optim.learning-rate=1e-3,3e-3"), out_dir="/tmp/s")
+    specs = sweep.plan_runs(cfg, ["--total-episodes", "32"])
+    assert len(specs) == 2 * 2 * 2 * 2
+    s = specs[-1]
+    assert s.name == "ppo-tau0.1-lam0.95-learning_rate0.003"
+    assert (s.config.algo.name, s.config.algo.tau, s.config.algo.lam, s.config.optim.learning_rate) == (
+        "ppo", 0.1, 0.95, 3e-3)
+    assert s.config.out_dir == os.path.join("/tmp/s", s.name) and s.config.total_episodes == 32
+    assert s.config.eval_every == s.config.num_iterations  # validates at least at the end
+    assert len({x.name for x in specs}) == len(specs)
+    for bad, match in [
+        (dict(grid=("algo.tau=0.1",)), "twice"),
+        (dict(grid=("out_dir=a,b",)), "sweep sets it"),
+        (dict(grid=("algo.lam",)), "FIELD=V1"),
+        (dict(grid=("algo.nope=1,2",)), ""),
+    ]:
+        with pytest.raises((SweepError, SystemExit)):
+            sweep.plan_runs(SweepConfig(preset="tiny-klq", taus=(0.1,), **bad), [])
+    with pytest.raises(SweepError, match="both a per-run override and a grid axis"):
+        sweep.plan_runs(SweepConfig(preset="tiny-klq", taus=(0.1,)), ["--algo.tau", "0.2"])
+    for owned in (["--out-dir", "x"], ["--out_dir=x"], ["--resume"], ["--algo.name", "ppo"]):
+        with pytest.raises(SweepError, match="cannot be a per-run override"):
+            sweep.plan_runs(SweepConfig(preset="tiny-klq", taus=(0.1,)), owned)
+
+
+def test_pareto_and_table_use_validation_metrics(tmp_path, mesh):
+    cfg = SweepConfig(preset="tiny-klq", taus=(0.05, 0.5), algos=("klq", "ppo"), out_dir=str(tmp_path))
+    overrides = ["--total-episodes", "32", "--eval-every", "1", *FAST]
+    rows = sweep.run_sweep(cfg, overrides, mesh=mesh)
     assert [(r["algo"], r["tau"]) for r in rows] == [("klq", 0.05), ("klq", 0.5), ("ppo", 0.05), ("ppo", 0.5)]
+    drawn = json.load(open(tmp_path / "pareto.json"))
+    assert sorted(drawn) == ["KLQ", "PPO"]
+    table = (tmp_path / "sweep.md").read_text()
     for r in rows:
-        cfg = json.load(open(tmp_path / f"{r['algo']}-tau{r['tau']:g}" / "config.json"))
-        assert cfg["algo"]["name"] == r["algo"] and cfg["algo"]["tau"] == r["tau"]
+        run_dir = tmp_path / r["run"]
+        cfg_run = json.load(open(run_dir / "config.json"))
+        assert cfg_run["algo"]["name"] == r["algo"] and cfg_run["algo"]["tau"] == r["tau"]
+        # The plotted point and the table cell are the means of the held-out completions (an
+        # independent sum over eval/completions.jsonl), not the last training batch's metrics.
+        comps = _completions(run_dir)
+        val_score = float(np.mean([c["score"] for c in comps]))
+        val_kl = float(np.mean([c["kl"] for c in comps]))
+        assert len(comps) == 4 and abs(r["eval/score"] - val_score) < 1e-9
+        (pt,) = [p for p in drawn[r["algo"].upper()] if p["tau"] == r["tau"]]
+        assert abs(pt["x"] - val_kl) < 1e-9 and abs(pt["y"] - val_score) < 1e-9
+        line = next(ln for ln in table.splitlines() if ln.startswith(f"| {r['run']} |"))
+        assert f"| {val_score:.4f} | {val_kl:.4f} |" in line
+        assert line.endswith(f"| {r['score']:.4f} |")  # the training score is a separate column
     assert open(tmp_path / "pareto.png", "rb").read(4) == b"\x89PNG"
-    lines = (tmp_path / "sweep.jsonl").read_text().splitlines()
-    assert len(lines) == 4 and "| ppo | 0.5 |" in (tmp_path / "sweep.md").read_text()
+    assert open(tmp_path / "validation_curves.png", "rb").read(4) == b"\x89PNG"
     # A second call finds every run finished and does not train again.
     stamp = os.path.getmtime(tmp_path / "klq-tau0.05" / "metrics.jsonl")
-    again = sweep.run_sweep("tiny-klq", [0.05, 0.5], ["klq", "ppo"], str(tmp_path), overrides, mesh=mesh)
+    again = sweep.run_sweep(cfg, overrides, mesh=mesh)
     assert os.path.getmtime(tmp_path / "klq-tau0.05" / "metrics.jsonl") == stamp
-    assert [r["score"] for r in again] == [r["score"] for r in rows]
+    assert [r["eval/score"] for r in again] == [r["eval/score"] for r in rows]
+
+
+def test_run_safety(tmp_path, mesh, capsys):
+    overrides = ["--total-episodes", "16", *FAST]
+    # Two distinct τ that print alike get two directories; an equal value written twice runs once.
+    cfg = SweepConfig(preset="tiny-klq", taus=(0.1, 0.1000001, 0.10), algos=("klq",), out_dir=str(tmp_path))
+    rows = sweep.run_sweep(cfg, overrides, mesh=mesh)
+    assert [r["run"] for r in rows] == ["klq-tau0.1", "klq-tau0.1000001"]
+    for r in rows:
+        assert json.load(open(tmp_path / r["run"] / "config.json"))["algo"]["tau"] == r["tau"]
+    out = capsys.readouterr().out
+    assert "[1/2] klq-tau0.1: training" in out and "listed twice" in out
+    stamp = os.path.getmtime(tmp_path / "klq-tau0.1" / "metrics.jsonl")
+    # Other overrides than the ones the runs were trained with: refused, naming the field, and
+    # nothing is trained.
+    with pytest.raises(SweepError, match=r"algo\.lam: 0\.95 → 0\.9"):
+        sweep.run_sweep(cfg, [*overrides, "--algo.lam", "0.9"], mesh=mesh)
+    assert os.path.getmtime(tmp_path / "klq-tau0.1" / "metrics.jsonl") == stamp
+    # The sweep owns --out-dir: refused before any training (it used to crash after training).
+    assert cli.run("sweep", ["tiny-klq", "--taus", "0.3", "--algos", "klq", "--out-dir", str(tmp_path),
+                             "--", "--out-dir", str(tmp_path / "elsewhere"), *overrides]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert line.startswith("klq sweep: error: --out-dir cannot be a per-run override"), line
+    assert not (tmp_path / "klq-tau0.3").exists() and not (tmp_path / "elsewhere").exists()
+    # --on-mismatch rerun moves the old run aside (never deletes it) and trains the new config.
+    cfg1 = SweepConfig(preset="tiny-klq", taus=(0.1,), algos=("klq",), out_dir=str(tmp_path),
+                       on_mismatch="rerun")
+    (row,) = sweep.run_sweep(cfg1, [*overrides, "--algo.lam", "0.9"], mesh=mesh)
+    assert json.load(open(tmp_path / "klq-tau0.1" / "config.json"))["algo"]["lam"] == 0.9
+    assert json.load(open(tmp_path / "klq-tau0.1.stale-1" / "config.json"))["algo"]["lam"] == 0.95
+    assert os.path.getmtime(tmp_path / "klq-tau0.1.stale-1" / "metrics.jsonl") == stamp

@@ -31,6 +31,7 @@ from klq_jax.config import TrainConfig
 from klq_jax.train.optim import make_optimizer
 from klq_jax.train.step import TrainState, init_state, jit_update_fn, make_update_fn
 from klq_jax.types import Rollout
+from klq_jax.train import validation
 
 Array = jax.Array
 
@@ -54,6 +55,8 @@ class Experiment:
       decode: optional ``token ids -> str`` for logged samples.
       tokenizer: the policy's Hugging Face tokenizer (saved next to the exported policy at the
         end of training), or None.
+      validation_prompts: held-out prompts (a :class:`klq_jax.data.PromptDataset`, disjoint from
+        the training prompts) for ``TrainConfig.eval_every`` (:mod:`klq_jax.train.validation`).
     """
 
     graphdef: Any
@@ -66,6 +69,7 @@ class Experiment:
     pad_token_id: int = 0
     decode: Callable | None = None
     tokenizer: Any = None
+    validation_prompts: Any = None
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,27 +81,18 @@ class Experiment:
 
 
 def rollout_metrics(ro: Rollout, tau: float) -> dict[str, float]:
-    """Host-side statistics of one rollout batch (float Python numbers)."""
+    """Host-side statistics of one rollout batch (float Python numbers): the means of
+    :func:`klq_jax.train.validation.response_stats` and the per-token entropy estimate."""
+    out = validation.mean_stats(validation.response_stats(ro, tau))
     mask = np.asarray(ro.response_mask, np.float64)
     logp = np.asarray(ro.logp, np.float64)
-    ref = np.asarray(ro.ref_logp, np.float64)
-    kl_seq = ((logp - ref) * mask).sum(1)
-    rewards_seq = (np.asarray(ro.rewards, np.float64) * mask).sum(1)
-    lengths = mask.sum(1)
-    scores = np.asarray(ro.scores, np.float64)
-    return {
-        "score": float(scores.mean()),
-        "reward": float(rewards_seq.mean()),
-        "kl": float(kl_seq.mean()),
-        "rlhf_reward": float((rewards_seq - tau * kl_seq).mean()),
-        "entropy": float((-logp * mask).sum() / max(mask.sum(), 1.0)),
-        "response_length": float(lengths.mean()),
-        "truncated_frac": float(1.0 - np.asarray(ro.stopped, np.float64).mean()),
-    }
+    out["entropy"] = float((-logp * mask).sum() / max(mask.sum(), 1.0))
+    return out
 
 
 TIMING_KEYS = (
     "time_sample", "time_score", "time_update", "time_iteration", "tokens_per_s", "wall_time",
+    "time_eval",
 )
 
 
@@ -202,8 +197,8 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     sharding.initialize_distributed()
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
     dp = sharding.data_parallel_size(mesh)
-    for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size"):
-        if getattr(cfg, name) % dp:
+    for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size", "eval_batch_size"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) % dp:
             raise ValueError(
                 f"{name}={getattr(cfg, name)} must be a multiple of the {dp} data-parallel devices "
                 f"of the mesh {dict(mesh.shape)}."
@@ -222,6 +217,8 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     update = jit_update_fn(make_update_fn(experiment.graphdef, cfg, optimizer), state_sh, mesh)
     targets_fn = jax.jit(lambda b: algo.targets(cfg.algo, b))
     sampling_cfg = cfg.sampling_config(experiment.stop_token_ids, experiment.pad_token_id)
+
+    validator = _make_validator(cfg, experiment, ref_graphdef, ref_params, sampling_config=sampling_cfg)
 
     ckpt = Checkpointer(os.path.join(cfg.out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
     start = 0
@@ -285,6 +282,11 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
             record.update({f"train/{k}": v for k, v in upd.items()})
             record["lr"] = float(schedule(int(state.step)))
             n_tokens = float(np.asarray(ro.response_mask).sum())
+            last = it + 1 == cfg.num_iterations
+            if validator is not None and ((it + 1) % cfg.eval_every == 0 or last):
+                t_eval = time.perf_counter()
+                record.update(_validate(validator, state.params, cfg, it + 1, last))
+                record["time_eval"] = time.perf_counter() - t_eval
             record.update(
                 time_sample=phase["sample"],
                 time_score=phase["score"],
@@ -298,7 +300,6 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
             history.append(record)
             if cfg.log_samples_every and (it % cfg.log_samples_every == 0):
                 logger.samples(it + 1, _sample_texts(experiment, batch, ro, cfg.num_logged_samples))
-            last = it + 1 == cfg.num_iterations
             if (it + 1) % cfg.save_every == 0 or last:
                 meta = {
                     "iteration": it + 1,
@@ -325,6 +326,43 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
         logger.close()
         ckpt.close()
     return TrainResult(state=state, history=history, graphdef=experiment.graphdef)
+
+
+def _make_validator(cfg: TrainConfig, exp: Experiment, ref_graphdef, ref_params, *, sampling_config):
+    """The validation hook of :func:`train` (None when ``cfg.eval_every == 0``): a
+    :class:`klq_jax.train.validation.Validator` over the training rollout function."""
+    if not cfg.eval_every:
+        return None
+    if exp.validation_prompts is None:
+        raise ValueError(
+            f"eval_every={cfg.eval_every} needs held-out prompts, and the experiment has none: set "
+            "Experiment.validation_prompts (klq train builds them from the task), or eval_every=0."
+        )
+    prompts = exp.validation_prompts
+    if len(prompts) > cfg.eval_prompts:
+        prompts = prompts.select(np.arange(cfg.eval_prompts))
+
+    def rollout_fn(params, prompt_ids, prompt_mask, key, scfg):
+        return rollout.make_rollout(
+            exp.graphdef, params, ref_graphdef, ref_params, exp.reward_fn, prompt_ids, prompt_mask,
+            key, scfg, omega=cfg.omega, micro_batch_size=cfg.score_micro_batch_size,
+        )
+
+    return validation.Validator(
+        rollout_fn, prompts, sampling_config, tau=cfg.algo.tau,
+        batch_size=cfg.eval_batch_size or cfg.rollouts_per_batch, modes=cfg.eval_modes,
+        seed=cfg.eval_seed, decode=exp.decode,
+    )
+
+
+def _validate(validator, params, cfg: TrainConfig, iteration: int, last: bool) -> dict[str, float]:
+    """Validate the current policy; the final validation also writes ``eval/completions.jsonl``."""
+    res = validator(params)
+    if last and jax.process_index() == 0:
+        validation.write_completions(
+            os.path.join(cfg.out_dir, "eval", "completions.jsonl"), res.completions, iteration=iteration
+        )
+    return res.metrics
 
 
 def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:

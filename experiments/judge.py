@@ -1,0 +1,273 @@
+"""``klq judge``: LLM-as-a-judge win rates of run A over run B (paper §5.3, Fig. 3).
+
+Reads the final validation completions of two runs (``<run>/eval/completions.jsonl``, written by
+``klq train ... --eval-every N``; a run directory or the file itself) on the same prompts, shows
+every pair to a judge in both orders and writes, under ``--out-dir``:
+
+* ``judgements.jsonl``: every query (pair, order, the judge's choice mapped back to a run, its
+  comparison, the raw answer, errors);
+* ``judge.jsonl`` / ``judge.md``: per pair of runs, wins / losses / ties / unparseable / failed,
+  the win rate of A over B and its Jeffreys interval, per order (A shown first, B shown first) and
+  pooled;
+* ``judge.png``: one bar per pair of runs (e.g. per τ) with the pooled win rate and its interval
+  (paper Fig. 3).
+
+Pairs: ``--a RUN_A1 RUN_A2 --b RUN_B1 RUN_B2`` (zipped), or ``--sweep DIR``: every KLQ run of a
+sweep against the PPO run of the same grid point, labelled with its grid values.
+
+Judges (``--judge.backend``): ``http``, an OpenAI-compatible endpoint (``--judge.base-url``,
+``--judge.model``, the key in ``$OPENAI_API_KEY`` or ``--judge.api-key-env``; answers cached under
+``--judge.cache-dir``, so rerunning an interrupted judgement sends only what is missing), or
+``local``, a causal LM checkpoint loaded with klq_jax (``--judge.model PATH``). The judge prompt is
+App. F's for the runs' task (``tldr`` or ``hh``), or ``--judge.prompt NAME`` / ``--judge.prompt-file``.
+
+Example::
+
+    export OPENAI_API_KEY=...
+    klq judge --sweep runs/sweep-tldr --judge.model gpt-4o-mini --out-dir runs/judge-tldr
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Literal
+
+from klq_jax import judge as J
+
+__all__ = ["JudgeConfig", "JudgeCommand", "load_completions", "make_pairs", "make_judge", "run", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """The judge.
+
+    Attributes:
+      backend: http (an OpenAI-compatible chat-completions endpoint) or local (a causal LM
+        checkpoint loaded with klq_jax).
+      base_url: the endpoint's base URL (http).
+      model: the judge model: a model name (http; the paper used gpt-4o-mini) or a checkpoint
+        directory / hub name (local).
+      tokenizer: the local judge's tokenizer (default: the model's directory).
+      api_key_env: environment variable with the API key (empty: send none).
+      prompt: App. F's judge prompt to use, tldr or hh (default: the runs' task).
+      prompt_file: a file with another judge prompt (overrides prompt).
+      temperature: the judge's sampling temperature.
+      max_tokens: the longest answer (http) / comparison (local).
+      structured: ask the endpoint for JSON structured output.
+      max_retries: retries after HTTP 429/5xx or a network error.
+      backoff_s: first back-off delay in seconds (doubling per retry).
+      concurrency: requests in flight at most.
+      timeout_s: per-request timeout in seconds.
+      cache_dir: where requests and raw answers are cached (default OUT_DIR/cache).
+      seed: the local judge's sampling seed.
+      batch_size: the local judge's batch size.
+    """
+
+    backend: Literal["http", "local"] = "http"
+    base_url: str = "https://api.openai.com/v1"
+    model: str = "gpt-4o-mini"
+    tokenizer: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    prompt: Literal["tldr", "hh"] | None = None
+    prompt_file: str | None = None
+    temperature: float = 0.0
+    max_tokens: int = 256
+    structured: bool = True
+    max_retries: int = 5
+    backoff_s: float = 1.0
+    concurrency: int = 8
+    timeout_s: float = 120.0
+    cache_dir: str | None = None
+    seed: int = 0
+    batch_size: int = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeCommand:
+    """Win rates of run A over run B judged by an LLM, with Jeffreys intervals (paper Fig. 3).
+
+    Attributes:
+      a: run A of each pair: run directories or completions files.
+      b: run B of each pair (as many as a).
+      labels: a label per pair (default: the grid values of a sweep, else the run names).
+      sweep: a sweep directory: every KLQ run against the PPO run of the same grid point.
+      mode: which completions: greedy or sample (at the training temperature).
+      num_prompts: prompts per pair (the first ones of the held-out set; the paper: 32).
+      alpha: the Jeffreys interval's level (the paper: 0.2, an 80% interval).
+      out_dir: where the judgements, table and plot go.
+      judge: the judge.
+    """
+
+    a: tuple[str, ...] = ()
+    b: tuple[str, ...] = ()
+    labels: tuple[str, ...] = ()
+    sweep: str | None = None
+    mode: Literal["greedy", "sample"] = "greedy"
+    num_prompts: int = 32
+    alpha: float = 0.2
+    out_dir: str = "runs/judge"
+    judge: JudgeConfig = JudgeConfig()
+
+
+def _completions_path(source: str) -> str:
+    if os.path.isdir(source):
+        return os.path.join(source, "eval", "completions.jsonl")
+    return source
+
+
+def load_completions(source: str, mode: str) -> dict[int, dict]:
+    """``{index: completion}`` of one run's completions file (a run directory or the file)."""
+    path = _completions_path(source)
+    if not os.path.exists(path):
+        raise J.JudgeError(f"{path} does not exist: train the run with --eval-every N (its final "
+                           "validation writes eval/completions.jsonl), or pass the file itself.")
+    out = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                c = json.loads(line)
+            except ValueError:
+                raise J.JudgeError(f"{path}:{n} is not a JSON line.") from None
+            if c.get("mode", mode) == mode:
+                out[int(c["index"])] = c
+    if not out:
+        raise J.JudgeError(f"{path} has no completions of mode {mode!r} (use --mode greedy or sample).")
+    return out
+
+
+def make_pairs(a: str, b: str, mode: str, num_prompts: int) -> list[J.Pair]:
+    """The first ``num_prompts`` prompts both runs answered, checked to be the same prompts."""
+    ca, cb = load_completions(a, mode), load_completions(b, mode)
+    common = sorted(set(ca) & set(cb))[:num_prompts]
+    if not common:
+        raise J.JudgeError(f"{a} and {b} share no prompt index: they were not validated on the same prompts.")
+    for i in common:
+        if ca[i]["prompt"] != cb[i]["prompt"]:
+            raise J.JudgeError(f"Prompt {i} differs between {a} and {b}: the two runs were validated on "
+                               "different prompts (another dataset, split or eval_prompts).")
+    if len(common) < num_prompts:
+        print(f"note: {a} and {b} share {len(common)} prompts (fewer than --num-prompts {num_prompts}).")
+    return [J.Pair(i, ca[i]["prompt"], ca[i]["response"], cb[i]["response"]) for i in common]
+
+
+def _task_kind(source: str) -> str | None:
+    d = source if os.path.isdir(source) else os.path.dirname(os.path.dirname(os.path.abspath(source)))
+    try:
+        with open(os.path.join(d, "config.json")) as f:
+            return json.load(f).get("task", {}).get("kind")
+    except (OSError, ValueError):
+        return None
+
+
+def instruction_for(cfg: JudgeConfig, run: str) -> str:
+    """The judge prompt: ``prompt_file``, else App. F's for ``prompt`` or the run's task."""
+    if cfg.prompt_file:
+        with open(cfg.prompt_file) as f:
+            return f.read()
+    name = cfg.prompt or _task_kind(run)
+    if name not in J.PROMPTS:
+        raise J.JudgeError(f"No App. F judge prompt for task {name!r}: pass --judge.prompt tldr|hh or "
+                           "--judge.prompt-file FILE.")
+    return J.PROMPTS[name]
+
+
+def make_judge(cfg: JudgeConfig, out_dir: str):
+    """The judge object of ``cfg`` (:class:`klq_jax.judge.HTTPJudge` or :class:`~klq_jax.judge.LocalJudge`)."""
+    if cfg.backend == "http":
+        return J.HTTPJudge(
+            cfg.base_url, cfg.model, cfg.cache_dir or os.path.join(out_dir, "cache"),
+            api_key_env=cfg.api_key_env, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+            structured=cfg.structured, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+            concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
+        )
+    import jax
+    from transformers import AutoTokenizer
+
+    from klq_jax.models.load import load_model, resolve_source
+
+    _, graphdef, params = load_model(cfg.model, key=jax.random.key(cfg.seed))
+    tok = AutoTokenizer.from_pretrained(resolve_source(cfg.tokenizer or cfg.model))
+    return J.LocalJudge(graphdef, params, tok, max_new_tokens=cfg.max_tokens,
+                        temperature=max(cfg.temperature, 1e-6), seed=cfg.seed, batch_size=cfg.batch_size)
+
+
+def _sweep_pairs(sweep_dir: str) -> list[tuple[str, str, str]]:
+    path = os.path.join(sweep_dir, "sweep.jsonl")
+    if not os.path.exists(path):
+        raise J.JudgeError(f"{path} does not exist: run `klq sweep` with --algos klq ppo first.")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    by = {(r["algo"], r["setting"]): r for r in rows}
+    pairs = [(os.path.join(sweep_dir, r["run"]), os.path.join(sweep_dir, by[("ppo", s)]["run"]), s)
+             for (algo, s), r in by.items() if algo == "klq" and ("ppo", s) in by]
+    if not pairs:
+        raise J.JudgeError(f"{path} has no KLQ and PPO runs of the same grid point.")
+    return pairs
+
+
+def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
+    """Judge every pair; write the outputs (module docstring); return one summary row per pair."""
+    if cmd.sweep:
+        triples = _sweep_pairs(cmd.sweep)
+    else:
+        if not cmd.a or len(cmd.a) != len(cmd.b):
+            raise J.JudgeError("Give the runs to compare: --a RUN ... --b RUN ... (as many of each), or --sweep DIR.")
+        names = cmd.labels or tuple(f"{os.path.basename(os.path.normpath(x))} vs "
+                                    f"{os.path.basename(os.path.normpath(y))}" for x, y in zip(cmd.a, cmd.b))
+        if len(names) != len(cmd.a):
+            raise J.JudgeError(f"--labels has {len(names)} labels for {len(cmd.a)} pairs.")
+        triples = list(zip(cmd.a, cmd.b, names))
+    os.makedirs(cmd.out_dir, exist_ok=True)
+    judge = judge if judge is not None else make_judge(cmd.judge, cmd.out_dir)
+    rows, all_records = [], []
+    for i, (a, b, label) in enumerate(triples, 1):
+        pairs = make_pairs(a, b, cmd.mode, cmd.num_prompts)
+        print(f"[{i}/{len(triples)}] {label}: {len(pairs)} prompts x 2 orders", flush=True)
+        records, summary = J.judge_pairs(pairs, judge, instruction_for(cmd.judge, a), alpha=cmd.alpha,
+                                         on_result=on_result)
+        all_records.extend(dict(r, label=label, a=a, b=b) for r in records)
+        rows.append({"label": label, "a": a, "b": b, "mode": cmd.mode, **summary})
+    with open(os.path.join(cmd.out_dir, "judgements.jsonl"), "w") as f:
+        for r in all_records:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(cmd.out_dir, "judge.jsonl"), "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    with open(os.path.join(cmd.out_dir, "judge.md"), "w") as f:
+        f.write(format_table(rows))
+    from experiments import plots
+
+    plots.plot_win_rates(rows, os.path.join(cmd.out_dir, "judge.png"))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown: per pair and order, the counts, the win rate of A over B and its interval."""
+    if not rows:
+        return ""
+    level = round(100 * (1 - rows[0]["pooled"]["alpha"]))
+    lines = [f"| pair | order | A wins | B wins | ties | unparseable | failed | win rate of A | {level}% Jeffreys interval |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        for key, name in (("a_first", "A shown first"), ("b_first", "B shown first"), ("pooled", "pooled")):
+            s = r[key]
+            lines.append(f"| {r['label']} | {name} | {s['wins']} | {s['losses']} | {s['ties']} | {s['invalid']} | "
+                         f"{s['failed']} | {s['win_rate']:.3f} | [{s['interval_low']:.3f}, {s['interval_high']:.3f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tyro
+
+    cmd = tyro.cli(JudgeCommand, args=list(sys.argv[1:] if argv is None else argv), prog="klq judge")
+    rows = run(cmd)
+    print(format_table(rows))
+    print(f"wrote {cmd.out_dir}/judge.md, judge.jsonl, judgements.jsonl, judge.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
