@@ -14,11 +14,28 @@ refuses a state with NaN/inf leaves, so a diverged run never overwrites a good c
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+class _DropSynchronousWaitWarning(logging.Filter):
+    """Drop orbax's "Waiting for previous save to complete took N seconds" warning.
+
+    :meth:`Checkpointer.save` waits for each save to finish; orbax adds that wait of ours to its
+    "waiting for the previous save" time and, once a write takes over a second, warns at every
+    following save. Nothing waits for a previous save here, so the warning is noise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Waiting for previous save to complete")
+
+
+_SYNC_WAIT_FILTER = _DropSynchronousWaitWarning()
+logging.getLogger("absl").addFilter(_SYNC_WAIT_FILTER)  # orbax logs through absl's logger
 
 
 class Checkpointer:

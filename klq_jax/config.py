@@ -110,7 +110,7 @@ class OptimConfig:
       eps: Adam's epsilon.
       weight_decay: AdamW decoupled weight decay.
       max_grad_norm: clip the global gradient norm at this value (None: no clipping, as the paper
-        and TRL; default 1.0, see above).
+        and TRL; the default 1.0 stabilises small, high-learning-rate runs).
     """
 
     learning_rate: float = 1.41e-5

@@ -143,3 +143,50 @@ def test_a_run_says_compiling_caches_programs_and_splits_off_the_omega_penalty(t
     # No per-save warnings flood the log: nothing but the bar, the notice and the final line.
     others = [x for x in err.splitlines() if x.strip() and not x.startswith("klq:") and "compiling" not in x]
     assert not others, others[:5]
+
+
+def test_convert_takes_a_config_file_and_flags_override_it(tmp_path):
+    from convert import cli as convert_cli
+
+    path = tmp_path / "convert.json"
+    path.write_text('{"src": "a", "dst": "b", "dtype": "bfloat16", "value_head": true}')
+    got = convert_cli.parse_args(["hf-to-flax", "x", "y", "--config", str(path), "--seed", "3"])
+    assert got == convert_cli.HfToFlax(src="x", dst="y", dtype="bfloat16", value_head=True, seed=3)
+    path.write_text('{"src": "a", "dst": "b", "no_such_field": 1}')
+    with pytest.raises(ValueError, match="no_such_field"):
+        convert_cli.parse_args(["hf-to-flax", "--config", str(path)])
+
+
+def test_orbax_does_not_warn_at_every_synchronous_save(tmp_path):
+    """orbax counts our own wait after a save as "waiting for the previous save" and warns at the
+    next save once a write took over a second; the checkpoint module drops that warning."""
+    import logging
+
+    import jax.numpy as jnp
+
+    from klq_jax import checkpoint
+
+    seen = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    absl_logger = logging.getLogger("absl")
+    handler = Catch(level=logging.WARNING)
+    absl_logger.addHandler(handler)
+    try:
+        ck = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=3)
+        ck.save(1, {"w": jnp.ones(3)}, {"iteration": 1})
+        # What a save that took 5 s to write leaves behind (orbax's own bookkeeping of our wait).
+        ck.manager._wait_for_prev_save_duration = 5.0
+        ck.save(2, {"w": jnp.ones(3)}, {"iteration": 2})
+        assert not [m for m in seen if "Waiting for previous save" in m], seen
+        absl_logger.removeFilter(checkpoint._SYNC_WAIT_FILTER)  # the check can fail: orbax warns
+        ck.manager._wait_for_prev_save_duration = 5.0
+        ck.save(3, {"w": jnp.ones(3)}, {"iteration": 3})
+        assert [m for m in seen if "Waiting for previous save" in m], seen
+        ck.close()
+    finally:
+        absl_logger.addFilter(checkpoint._SYNC_WAIT_FILTER)
+        absl_logger.removeHandler(handler)

@@ -2,6 +2,7 @@
 and a run with validation trains bit-identically to one without."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -62,6 +63,32 @@ def test_eval_metrics_every_iteration_and_completions(runs):
     vocab = gpt_neox.GPTNeoXConfig.tiny().vocab_size
     train_set = tasks.synthetic_prompts(cfg.task.num_prompts, cfg.task.prompt_len, vocab, cfg.seed)
     assert not set(train_set.prompt_texts) & {c["prompt"] for c in comps}
+
+
+def _tensorboard_scalars(tb_dir) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} read from the TFRecord event files (length, crc, event, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, dict[int, float]] = {}
+    for name in sorted(os.listdir(tb_dir)):
+        data = open(os.path.join(tb_dir, name), "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, {})[ev.step] = v.simple_value
+    return out
+
+
+def test_eval_metrics_reach_tensorboard(runs):
+    on_dir, (_, lines), _, _ = runs
+    tb = _tensorboard_scalars(on_dir / "tb")
+    for key in ("eval/score", "eval/kl", "eval/rlhf_reward", "eval/greedy/response_length"):
+        assert tb[key] == {r["iteration"]: pytest.approx(r[key], rel=1e-6, abs=1e-7) for r in lines}, key
 
 
 def test_training_is_bit_identical_with_and_without_validation(runs):

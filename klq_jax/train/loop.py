@@ -218,7 +218,15 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     targets_fn = jax.jit(lambda b: algo.targets(cfg.algo, b))
     sampling_cfg = cfg.sampling_config(experiment.stop_token_ids, experiment.pad_token_id)
 
-    validator = _make_validator(cfg, experiment, ref_graphdef, ref_params, sampling_config=sampling_cfg)
+    def run_rollout(params, prompt_ids, prompt_mask, key, scfg, timings=None):
+        """The experience phase with this run's models, reward and ω (training and validation)."""
+        return rollout.make_rollout(
+            experiment.graphdef, params, ref_graphdef, ref_params, experiment.reward_fn,
+            prompt_ids, prompt_mask, key, scfg, omega=cfg.omega,
+            micro_batch_size=cfg.score_micro_batch_size, timings=timings,
+        )
+
+    validator = _make_validator(cfg, experiment, run_rollout, sampling_config=sampling_cfg)
 
     ckpt = Checkpointer(os.path.join(cfg.out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
     start = 0
@@ -256,18 +264,12 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
             phase: dict[str, float] = {}
             key = jax.random.wrap_key_data(state.key)
             sample_key = jax.random.fold_in(key, 1_000_003)
-            ro = rollout.make_rollout(
-                experiment.graphdef,
+            ro = run_rollout(
                 state.params,
-                ref_graphdef,
-                ref_params,
-                experiment.reward_fn,
                 jnp.asarray(batch["prompt_ids"]),
                 jnp.asarray(batch["prompt_mask"]),
                 sample_key,
                 sampling_cfg,
-                omega=cfg.omega,
-                micro_batch_size=cfg.score_micro_batch_size,
                 timings=phase,
             )
             jax.block_until_ready(ro)
@@ -328,30 +330,23 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     return TrainResult(state=state, history=history, graphdef=experiment.graphdef)
 
 
-def _make_validator(cfg: TrainConfig, exp: Experiment, ref_graphdef, ref_params, *, sampling_config):
+def _make_validator(cfg: TrainConfig, experiment: Experiment, run_rollout, *, sampling_config):
     """The validation hook of :func:`train` (None when ``cfg.eval_every == 0``): a
-    :class:`klq_jax.train.validation.Validator` over the training rollout function."""
+    :class:`klq_jax.train.validation.Validator` over the training rollout function ``run_rollout``."""
     if not cfg.eval_every:
         return None
-    if exp.validation_prompts is None:
+    if experiment.validation_prompts is None:
         raise ValueError(
             f"eval_every={cfg.eval_every} needs held-out prompts, and the experiment has none: set "
             "Experiment.validation_prompts (klq train builds them from the task), or eval_every=0."
         )
-    prompts = exp.validation_prompts
+    prompts = experiment.validation_prompts
     if len(prompts) > cfg.eval_prompts:
         prompts = prompts.select(np.arange(cfg.eval_prompts))
-
-    def rollout_fn(params, prompt_ids, prompt_mask, key, scfg):
-        return rollout.make_rollout(
-            exp.graphdef, params, ref_graphdef, ref_params, exp.reward_fn, prompt_ids, prompt_mask,
-            key, scfg, omega=cfg.omega, micro_batch_size=cfg.score_micro_batch_size,
-        )
-
     return validation.Validator(
-        rollout_fn, prompts, sampling_config, tau=cfg.algo.tau,
+        run_rollout, prompts, sampling_config, tau=cfg.algo.tau,
         batch_size=cfg.eval_batch_size or cfg.rollouts_per_batch, modes=cfg.eval_modes,
-        seed=cfg.eval_seed, decode=exp.decode,
+        seed=cfg.eval_seed, decode=experiment.decode,
     )
 
 
