@@ -40,9 +40,9 @@ class TaskConfig:
       tokenizer: tokenizer source (default: the policy's directory).
       reward_tokenizer: the reward model's tokenizer when it differs from the policy's (HH).
       reward_label: the class whose logit is the reward, for a classifier reward model (IMDb's
-        DistilBERT: ``"POSITIVE"``, looked up in its ``config.label2id``).
-      prompt_length_range: IMDb's half-open range ``[lo, hi)`` of prompt lengths in tokens (the
-        first ``k`` tokens of each review, ``k`` drawn per review; TRL: ``(2, 8)``).
+        DistilBERT: "POSITIVE", looked up in its config.label2id).
+      prompt_length_range: IMDb's half-open range [lo, hi) of prompt lengths in tokens (the first
+        k tokens of each review, k drawn per review; TRL: 2 8).
       dtype: compute dtype of every model (float32, bfloat16, float16).
       num_prompts: size of the synthetic prompt set.
       prompt_len: longest synthetic prompt.
