@@ -69,8 +69,12 @@ def pop_option(argv: list[str], option: str) -> tuple[str | None, list[str]]:
     return value, rest
 
 
-def load_config(cls: type, path: str):
-    """The config dataclass ``cls`` from the JSON file ``path`` (a run's recorded ``config.json``)."""
+def load_config(cls: type, path: str, base=None):
+    """The config dataclass ``cls`` from the JSON file ``path`` (a run's recorded ``config.json``).
+
+    Fields the file leaves out keep their value in ``base`` (e.g. the preset named beside
+    ``--config``), or the defaults without one.
+    """
     from klq_jax.config import from_dict
 
     if not os.path.isfile(path):
@@ -80,7 +84,7 @@ def load_config(cls: type, path: str):
             data = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {path} is not valid JSON ({e})") from None
-    return from_dict(cls, data, where=f"--config {path}")
+    return from_dict(cls, data, where=f"--config {path}", base=base)
 
 
 def default_compile_cache_dir() -> str:

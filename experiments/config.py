@@ -79,6 +79,14 @@ class TaskConfig:
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"TaskConfig.dtype={self.dtype!r} must be float32, bfloat16 or float16")
+        for name in ("num_prompts", "prompt_len", "max_prompt_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TaskConfig.{name}={getattr(self, name)} must be >= 1")
+        lo, hi = self.prompt_length_range
+        if not 1 <= lo < hi:
+            raise ValueError(
+                f"TaskConfig.prompt_length_range={self.prompt_length_range} must be [lo, hi) with 1 <= lo < hi"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

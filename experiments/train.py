@@ -33,7 +33,18 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = cli.pop_option(argv, "--config")
-    recorded = cli.load_config(RunConfig, config_path) if config_path else None
+    preset = argv[0] if argv and argv[0] in presets.PRESETS else None
+    recorded = None
+    if config_path:
+        base = presets.get(preset) if preset else None
+        recorded = cli.load_config(RunConfig, config_path, base=base)
+        if base is not None and (recorded.task.kind, recorded.task.policy) != (base.task.kind, base.task.policy):
+            print(
+                f"note: {config_path} records the {recorded.task.kind} task with policy "
+                f"{recorded.task.policy!r}, not preset {preset}'s ({base.task.kind}, "
+                f"{base.task.policy!r}); the recorded values win.",
+                file=sys.stderr,
+            )
     description = (
         "Train KLQ or PPO. Name a preset, then override any field (--algo.tau 0.1, "
         "--task.policy DIR, --total-episodes 512); PRESET --help lists every field. "

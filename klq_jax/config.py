@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Literal
 
@@ -299,11 +300,13 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict, *, where: str = "config"):
+def from_dict(cls: type, data: dict, *, where: str = "config", base: Any = None):
     """The config dataclass ``cls`` from nested dicts (e.g. a run's ``config.json``).
 
-    Fields missing from ``data`` take their defaults; an unknown field is an error naming it.
-    JSON lists become tuples where the field is a tuple. The dataclass validates the values.
+    Fields missing from ``data`` take their value in ``base`` (an instance of ``cls``, e.g. a
+    preset), or the defaults without one; an unknown field, or a value of the wrong type, is an
+    error naming the field. JSON lists become tuples where the field is a tuple. The dataclass
+    validates the values.
 
     Example::
 
@@ -311,6 +314,12 @@ def from_dict(cls: type, data: dict, *, where: str = "config"):
         >>> cfg = TrainConfig(rollouts_per_batch=8, minibatch_size=8, micro_batch_size=8)
         >>> from_dict(TrainConfig, to_dict(cfg)) == cfg
         True
+        >>> from_dict(TrainConfig, {"epochs": 2}, base=cfg).rollouts_per_batch
+        8
+        >>> from_dict(TrainConfig, {"epochs": "two"})
+        Traceback (most recent call last):
+        ...
+        ValueError: config.epochs = 'two' must be an int
     """
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a JSON object of {cls.__name__} fields, got {data!r}")
@@ -322,19 +331,47 @@ def from_dict(cls: type, data: dict, *, where: str = "config"):
             f"its fields are: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
-    kwargs = {name: _from_json(hints[name], value, f"{where}.{name}") for name, value in data.items()}
+    kwargs = {
+        name: _from_json(hints[name], value, f"{where}.{name}",
+                         getattr(base, name) if base is not None else None)
+        for name, value in data.items()
+    }
+    if base is not None:
+        return dataclasses.replace(base, **kwargs)
     return cls(**kwargs)
 
 
-def _from_json(tp: Any, value: Any, where: str) -> Any:
+_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _from_json(tp: Any, value: Any, where: str, base: Any = None) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return from_dict(tp, value, where=where)
-    if typing.get_origin(tp) is tuple and isinstance(value, list):
-        return tuple(value)
-    for arg in typing.get_args(tp):  # X | None holding a dataclass or a tuple
-        if value is not None and (
-            (dataclasses.is_dataclass(arg) and isinstance(value, dict))
-            or (typing.get_origin(arg) is tuple and isinstance(value, list))
-        ):
-            return _from_json(arg, value, where)
+        return from_dict(tp, value, where=where, base=base if isinstance(base, tp) else None)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{where} = {value!r} must be one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple and isinstance(value, list):
+        item = args[0] if args else Any
+        return tuple(_from_json(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _from_json(arg, value, where, base)
+            except ValueError:
+                continue
+        names = " or ".join(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) for a in args if a is not type(None))
+        raise ValueError(f"{where} = {value!r} must be {names}" + (" or null" if type(None) in args else ""))
+    if tp in _TYPE_NAMES:
+        ok = (isinstance(value, bool) if tp is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
+              isinstance(value, tp) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{where} = {value!r} must be {_TYPE_NAMES[tp]}")
+        return float(value) if tp is float else value
     return value

@@ -1,6 +1,7 @@
 """The ``klq`` command: plain-text help without JAX, one-line errors (``--debug``: the traceback),
 the compile notice, the persistent compilation cache and the final line of a run."""
 
+import json
 import os
 import re
 import shutil
@@ -190,3 +191,24 @@ def test_orbax_does_not_warn_at_every_synchronous_save(tmp_path):
     finally:
         absl_logger.addFilter(checkpoint._SYNC_WAIT_FILTER)
         absl_logger.removeHandler(handler)
+
+
+def test_config_file_values_are_type_checked_and_partial_files_keep_the_preset(tmp_path):
+    """A recorded config with a wrong type is one clear error; a partial one fills from the preset."""
+    from experiments import presets
+    from experiments import train as train_cmd
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"total_episodes": "many"}))
+    with pytest.raises(ValueError, match=r"total_episodes = 'many' must be an int"):
+        train_cmd.parse_args(["tiny-klq", "--config", str(bad)])
+    bad.write_text(json.dumps({"algo": {"tau": "x"}}))
+    with pytest.raises(ValueError, match=r"algo.tau = 'x' must be a number"):
+        train_cmd.parse_args(["tiny-klq", "--config", str(bad)])
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"epochs": 3, "algo": {"tau": 0.2}}))
+    cfg = train_cmd.parse_args(["tiny-klq", "--config", str(partial)])
+    tiny = presets.get("tiny-klq")
+    assert cfg.epochs == 3 and cfg.algo.tau == 0.2
+    assert cfg.rollouts_per_batch == tiny.rollouts_per_batch and cfg.task == tiny.task
+    assert cfg.algo.name == tiny.algo.name and cfg.optim == tiny.optim
