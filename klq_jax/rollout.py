@@ -255,8 +255,8 @@ def make_rollout(
       :class:`klq_jax.types.Rollout`.
 
     Raises:
-      ValueError: ``omega > 0`` with ``sampling_config.stop_token_ids=()`` (every response would be
-        penalised).
+      ValueError: ``omega < 0``, or ``omega > 0`` with ``sampling_config.stop_token_ids=()`` (every
+        response would be penalised).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -271,6 +271,8 @@ def make_rollout(
       >>> float(ro.rewards.sum()), float(jnp.abs(ro.logp - ro.ref_logp).max())
       (4.0, 0.0)
     """
+    if not omega >= 0:
+        raise ValueError(f"make_rollout: omega={omega} must be >= 0 (the missing-stop-token penalty).")
     if omega > 0 and not sampling_config.stop_token_ids:
         raise ValueError(
             f"make_rollout: omega={omega} penalises responses without a stop token, but "

@@ -254,13 +254,15 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
             compiling = np.shape(batch["prompt_ids"]) not in seen_shapes
             if compiling:
                 seen_shapes.add(np.shape(batch["prompt_ids"]))
+                notice = (
+                    f"compiling the sampler, scoring and update step for prompts of shape "
+                    f"{list(np.shape(batch['prompt_ids']))} (once per shape; not counted in "
+                    "the ETA)…"
+                )
                 if bar is not None:
-                    bar.write(
-                        f"compiling the sampler, scoring and update step for prompts of shape "
-                        f"{list(np.shape(batch['prompt_ids']))} (once per shape; not counted in "
-                        "the ETA)…",
-                        file=sys.stderr,
-                    )
+                    bar.write(notice, file=sys.stderr)
+                elif jax.process_index() == 0:
+                    print(notice, file=sys.stderr, flush=True)
             phase: dict[str, float] = {}
             key = jax.random.wrap_key_data(state.key)
             sample_key = jax.random.fold_in(key, 1_000_003)
