@@ -420,13 +420,14 @@ class KlqIteration:
         self.state, metrics = self.update(self.state, exp)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
-        phase.update(targets=t2 - t1, update=t3 - t2, checkpoint=0.0)
-        if self.ckpt is not None:
-            self.ckpt.save(it + 1, self.state, {"iteration": it + 1})
+        phase.update(targets=t2 - t1, update=t3 - t2, checkpoint=0.0, iteration=t3 - t0)
+        if self.ckpt is not None:  # as train() saves: asynchronously, written while the next iteration runs
+            self.ckpt.save(it + 1, self.state, {"iteration": it + 1}, wait=False)
             phase["checkpoint"] = time.perf_counter() - t3
-        phase["iteration"] = time.perf_counter() - t0
         phase["response_tokens"] = float(np.asarray(ro.response_mask).sum())
         self.times.append(phase)
+        print(f"  klq_jax iteration {it + 1}: " + ", ".join(f"{k} {phase[k]:.3f}s" for k in PHASES + ("iteration",))
+              + f"; load {load():.1f}", flush=True)
         return phase
 
     def close(self) -> float:
@@ -508,9 +509,38 @@ def run_trl(args, pol_dir: str, rm_dir: str, prompts: np.ndarray, workdir: str, 
         learning_rate=1.41e-5, seed=args.seed, bf16=args.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(),
     )
 
+    out: list[dict] = []
+
+    def cut_iteration():
+        """The phases of the iteration whose events were recorded since its ``generate:start``."""
+        t = {}
+        for name, when in events:
+            if name == "generate:start":
+                t = {"t0": when}
+            elif name == "generate:end":
+                t["gen_end"] = when
+            elif name in ("reward:end", "ref_fwd:end") and "train_start" not in t:
+                t["score_end"] = when
+            elif name == "train_fwd:start" and "train_start" not in t:
+                t["train_start"] = when
+            elif name == "log:start" and "log" not in t:
+                t["log"] = when
+        end = time.perf_counter()
+        events.clear()
+        out.append({
+            "sample": t["gen_end"] - t["t0"],
+            "score": t["score_end"] - t["gen_end"],
+            "targets": t["train_start"] - t["score_end"],
+            "update": t["log"] - t["train_start"],
+            "checkpoint": 0.0,
+            "iteration": end - t["t0"],
+        })
+        print(f"  TRL iteration {len(out)}: " + ", ".join(f"{k} {v:.3f}s" for k, v in out[-1].items())
+              + f"; load {load():.1f}", flush=True)
+
     class StepHook(TrainerCallback):
         def on_step_end(self, *a, **kw):
-            events.append(("step:end", time.perf_counter()))
+            cut_iteration()
             if on_step is not None:
                 on_step()
 
@@ -533,32 +563,6 @@ def run_trl(args, pol_dir: str, rm_dir: str, prompts: np.ndarray, workdir: str, 
     finally:
         for k, v in saved.items():
             setattr(trl_ppo, k, v)
-    # Cut the event stream into iterations and phases.
-    out, cur = [], None
-    for name, t in events:
-        if name == "generate:start":
-            cur = {"t0": t}
-        elif cur is None:
-            continue
-        elif name == "generate:end":
-            cur["gen_end"] = t
-        elif name in ("reward:end", "ref_fwd:end") and "train_start" not in cur:
-            cur["score_end"] = t
-        elif name == "train_fwd:start" and "train_start" not in cur:
-            cur["train_start"] = t
-        elif name == "log:start" and "log" not in cur:
-            cur["log"] = t
-        elif name == "step:end" and "end" not in cur:
-            cur["end"] = t
-            out.append({
-                "sample": cur["gen_end"] - cur["t0"],
-                "score": cur["score_end"] - cur["gen_end"],
-                "targets": cur["train_start"] - cur["score_end"],
-                "update": cur["log"] - cur["train_start"],
-                "checkpoint": 0.0,
-                "iteration": cur["end"] - cur["t0"],
-            })
-            cur = None
     return out
 
 

@@ -310,7 +310,7 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
                     "prompts": experiment.prompts.state_dict(),
                     "config": _config_to_json(cfg),
                 }
-                ckpt.save(it + 1, state, meta)
+                ckpt.save(it + 1, state, meta, wait=False)  # written while the next iteration runs
             if bar is not None:
                 bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", refresh=False)
                 if compiling:
