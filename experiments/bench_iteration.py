@@ -365,7 +365,7 @@ class KlqIteration:
         from klq_jax import algorithms, sharding
         from klq_jax.algorithms import AlgoConfig
         from klq_jax.checkpoint import Checkpointer
-        from klq_jax.train.config import OptimConfig, TrainConfig, make_optimizer
+        from klq_jax.train import OptimConfig, TrainConfig, make_optimizer
         from klq_jax.train.step import init_state, jit_update_fn, make_update_fn
 
         gd, params, self.ref_gd, self.ref_params, self.reward_fn, _ = models
@@ -379,7 +379,7 @@ class KlqIteration:
             max_new_tokens=args.new_tokens, temperature=args.temperature, omega=1.0,
             score_micro_batch_size=args.score_micro_batch, seed=args.seed, out_dir=workdir,
         )
-        self.mesh = sharding.mesh_from_config(self.cfg.mesh)
+        self.mesh = sharding.make_mesh(devices=jax.devices()[:1])  # one chip (or the whole CPU)
         optimizer, _ = make_optimizer(self.cfg.optim, self.cfg.num_iterations * self.cfg.steps_per_iteration,
                                       self.cfg.steps_per_iteration)
         self.state, state_sh = init_state(params, optimizer, args.seed, self.mesh)
@@ -396,7 +396,6 @@ class KlqIteration:
         import jax.numpy as jnp
 
         from klq_jax import rollout, sharding
-        from klq_jax.train.step import ROLLOUT_KEYS
 
         it = len(self.times)
         B = self.args.batch
@@ -411,13 +410,11 @@ class KlqIteration:
             self.sampling_cfg, omega=self.cfg.omega, micro_batch_size=self.cfg.score_micro_batch_size,
             timings=phase,
         )
-        exp = {k: getattr(ro, k) for k in ROLLOUT_KEYS}
-        jax.block_until_ready(exp)
+        jax.block_until_ready(ro)
         t1 = time.perf_counter()
-        exp.update(jax.block_until_ready(self.targets_fn(exp)))
+        batch = jax.block_until_ready(self.targets_fn(ro.to_batch()))
         t2 = time.perf_counter()
-        exp = sharding.shard_batch(exp, self.mesh)
-        self.state, metrics = self.update(self.state, exp)
+        self.state, metrics = self.update(self.state, sharding.shard_batch(batch, self.mesh))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
         phase.update(targets=t2 - t1, update=t3 - t2, checkpoint=0.0, iteration=t3 - t0)

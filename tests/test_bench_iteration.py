@@ -23,9 +23,10 @@ def test_tiny_run_prints_every_phase(tmp_path, capsys):
     for phase in bench_iteration.PHASES + ("iteration",):
         s = saved["klq"][phase]
         assert s["best"] >= 0 and s["median"] >= s["best"] and "compile" in s
-    # The iteration is the sum of its phases (each synced), and the compute phases did some work.
+    # The iteration (without the checkpoint, which is reported apart) is at least the sum of its
+    # synced phases, and the compute phases did some work.
     it = saved["klq"]["iteration"]["all"][0]
-    parts = sum(saved["klq"][p]["all"][0] for p in bench_iteration.PHASES)
+    parts = sum(saved["klq"][p]["all"][0] for p in ("sample", "score", "targets", "update"))
     assert parts <= it + 1e-6
     for phase in ("sample", "score", "update"):
         assert saved["klq"][phase]["flops"] > 0 and saved["klq"][phase]["best"] > 0
