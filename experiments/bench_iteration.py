@@ -483,11 +483,11 @@ def run_trl(args, pol_dir: str, rm_dir: str, prompts: np.ndarray, workdir: str, 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
-    load = dict(dtype=dtype)
-    policy = transformers.AutoModelForCausalLM.from_pretrained(pol_dir, **load)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(pol_dir, **load)
-    rm = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, **load)
-    value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, **load)
+    load_kw = dict(dtype=dtype)
+    policy = transformers.AutoModelForCausalLM.from_pretrained(pol_dir, **load_kw)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(pol_dir, **load_kw)
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, **load_kw)
+    value = transformers.AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, **load_kw)
     V = policy.config.vocab_size
     tokenizer = _wordlevel_tokenizer(V, V - 1)
     n = args.batch * (args.repeats + 1)
