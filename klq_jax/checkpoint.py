@@ -25,9 +25,10 @@ import orbax.checkpoint as ocp
 class _DropSynchronousWaitWarning(logging.Filter):
     """Drop orbax's "Waiting for previous save to complete took N seconds" warning.
 
-    :meth:`Checkpointer.save` waits for each save to finish; orbax adds that wait of ours to its
-    "waiting for the previous save" time and, once a write takes over a second, warns at every
-    following save. Nothing waits for a previous save here, so the warning is noise.
+    A synchronous :meth:`Checkpointer.save` waits for its save to finish, and orbax adds that wait
+    of ours to its "waiting for the previous save" time; an asynchronous one (``wait=False``, the
+    training loop's) lets the next save wait for the write still in progress, by design. Either
+    way the warning, repeated at every save once a write takes over a second, is noise.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
