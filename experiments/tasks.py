@@ -57,7 +57,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from klq_jax import rewards
+from klq_jax import rewards, sharding
 from klq_jax.data import PromptDataset, PromptIterator, load_hh, load_imdb, load_tldr
 from klq_jax.models.load import attach_critic, load_model, resolve_source
 from experiments.config import RunConfig, TaskConfig
@@ -265,12 +265,13 @@ def _read_config(path: str) -> dict:
     raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face reward-model directory.")
 
 
-def load_reward_model(task: TaskConfig, *, key: Any = None):
+def load_reward_model(task: TaskConfig, *, key: Any = None, mesh=None):
     """``(architecture, config, graphdef, params)`` of the task's reward model, in ``task.dtype``.
 
     GPT-NeoX score models (a Hugging Face or klq_jax directory) go through
     :func:`klq_jax.models.load.load_model` (which applies the options on every source kind); GPT-2
-    and DistilBERT reward models through :func:`klq_jax.models.hf.load_hf`.
+    and DistilBERT reward models through :func:`klq_jax.models.hf.load_hf`. With a ``mesh`` every
+    tensor is placed in its sharding as it is read.
     """
     if task.reward_model is None:
         raise ValueError(f"Task kind {task.kind!r} needs TaskConfig.reward_model (a reward-model directory or hub name).")
@@ -282,11 +283,14 @@ def load_reward_model(task: TaskConfig, *, key: Any = None):
         from klq_jax.models import hf
 
         if os.path.isfile(os.path.join(path, "klq_config.json")):
-            return (arch, *hf.load_flax(path, dtype=task.dtype))
-        return (arch, *hf.load_hf(path, dtype=task.dtype))
+            cfg, graphdef, params = hf.load_flax(path, dtype=task.dtype)
+            if mesh is not None:
+                params = jax.device_put(params, sharding.param_shardings(params, mesh))
+            return arch, cfg, graphdef, params
+        return (arch, *hf.load_hf(path, dtype=task.dtype, mesh=mesh))
     if arch == "GPTNeoXForSequenceClassification":
         cfg, graphdef, params = load_model(path, key=key if key is not None else jax.random.key(0),
-                                                 dtype=task.dtype)
+                                           dtype=task.dtype, mesh=mesh)
         if not cfg.score_head:
             raise ValueError(f"{task.reward_model}: the GPT-NeoX checkpoint has no score head.")
         return arch, cfg, graphdef, params
@@ -304,9 +308,10 @@ def load_reward_fn(
     stop_token_ids: tuple[int, ...],
     micro_batch_size: int = DEFAULT_SCORE_MICRO_BATCH_SIZE,
     key: Any = None,
+    mesh=None,
 ):
     """``reward_fn`` of the task's reward model (see the module docstring for the dispatch)."""
-    arch, cfg, graphdef, params = load_reward_model(task, key=key)
+    arch, cfg, graphdef, params = load_reward_model(task, key=key, mesh=mesh)
     if arch == "GPTNeoXForSequenceClassification" and task.reward_tokenizer is None:
         if len(policy_tokenizer) > cfg.vocab_size:
             raise ValueError(
@@ -334,6 +339,12 @@ def load_reward_fn(
     )
 
 
+def _prompt_iterator(dataset, batch_size: int, seed: int) -> PromptIterator:
+    """The prompts of THIS process: its slice of every global batch (all of it on one process)."""
+    return PromptIterator(dataset, batch_size=batch_size, seed=seed,
+                          process_index=jax.process_index(), process_count=jax.process_count())
+
+
 def build_experiment(
     task: TaskConfig,
     *,
@@ -356,8 +367,9 @@ def build_experiment(
         (0: none): the task's held-out split, or a synthetic set disjoint from the training prompts.
 
     Returns:
-      The experiment; ``prompts`` yields global batches (every process gets the whole batch, which
-      the trainer shards).
+      The experiment; ``prompts`` yields THIS process's rows of every global batch
+      (``batch_size / jax.process_count()`` rows: process ``p`` reads the ``p``-th slice), which the
+      trainer joins into one batch-sharded array. Every process builds the same models.
 
     Raises:
       FileNotFoundError: a model or dataset is neither local nor downloadable (the message names
@@ -381,7 +393,7 @@ def build_experiment(
         if source is None:
             raise ValueError("TaskConfig.critic='reward_model' needs TaskConfig.reward_model to be set.")
         graphdef, params, crit_ref_gd, crit_ref_p = attach_critic(
-            graphdef, params, source, key=key_value, dtype=task.dtype
+            graphdef, params, source, key=key_value, dtype=task.dtype, mesh=mesh
         )
         if ref_params is None:
             ref_graphdef, ref_params = crit_ref_gd, crit_ref_p
@@ -395,7 +407,7 @@ def build_experiment(
         return Experiment(
             validation_prompts=heldout,
             reward_fn=rewards.programmatic_reward(task.reward, target_token=task.target_token),
-            prompts=PromptIterator(dataset, batch_size=batch_size, seed=seed),
+            prompts=_prompt_iterator(dataset, batch_size, seed),
             stop_token_ids=(task.stop_token_id,),
             pad_token_id=task.pad_token_id,
             **common,
@@ -407,14 +419,15 @@ def build_experiment(
                 dict(dataset.drop_reasons))
     stop_token_ids = (int(tokenizer.eos_token_id),)
     micro = min(score_micro_batch_size or DEFAULT_SCORE_MICRO_BATCH_SIZE, batch_size)
-    reward_fn = load_reward_fn(task, tokenizer, stop_token_ids=stop_token_ids, micro_batch_size=micro, key=key_rm)
+    reward_fn = load_reward_fn(task, tokenizer, stop_token_ids=stop_token_ids, micro_batch_size=micro,
+                               key=key_rm, mesh=mesh)
     heldout = None
     if validation_prompts:
         heldout = load_validation_prompts(task, tokenizer, validation_prompts, seed=seed)
     return Experiment(
         validation_prompts=heldout,
         reward_fn=reward_fn,
-        prompts=PromptIterator(dataset, batch_size=batch_size, seed=seed),
+        prompts=_prompt_iterator(dataset, batch_size, seed),
         stop_token_ids=stop_token_ids,
         pad_token_id=int(tokenizer.pad_token_id),
         decode=lambda ids: tokenizer.decode(list(ids)),

@@ -57,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from klq_jax import rollout
+from klq_jax.types import DeviceReward
 
 Array = jax.Array
 
@@ -82,16 +83,35 @@ __all__ = [
 # ------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
-def _reward_model_scores(graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,
-                         micro_batch_size):
+def _reward_model_scores_traced(graphdef, params, prompt_ids, prompt_mask, response_ids,
+                                response_mask, micro_batch_size=None, groups=1):
     def forward(p_ids, p_mask, r_ids, r_mask):
         model = nnx.merge(graphdef, params)
         tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
         mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
-        return model(tokens, mask, logits=False).scores
+        return model(tokens, mask, logits=False).scores.astype(jnp.float32)
 
-    return rollout.map_micro_batches(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
+    return rollout.map_micro_batches(
+        forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size,
+        groups=groups,
+    )
+
+
+_reward_model_scores = jax.jit(
+    _reward_model_scores_traced, static_argnames=("graphdef", "micro_batch_size", "groups")
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _rm_device_fn(graphdef, micro_batch_size):
+    """The :class:`DeviceReward` function of a score-head model (one per graphdef / chunk size,
+    so every reward built from the same model shares one compiled rollout)."""
+
+    def fn(params, prompt_ids, prompt_mask, response_ids, response_mask, groups):
+        return _reward_model_scores_traced(graphdef, params, prompt_ids, prompt_mask, response_ids,
+                                           response_mask, micro_batch_size, groups)
+
+    return fn
 
 
 def reward_model_scores(
@@ -143,7 +163,7 @@ def reward_model_scores(
     )
 
 
-def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_size: int | None = None) -> Callable:
+def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_size: int | None = None) -> DeviceReward:
     """A ``reward_fn`` scoring ``x ⧺ y`` token ids with a GPT-NeoX score-head reward model.
 
     ``R_φ(x, y)`` = the score head on the final hidden state of the last real token of ``x ⧺ y``
@@ -155,8 +175,9 @@ def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_
       micro_batch_size: rows per forward pass (``None``: the whole batch at once).
 
     Returns:
-      ``reward_fn(prompt_ids [B, Tq], prompt_mask [B, Tq], response_ids [B, Tr],
-      response_mask [B, Tr]) -> [B]`` float32.
+      a :class:`klq_jax.types.DeviceReward` (the rollout fuses it into its compiled program);
+      calling it, ``reward_fn(prompt_ids [B, Tq], prompt_mask [B, Tq], response_ids [B, Tr],
+      response_mask [B, Tr]) -> [B]`` float32, scores a batch directly.
 
     Example: see the module docstring.
     """
@@ -166,13 +187,8 @@ def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_
             "GPTNeoXForSequenceClassification checkpoint)."
         )
 
-    def reward_fn(prompt_ids, prompt_mask, response_ids, response_mask):
-        return reward_model_scores(
-            graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask),
-            jnp.asarray(response_ids), jnp.asarray(response_mask), micro_batch_size=micro_batch_size,
-        )
-
-    return reward_fn
+    rollout.check_micro_batch_size(micro_batch_size)
+    return DeviceReward(_rm_device_fn(graphdef, micro_batch_size), params)
 
 
 def make_score_ids_fn(
@@ -540,35 +556,49 @@ def make_cross_tokenizer_reward_fn(
     )
 
 
-def programmatic_reward(kind: str, *, target_token: int = 7) -> Callable:
-    """A jitted ``(prompt_ids, prompt_mask, response_ids, response_mask) -> [B]`` reward.
-
-    ``"target_token"``: fraction of real response tokens equal to ``target_token``.
-    ``"low_tokens"``: fraction of real response tokens with ids in ``[1, target_token)``.
-    ``"length"``: response length divided by the response width.
-    """
-
+@functools.lru_cache(maxsize=None)
+def _programmatic_fn(kind: str, target_token: int) -> Callable:
     if kind == "target_token":
 
-        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+        def fn(params, prompt_ids, prompt_mask, response_ids, response_mask, groups):
             m = response_mask.astype(jnp.float32)
             hits = (response_ids == target_token).astype(jnp.float32) * m
             return hits.sum(1) / jnp.maximum(m.sum(1), 1.0)
 
     elif kind == "low_tokens":
 
-        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+        def fn(params, prompt_ids, prompt_mask, response_ids, response_mask, groups):
             m = response_mask.astype(jnp.float32)
             low = (response_ids >= 1) & (response_ids < target_token)
             return (low.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
 
     elif kind == "length":
 
-        def fn(prompt_ids, prompt_mask, response_ids, response_mask):
+        def fn(params, prompt_ids, prompt_mask, response_ids, response_mask, groups):
             return response_mask.astype(jnp.float32).sum(1) / response_mask.shape[1]
 
     else:
         raise ValueError(
             f"Unknown programmatic reward {kind!r}; choose 'target_token', 'low_tokens' or 'length'"
         )
-    return jax.jit(fn)
+    return fn
+
+
+def programmatic_reward(kind: str, *, target_token: int = 7) -> DeviceReward:
+    """A programmatic ``R(x, y)`` ``[B]`` float32, computed on the device (a
+    :class:`klq_jax.types.DeviceReward`: the rollout fuses it; calling it scores a batch).
+
+    ``"target_token"``: fraction of real response tokens equal to ``target_token``.
+    ``"low_tokens"``: fraction of real response tokens with ids in ``[1, target_token)``.
+    ``"length"``: response length divided by the response width.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from klq_jax.rewards import programmatic_reward
+      >>> r = programmatic_reward("target_token", target_token=7)
+      >>> s = r(jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)), jnp.array([[7, 3, 7, 0]]),
+      ...       jnp.array([[1.0, 1.0, 1.0, 0.0]]))
+      >>> round(float(s[0]), 6)
+      0.666667
+    """
+    return DeviceReward(_programmatic_fn(kind, int(target_token)))

@@ -35,17 +35,19 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
+from klq_jax import masked, sharding
 from klq_jax.losses import token_logprobs
 from klq_jax.models import gpt_neox
-from klq_jax.sampling import SamplingConfig, sample
-from klq_jax.types import Rollout
+from klq_jax.sampling import SamplingConfig, check_sampling_inputs, sample_traced
+from klq_jax.types import DeviceReward, Rollout
 
 Array = jax.Array
 
@@ -54,6 +56,7 @@ __all__ = [
     "response_logprobs",
     "sequence_rewards",
     "make_rollout",
+    "rollout_metrics",
 ]
 
 
@@ -70,25 +73,39 @@ def check_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask, 
             raise ValueError(f"{fn}: {name} must be integer token ids, got {jnp.result_type(a)}.")
 
 
-def map_micro_batches(fn: Callable, arrays: tuple, micro_batch_size: int | None):
-    """``fn(*arrays)`` over the leading (batch) axis in chunks of ``micro_batch_size`` (``lax.map``).
+def map_micro_batches(fn: Callable, arrays: tuple, micro_batch_size: int | None, *, groups: int = 1):
+    """``fn(*arrays)`` over the leading (batch) axis in chunks of ``micro_batch_size`` rows (``lax.map``).
 
-    The batch is padded (fully masked rows) up to a multiple of the chunk size, the results are
-    un-padded. ``None`` (or a size >= B) runs ``fn`` once on the whole batch.
+    ``groups``: the batch is ``groups`` contiguous blocks of rows (the data-parallel shards of a
+    batch-sharded array); every chunk takes ``ceil(micro_batch_size / groups)`` rows from each
+    block, so each device's rows stay on it and every device works on every chunk. Each block is
+    padded (fully masked rows) up to a multiple of its chunk share and the results are un-padded.
+    ``groups=1`` chunks the batch in order. ``None`` (or a size >= B) runs ``fn`` once on the whole
+    batch. ``fn`` must treat rows independently (the result does not depend on the chunking).
     """
     B = arrays[0].shape[0]
     if micro_batch_size is None or micro_batch_size >= B:
         return fn(*arrays)
-    mb = int(micro_batch_size)
-    n = -(-B // mb)
-    pad = n * mb - B
+    G = groups if groups >= 1 and B % groups == 0 else 1
+    per = B // G  # rows per block
+    m = -(-int(micro_batch_size) // G)  # rows of each block in one chunk
+    n = -(-per // m)  # chunks
+    pad = n * m - per
 
-    def prep(a):
-        a = jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) if pad else a
-        return a.reshape((n, mb) + a.shape[1:])
+    def prep(a):  # [B, ...] -> [n, G*m, ...]
+        a = a.reshape((G, per) + a.shape[1:])
+        if pad:
+            a = jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        a = jnp.moveaxis(a.reshape((G, n, m) + a.shape[2:]), 1, 0)
+        return a.reshape((n, G * m) + a.shape[3:])
+
+    def unprep(o):  # [n, G*m, ...] -> [B, ...]
+        o = jnp.moveaxis(o.reshape((n, G, m) + o.shape[2:]), 0, 1)
+        o = o.reshape((G, n * m) + o.shape[3:])[:, :per]
+        return o.reshape((B,) + o.shape[2:])
 
     out = jax.lax.map(lambda xs: fn(*xs), tuple(prep(a) for a in arrays))
-    return jax.tree_util.tree_map(lambda o: o.reshape((n * mb,) + o.shape[2:])[:B], out)
+    return jax.tree_util.tree_map(unprep, out)
 
 
 def check_micro_batch_size(micro_batch_size):
@@ -98,11 +115,12 @@ def check_micro_batch_size(micro_batch_size):
         raise ValueError(f"micro_batch_size={micro_batch_size!r} must be a positive int or None.")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "micro_batch_size"))
-def _response_logprobs(
+def response_logprobs_traced(
     graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
-    micro_batch_size,
+    micro_batch_size=None, groups=1,
 ):
+    """The body of :func:`response_logprobs` (no checks), to trace inside a larger ``jit``;
+    ``groups``: see :func:`map_micro_batches`."""
     Tq = prompt_ids.shape[1]
     Tr = response_ids.shape[1]
 
@@ -122,7 +140,15 @@ def _response_logprobs(
             values = jnp.where(real, out.values[:, Tq - 1 : Tq + Tr - 1], 0.0)
         return logp, values
 
-    return map_micro_batches(forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size)
+    return map_micro_batches(
+        forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size,
+        groups=groups,
+    )
+
+
+_response_logprobs = jax.jit(
+    response_logprobs_traced, static_argnames=("graphdef", "micro_batch_size", "groups")
+)
 
 
 def response_logprobs(
@@ -218,12 +244,73 @@ def sequence_rewards(scores: Array, response_mask: Array, stopped: Array, *, ome
     return jnp.where(at_end, R[:, None], 0.0).astype(jnp.float32)
 
 
+def _check_scores(scores, rows: int):
+    if scores.shape != (rows,):
+        raise ValueError(f"reward_fn must return one score per row, shape ({rows},); got {scores.shape}.")
+
+
+def _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids,
+                        prompt_mask, key, config, micro_batch_size, mesh):
+    """Sample, then one forward of π and one of π_b over ``x ⧺ y`` (traced; rows stay sharded)."""
+    groups = 1 if mesh is None else sharding.data_parallel_size(mesh)
+    prompt_ids, prompt_mask = sharding.constrain_batch((prompt_ids, prompt_mask), mesh)
+    policy_params = sharding.gather_fsdp(policy_params, mesh)  # gather weights, never the batch
+    ref_params = sharding.gather_fsdp(ref_params, mesh)
+    res = sample_traced(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, config, mesh)
+    t = config.temperature
+    logp, values = response_logprobs_traced(
+        policy_graphdef, policy_params, prompt_ids, prompt_mask, res.tokens, res.mask, t,
+        micro_batch_size, groups,
+    )
+    ref_logp, _ = response_logprobs_traced(
+        ref_graphdef, ref_params, prompt_ids, prompt_mask, res.tokens, res.mask, t,
+        micro_batch_size, groups,
+    )
+    return sharding.constrain_batch((prompt_ids, prompt_mask, res, logp, values, ref_logp), mesh)
+
+
+def _assemble(scored, scores, omega, finish, mesh):
+    """The :class:`Rollout` from the scored samples and ``R_φ`` (traced), then ``finish(rollout)``."""
+    prompt_ids, prompt_mask, res, logp, values, ref_logp = scored
+    rewards = sequence_rewards(scores, res.mask, res.stopped, omega=omega)
+    ro = sharding.constrain_batch(Rollout(
+        prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=res.tokens,
+        response_mask=res.mask, stopped=res.stopped, sample_logp=res.logprobs, logp=logp,
+        ref_logp=ref_logp, values=values, scores=scores, rewards=rewards,
+    ), mesh)
+    return ro, (finish(ro) if finish is not None else None)
+
+
+_STATIC = ("policy_graphdef", "ref_graphdef", "config", "micro_batch_size", "mesh", "finish")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _rollout_on_device(policy_graphdef, policy_params, ref_graphdef, ref_params, reward,
+                       prompt_ids, prompt_mask, key, omega, config, micro_batch_size, mesh, finish):
+    """Sample → score → R_φ → rewards → ``finish`` as ONE program (a :class:`DeviceReward`)."""
+    scored = _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params,
+                                 prompt_ids, prompt_mask, key, config, micro_batch_size, mesh)
+    _, _, res, _, _, _ = scored
+    groups = 1 if mesh is None else sharding.data_parallel_size(mesh)
+    reward_params = sharding.gather_fsdp(reward.params, mesh)
+    scores = reward.fn(reward_params, scored[0], scored[1], res.tokens, res.mask, groups)
+    scores = sharding.constrain_batch(jnp.asarray(scores).astype(jnp.float32), mesh)
+    _check_scores(scores, res.tokens.shape[0])
+    return _assemble(scored, scores, omega, finish, mesh)
+
+
+_generate_and_score_jit = jax.jit(
+    _generate_and_score, static_argnames=_STATIC[:-1]
+)
+_assemble_jit = jax.jit(_assemble, static_argnames=("finish", "mesh"))
+
+
 def make_rollout(
     policy_graphdef: nnx.GraphDef,
     policy_params: nnx.State,
     ref_graphdef: nnx.GraphDef,
     ref_params: nnx.State,
-    reward_fn: Callable[[Array, Array, Array, Array], Array],
+    reward_fn: Callable[[Array, Array, Array, Array], Array] | DeviceReward,
     prompt_ids: Array,
     prompt_mask: Array,
     key: Array,
@@ -232,31 +319,52 @@ def make_rollout(
     omega: float = 1.0,
     micro_batch_size: int | None = None,
     timings: dict | None = None,
-) -> Rollout:
+    mesh=None,
+    finish: Callable[[Rollout], Any] | None = None,
+):
     """The experience phase of Algorithms 1-2: sample, score with π, π_b and R_φ, place rewards.
+
+    With a :class:`~klq_jax.types.DeviceReward` (a same-tokenizer reward model, a programmatic
+    reward) the whole phase — sampling, the π / π_b forwards, ``R_φ``, the rewards and ``finish``
+    — is ONE compiled program, with no host round trip. Any other ``reward_fn`` (e.g. a reward
+    model with another tokenizer, which needs text) runs on the host between two compiled
+    programs, on THIS process's rows only.
+
+    With a ``mesh`` every array is batch-sharded over ``(data, fsdp)``: the prompts are placed on
+    the mesh (host arrays are this process's rows, joined with
+    ``jax.make_array_from_process_local_data``), each device samples and scores only its
+    ``B / (data·fsdp)`` rows (FSDP gathers weights, never the batch), parameters keep the
+    shardings they carry (:mod:`klq_jax.sharding`'s rules), and the returned rollout is
+    batch-sharded. ``mesh=None`` is the same code on whatever device the inputs live on.
 
     Args:
       policy_graphdef, policy_params: the current policy (LM head + value head).
       ref_graphdef, ref_params: the frozen reference policy π_b (π_SFT).
-      reward_fn: ``(prompt_ids, prompt_mask, response_ids, response_mask) -> scores [B]``; e.g.
-        ``functools.partial(reward_model_scores, rm_graphdef, rm_params)``, a programmatic
-        reward, or a host-side scorer for a reward model with another tokenizer.
-      prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts.
+      reward_fn: a :class:`~klq_jax.types.DeviceReward`, or a host callable
+        ``(prompt_ids, prompt_mask, response_ids, response_mask) -> scores [B]`` (it receives
+        this process's rows, numpy or device arrays).
+      prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts (with a mesh in a multi-process
+        run: this process's rows, or a global ``jax.Array``).
       key: PRNG key of the sampler.
       sampling_config: :class:`klq_jax.sampling.SamplingConfig`; its temperature also scales the
         recomputed ``logp`` and ``ref_logp``.
       omega: missing-stop-token penalty ω (see the module docstring); ``ω > 0`` needs
         ``sampling_config.stop_token_ids`` to name the stop token.
-      micro_batch_size: chunk size of the scoring forwards (``None``: whole batch).
-      timings: if a dict, the wall-clock seconds of the two phases are stored in it as
-        ``"sample"`` and ``"score"`` (this waits for the device between them).
+      micro_batch_size: global rows per scoring forward (``None``: the whole batch at once).
+      timings: if a dict, the wall-clock seconds are stored in it: ``"rollout"`` (the whole
+        phase) and ``"reward"`` (the host reward step; 0 for a device reward). This waits for the
+        device.
+      mesh: a ``(data, fsdp, tensor)`` mesh (:func:`klq_jax.sharding.make_mesh`) or None.
+      finish: an optional traceable ``rollout -> pytree`` (e.g. targets and metrics) computed in
+        the same compiled program as the rollout's last step; it must be the same object on every
+        call (it is a static argument: a new function recompiles).
 
     Returns:
-      :class:`klq_jax.types.Rollout`.
+      :class:`klq_jax.types.Rollout`, or ``(rollout, finish(rollout))`` when ``finish`` is given.
 
     Raises:
       ValueError: ``omega < 0``, or ``omega > 0`` with ``sampling_config.stop_token_ids=()`` (every
-        response would be penalised).
+        response would be penalised); a ``reward_fn`` that does not return one score per row.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -264,7 +372,7 @@ def make_rollout(
       >>> from klq_jax.rollout import make_rollout
       >>> from klq_jax.sampling import SamplingConfig
       >>> gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(value_head=True), jax.random.key(0))
-      >>> reward_fn = lambda pi, pm, ri, rm: rm.sum(-1)  # a toy programmatic reward: the length
+      >>> reward_fn = lambda pi, pm, ri, rm: rm.sum(-1)  # a toy host-side reward: the length
       >>> ro = make_rollout(gd, p, gd, p, reward_fn, jnp.array([[0, 5, 6]]), jnp.array([[0, 1, 1]]),
       ...                   jax.random.key(1), SamplingConfig(max_new_tokens=4, stop_token_ids=()),
       ...                   omega=0.0)
@@ -279,41 +387,61 @@ def make_rollout(
             "sampling_config.stop_token_ids=() names none, so every response would be penalised; "
             "pass the EOS id in stop_token_ids, or omega=0.0."
         )
+    check_micro_batch_size(micro_batch_size)
+    check_sampling_inputs(policy_graphdef, policy_params, prompt_ids, prompt_mask, sampling_config)
+    if mesh is not None:
+        prompt_ids, prompt_mask = sharding.shard_batch((prompt_ids, prompt_mask), mesh)
+    else:
+        prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
+    omega = jnp.float32(omega)
     t0 = time.perf_counter()
-    res = sample(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, sampling_config)
-    if timings is not None:
-        jax.block_until_ready(res.tokens)
-        t1 = time.perf_counter()
-        timings["sample"] = t1 - t0
-    t = sampling_config.temperature
-    logp, values = response_logprobs(
-        policy_graphdef, policy_params, prompt_ids, prompt_mask, res.tokens, res.mask,
-        temperature=t, micro_batch_size=micro_batch_size,
-    )
-    ref_logp, _ = response_logprobs(
-        ref_graphdef, ref_params, prompt_ids, prompt_mask, res.tokens, res.mask,
-        temperature=t, micro_batch_size=micro_batch_size,
-    )
-    scores = jnp.asarray(reward_fn(prompt_ids, prompt_mask, res.tokens, res.mask)).astype(jnp.float32)
-    if scores.shape != (res.tokens.shape[0],):
-        raise ValueError(
-            f"reward_fn must return one score per row, shape ({res.tokens.shape[0]},); got "
-            f"{scores.shape}."
+    common = dict(config=sampling_config, micro_batch_size=micro_batch_size, mesh=mesh)
+    if isinstance(reward_fn, DeviceReward):
+        ro, out = _rollout_on_device(
+            policy_graphdef, policy_params, ref_graphdef, ref_params, reward_fn, prompt_ids,
+            prompt_mask, key, omega, finish=finish, **common,
         )
-    rewards = sequence_rewards(scores, res.mask, res.stopped, omega=omega)
+        t_reward = 0.0
+    else:
+        scored = _generate_and_score_jit(
+            policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids, prompt_mask, key,
+            **common,
+        )
+        t1 = time.perf_counter()
+        res = scored[2]
+        local = sharding.process_rows((prompt_ids, prompt_mask, res.tokens, res.mask), mesh)
+        scores = np.asarray(reward_fn(*local), np.float32)
+        _check_scores(scores, local[0].shape[0])
+        scores = sharding.shard_batch(scores, mesh) if mesh is not None else jnp.asarray(scores)
+        t_reward = time.perf_counter() - t1
+        ro, out = _assemble_jit(scored, scores, omega, finish=finish, mesh=mesh)
     if timings is not None:
-        jax.block_until_ready((logp, ref_logp, rewards))
-        timings["score"] = time.perf_counter() - t1
-    return Rollout(
-        prompt_ids=jnp.asarray(prompt_ids),
-        prompt_mask=jnp.asarray(prompt_mask),
-        response_ids=res.tokens,
-        response_mask=res.mask,
-        stopped=res.stopped,
-        sample_logp=res.logprobs,
-        logp=logp,
-        ref_logp=ref_logp,
-        values=values,
-        scores=scores,
-        rewards=rewards,
-    )
+        jax.block_until_ready((ro, out))
+        timings["rollout"] = time.perf_counter() - t0
+        timings["reward"] = t_reward
+    return ro if finish is None else (ro, out)
+
+
+def rollout_metrics(ro: Rollout, tau: float) -> dict[str, Array]:
+    """Statistics of one rollout batch as float32 scalars (traceable; jit it or fuse it as
+    ``make_rollout``'s ``finish``), from :mod:`klq_jax.masked`.
+
+    Per row ``i`` with mask ``m``: ``kl_i = Σ_t m·(logp − ref_logp)`` (the sampled-token KL
+    estimate), ``reward_i = Σ_t m·rewards`` (the penalised score), ``len_i = Σ_t m``. Returns the
+    batch means of ``score`` (``R_φ``, unpenalised), ``reward``, ``kl``, ``rlhf_reward`` (``reward −
+    τ·kl``), ``response_length`` and ``truncated_frac`` (rows without a stop token), and
+    ``entropy`` = ``−Σ m·logp / Σ m`` (the per-token sampled-entropy estimate).
+    """
+    m = ro.response_mask
+    kl_seq = masked.masked_sum(ro.logp - ro.ref_logp, m, axis=1)
+    rewards_seq = masked.masked_sum(ro.rewards, m, axis=1)
+    lengths = masked.masked_sum(jnp.ones_like(m), m, axis=1)
+    return {
+        "score": jnp.mean(ro.scores.astype(jnp.float32)),
+        "reward": jnp.mean(rewards_seq),
+        "kl": jnp.mean(kl_seq),
+        "rlhf_reward": jnp.mean(rewards_seq - jnp.float32(tau) * kl_seq),
+        "entropy": masked.masked_mean(-ro.logp, m),
+        "response_length": jnp.mean(lengths),
+        "truncated_frac": 1.0 - jnp.mean(ro.stopped.astype(jnp.float32)),
+    }

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klq_jax import sharding
 from klq_jax.models import gpt_neox
 
 Array = jax.Array
@@ -342,7 +343,7 @@ def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tup
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox.GPTNeoXConfig:
+def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox.GPTNeoXConfig:
     if not isinstance(config, SamplingConfig):
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
     model_cfg = nnx.merge(graphdef, params).config
@@ -371,7 +372,7 @@ def _check_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox
         raise ValueError(
             f"stop_token_ids {bad or ''} / pad_token_id {config.pad_token_id} must be < vocab_size={V}."
         )
-    if not isinstance(prompt_mask, jax.core.Tracer) and not isinstance(prompt_ids, jax.core.Tracer):
+    if not isinstance(prompt_mask, jax.core.Tracer) and getattr(prompt_mask, "is_fully_addressable", True):
         m = np.asarray(prompt_mask) != 0
         if m.size and not m[:, -1].all():
             rows = np.nonzero(~m[:, -1])[0].tolist()
@@ -410,14 +411,23 @@ def _cast_matrices(params, dtype):
     return jax.tree_util.tree_map_with_path(cast, params)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: SamplingConfig) -> SampleResult:
+def sample_traced(graphdef, params, prompt_ids, prompt_mask, key, config: SamplingConfig,
+                  mesh=None) -> SampleResult:
+    """The body of :func:`sample` (no input checks), to trace inside a larger ``jit``.
+
+    With a ``mesh``, the rows stay batch-sharded over ``(data, fsdp)`` throughout (the prompts,
+    the KV cache and the decode loop's state are pinned with sharding constraints), so each device
+    decodes only its own ``B / (data·fsdp)`` rows; parameters keep their own shardings.
+    """
     mcfg = nnx.merge(graphdef, params).config
+    params = sharding.gather_fsdp(params, mesh)  # once, before the decode loop
     if jnp.dtype(mcfg.dtype) != jnp.dtype(mcfg.param_dtype):
         params = _cast_matrices(params, jnp.dtype(mcfg.dtype))
     model = nnx.merge(graphdef, params)
     B, Tq = prompt_ids.shape
     T = config.max_new_tokens
+    pin = functools.partial(sharding.constrain_batch, mesh=mesh, batch_size=B)
+    prompt_ids, prompt_mask = pin((prompt_ids, prompt_mask))
     S = Tq + T - 1  # the last sampled token is never fed back
     stop_ids = jnp.asarray(config.stop_token_ids or (-1,), jnp.int32)
     pad = jnp.int32(config.pad_token_id)
@@ -428,7 +438,7 @@ def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: Sampling
         return jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
     # Prefill: one pass over the prompts, unembed only the last position.
-    cache = gpt_neox.init_cache(mcfg, B, S)
+    cache = pin(gpt_neox.init_cache(mcfg, B, S))
     out = model(prompt_ids.astype(jnp.int32), prompt_mask, cache=cache, logits=False, prefill=True)
     logits0 = model.logits(out.hidden[:, -1])
     tok0, lp0 = sample_from_logits(jax.random.fold_in(key, 0), logits0, config)
@@ -449,7 +459,7 @@ def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: Sampling
         live = ~s.done
         tok = jnp.where(live, tok, pad)
         lp = jnp.where(live, lp, 0.0)
-        return SamplerState(
+        return pin(SamplerState(
             t=s.t + 1,
             cache=o.cache,
             prev=tok,
@@ -457,19 +467,22 @@ def _sample_jit(graphdef, params, prompt_ids, prompt_mask, key, config: Sampling
             tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.t)),
             logps=jax.lax.dynamic_update_slice(s.logps, lp[:, None], (0, s.t)),
             mask=jax.lax.dynamic_update_slice(s.mask, live.astype(jnp.float32)[:, None], (0, s.t)),
-        )
+        ))
 
-    init = SamplerState(t=jnp.int32(1), cache=out.cache, prev=tok0, done=done0, tokens=tokens,
-                        logps=logps, mask=mask)
+    init = pin(SamplerState(t=jnp.int32(1), cache=out.cache, prev=tok0, done=done0, tokens=tokens,
+                            logps=logps, mask=mask))
     final = jax.lax.while_loop(cond, body, init)
-    return SampleResult(
+    return pin(SampleResult(
         tokens=final.tokens,
         mask=final.mask,
         lengths=final.mask.sum(-1).astype(jnp.int32),
         stopped=final.done,
         truncated=~final.done,
         logprobs=final.logps,
-    )
+    ))
+
+
+_sample_jit = jax.jit(sample_traced, static_argnames=("graphdef", "config", "mesh"))
 
 
 def sample(
@@ -479,6 +492,8 @@ def sample(
     prompt_mask: Array,
     key: Array,
     config: SamplingConfig,
+    *,
+    mesh=None,
 ) -> SampleResult:
     """Sample responses to left-padded prompts with a KV cache (Algorithms 1-2, "generate rollouts").
 
@@ -493,6 +508,9 @@ def sample(
       prompt_mask: ``[B, Tq]`` 1 on real prompt tokens, 0 on the left padding.
       key: a ``jax.random`` key; the same key gives the same tokens.
       config: :class:`SamplingConfig` (``max_new_tokens = T_max``).
+      mesh: a :mod:`klq_jax.sharding` mesh: the prompts are placed batch-sharded over
+        ``(data, fsdp)`` and every device decodes only its own rows (the result is batch-sharded
+        too); ``None``: wherever the inputs are (one device).
 
     Returns:
       :class:`SampleResult` with ``[B, T_max]`` tokens / mask / logprobs and ``[B]`` lengths,
@@ -512,7 +530,9 @@ def sample(
       >>> res.tokens.shape, bool(res.truncated[0]), int(res.lengths[0])
       ((1, 4), True, 4)
     """
-    _check_inputs(graphdef, params, prompt_ids, prompt_mask, config)
+    check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config)
+    if mesh is not None:
+        prompt_ids, prompt_mask = sharding.shard_batch((prompt_ids, prompt_mask), mesh)
     return _sample_jit(
-        graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, config
+        graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_mask), key, config, mesh
     )

@@ -134,31 +134,158 @@ def param_shardings(params: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(one, params, is_leaf=_is_var)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a ``[B, ...]`` batch: the batch axis over ``('data', 'fsdp')``."""
+def build_sharded(fn, *args, mesh: Mesh | None):
+    """``fn(*args) -> (graphdef, params)`` with the parameters CREATED in their shardings.
+
+    ``jax.eval_shape`` gives the abstract parameters (with each ``nnx.Param``'s logical axes),
+    :func:`param_shardings` their placement, and a ``jax.jit`` of ``fn`` with those
+    ``out_shardings`` materialises every tensor directly on its devices: no parameter ever exists
+    whole on one device (a random initialisation, a critic spliced from a reward model). ``mesh=None``
+    calls ``fn`` as it is.
+
+    Example:
+      >>> import jax
+      >>> from klq_jax import sharding
+      >>> from klq_jax.models import gpt_neox
+      >>> mesh = sharding.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+      >>> cfg = gpt_neox.GPTNeoXConfig.tiny()
+      >>> gd, p = sharding.build_sharded(gpt_neox.init, cfg, jax.random.key(0), mesh=mesh)
+      >>> p["embed_in"].value.sharding.mesh == mesh
+      True
+    """
+    if mesh is None:
+        return fn(*args)
+    graphdefs = []
+
+    def params_only(*a):
+        graphdef, params = fn(*a)
+        graphdefs.append(graphdef)
+        return params
+
+    static = [i for i, a in enumerate(args) if not _is_array_tree(a)]
+    abstract = jax.eval_shape(params_only, *args) if not static else jax.eval_shape(
+        lambda *dyn: params_only(*_merge_args(args, static, dyn)), *_dynamic(args, static))
+    out = param_shardings(abstract, mesh)
+    if not static:
+        params = jax.jit(params_only, out_shardings=out)(*args)
+    else:
+        params = jax.jit(lambda *dyn: params_only(*_merge_args(args, static, dyn)),
+                         out_shardings=out)(*_dynamic(args, static))
+    return graphdefs[-1], params
+
+
+def _is_array_tree(a) -> bool:
+    leaves = jax.tree_util.tree_leaves(a)
+    return bool(leaves) and all(isinstance(x, (jax.Array, np.ndarray)) for x in leaves)
+
+
+def _dynamic(args, static):
+    return [a for i, a in enumerate(args) if i not in static]
+
+
+def _merge_args(args, static, dyn):
+    dyn = iter(dyn)
+    return [a if i in static else next(dyn) for i, a in enumerate(args)]
+
+
+def gather_fsdp(params: Any, mesh: Mesh | None) -> Any:
+    """Inside ``jit``: the parameters with their ``fsdp`` split gathered (``tensor`` splits kept).
+
+    FSDP keeps each weight split over the ``fsdp`` devices at rest; where a program uses it, the
+    weight must be all-gathered so that every device multiplies its OWN rows by the whole weight.
+    Pinning this once at the top of a program (e.g. before the sampler's decode loop) makes XLA
+    gather weights, not the batch: without it, the compiler may instead gather activations across
+    the ``fsdp`` devices and split the hidden dimension. ``mesh=None`` returns ``params``.
+    """
+    if mesh is None or mesh.shape["fsdp"] == 1:
+        return params
+
+    def one(x):
+        if not _is_var(x):
+            return x
+        spec = variable_sharding(x, mesh).spec
+        gathered = P(*[None if a == "fsdp" else a for a in spec])
+        value = x.get_value() if hasattr(x, "get_value") else x.value
+        return x.replace(jax.lax.with_sharding_constraint(value, NamedSharding(mesh, gathered)))
+
+    return jax.tree_util.tree_map(one, params, is_leaf=_is_var)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Sharding of a ``[B, ...]`` batch: the batch axis over ``('data', 'fsdp')``, the rest replicated.
+
+    The spec names only the leading axis, so one sharding fits arrays of every rank ``>= 1``
+    (``ndim`` only pads the spec with explicit ``None`` entries)."""
     return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def data_parallel_size(mesh: Mesh) -> int:
+    """``data × fsdp``: the number of batch shards (devices that each hold their own rows)."""
     return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
-    """Place every ``[B, ...]`` array of ``batch`` with its batch axis split over the data axes."""
+    """Place every ``[B, ...]`` array of ``batch`` on the mesh with its batch axis split over the
+    data axes (0-d arrays replicated).
+
+    Host (numpy) arrays are THIS process's rows: every process passes its own slice and they are
+    joined into one global array (``jax.make_array_from_process_local_data``; on one process the
+    slice is the whole batch). A ``jax.Array`` is already global and is only resharded.
+
+    Raises:
+      ValueError: the global batch does not divide over the ``data × fsdp`` devices.
+    """
     n = data_parallel_size(mesh)
 
     def put(x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
         if x.ndim == 0:
             return jax.device_put(x, NamedSharding(mesh, P()))
-        if x.shape[0] % n:
+        is_global = isinstance(x, jax.Array)
+        rows = x.shape[0] * (1 if is_global else jax.process_count())
+        if rows % n:
             raise ValueError(
-                f"A batch of {x.shape[0]} rows cannot be split over {n} data-parallel devices; "
+                f"A batch of {rows} rows cannot be split over {n} data-parallel devices; "
                 f"use batch sizes that are multiples of {n}."
             )
-        return jax.device_put(x, batch_sharding(mesh, x.ndim))
+        sh = batch_sharding(mesh)
+        if is_global:
+            return jax.device_put(x, sh)
+        return jax.make_array_from_process_local_data(sh, np.asarray(x))
 
-    return jax.tree_util.tree_map(put, batch)
+    return jax.tree_util.tree_map(lambda x: put(x if isinstance(x, jax.Array) else np.asarray(x)), batch)
+
+
+def constrain_batch(tree: Any, mesh: Mesh | None, batch_size: int | None = None) -> Any:
+    """Inside ``jit``: pin every array of ``tree`` whose leading axis is the batch axis to the
+    batch sharding (``with_sharding_constraint``), so each device computes only its own rows.
+
+    ``batch_size``: only arrays with this leading size are pinned (others, e.g. a scalar step
+    counter, are left to the compiler); ``None`` pins every array of rank >= 1. ``mesh=None``
+    (one device) returns ``tree`` unchanged: the single-device path is the same code.
+    """
+    if mesh is None:
+        return tree
+    sh = batch_sharding(mesh)
+
+    def one(x):
+        if getattr(x, "ndim", 0) >= 1 and (batch_size is None or x.shape[0] == batch_size):
+            return jax.lax.with_sharding_constraint(x, sh)
+        return x
+
+    return jax.tree_util.tree_map(one, tree)
+
+
+def process_rows(tree: Any, mesh: Mesh | None = None) -> Any:
+    """This process's rows of batch-sharded global arrays, as numpy (the inverse of
+    :func:`shard_batch`): on one process the whole batch; with several processes the rows that
+    its devices hold (the slice its prompt iterator read)."""
+    if mesh is None or jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    specs = jax.tree_util.tree_map(lambda x: P(BATCH_AXES) if x.ndim else P(), tree)
+    local = multihost_utils.global_array_to_host_local_array(tree, mesh, specs)
+    return jax.tree_util.tree_map(np.asarray, local)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -169,21 +296,34 @@ _DISTRIBUTED_DONE = False
 
 
 def initialize_distributed() -> None:
-    """Call ``jax.distributed.initialize()`` on multi-host runs (a no-op on one process).
+    """Call ``jax.distributed.initialize()`` on multi-process runs (a no-op on one process).
 
-    Multi-host is detected from the usual cluster variables (``JAX_COORDINATOR_ADDRESS``, SLURM,
-    TPU pods set their own); set ``KLQ_DISTRIBUTED=1`` to force it.
+    Call it first, before anything touches a device. A multi-process run is recognised by
+    ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), SLURM (``SLURM_NTASKS`` > 1: JAX
+    reads the rest from SLURM), or TPU pods (``TPU_WORKER_HOSTNAMES``); ``KLQ_DISTRIBUTED=1``
+    forces it. ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` give the process count and this
+    process's index where no cluster manager does (e.g. several processes started by hand or by
+    ``torchrun``-style launchers on one machine). CPU processes talk through gloo collectives.
     """
     global _DISTRIBUTED_DONE
     if _DISTRIBUTED_DONE:
         return
     _DISTRIBUTED_DONE = True
-    wanted = os.environ.get("KLQ_DISTRIBUTED") == "1" or any(
-        v in os.environ for v in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES")
+    env = os.environ
+    slurm = int(env.get("SLURM_NTASKS", "1") or 1) > 1
+    wanted = env.get("KLQ_DISTRIBUTED") == "1" or slurm or any(
+        v in env for v in ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES")
     )
-    if wanted:
-        try:
-            jax.distributed.initialize()
-        except RuntimeError as e:  # already initialised
-            if "already" not in str(e):
-                raise
+    if not wanted:
+        return
+    kwargs = {}
+    if "JAX_COORDINATOR_ADDRESS" in env:
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+    for var, name in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        if var in env:
+            kwargs[name] = int(env[var])
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:  # already initialised
+        if "already" not in str(e):
+            raise

@@ -13,6 +13,8 @@ Shapes: ``B`` rows (prompts), ``Tq`` prompt slots (left-padded), ``Tr = T_max`` 
 (right-padded). Position ``t`` of a ``[B, Tr]`` array refers to the state ``s_t = (x, y_1..y_t)``
 and the action ``a_t = y_{t+1}`` (the paper's time index).
 
+:class:`DeviceReward` marks a reward function that runs on the device (inside the rollout's jit).
+
 Example:
   >>> import jax, jax.numpy as jnp
   >>> from klq_jax.types import Batch
@@ -27,13 +29,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 
 Array = jax.Array
 
-__all__ = ["Rollout", "Batch"]
+__all__ = ["Rollout", "Batch", "DeviceReward"]
 
 
 def _replace(self, **changes):
@@ -122,3 +124,40 @@ class Batch:
 
 jax.tree_util.register_dataclass(Rollout)
 jax.tree_util.register_dataclass(Batch)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceReward:
+    """A reward ``R_φ(x, y)`` computed on the device, inside the rollout's ``jit``.
+
+    ``fn(params, prompt_ids [B, Tq], prompt_mask [B, Tq], response_ids [B, Tr],
+    response_mask [B, Tr], groups) -> scores [B]`` float32 must be traceable (pure ``jnp``);
+    ``params`` is any pytree of arrays it reads (a reward model's parameters, or None) and
+    travels as a jit argument (sharded as it lies); ``groups`` is the number of batch shards (for
+    :func:`klq_jax.rollout.map_micro_batches`; a function that does not micro-batch ignores it).
+    :func:`klq_jax.rollout.make_rollout` fuses such a reward with sampling, scoring and the
+    targets into one compiled program; any other callable ``reward_fn`` runs on the host.
+    Calling the object scores a batch directly (jitted, one compile per shape).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from klq_jax.types import DeviceReward
+      >>> length = DeviceReward(lambda params, pi, pm, ri, rm, groups: rm.sum(-1))
+      >>> length(jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)), jnp.zeros((1, 3), jnp.int32),
+      ...        jnp.array([[1.0, 1.0, 0.0]])).tolist()
+      [2.0]
+    """
+
+    fn: Callable
+    params: Any = None
+
+    def __call__(self, prompt_ids, prompt_mask, response_ids, response_mask) -> Array:
+        return _call_device_reward(self, prompt_ids, prompt_mask, response_ids, response_mask)
+
+
+@jax.jit
+def _call_device_reward(reward, prompt_ids, prompt_mask, response_ids, response_mask):
+    return reward.fn(reward.params, prompt_ids, prompt_mask, response_ids, response_mask, 1)
+
+
+jax.tree_util.register_dataclass(DeviceReward, data_fields=["params"], meta_fields=["fn"])

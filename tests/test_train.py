@@ -159,7 +159,7 @@ def test_tiny_end_to_end_run_improves_reward(tmp_path, algo):
     assert (tmp_path / "policy" / "generation_config.json").is_file()
     keys = set(hist[0])
     for k in ("score", "kl", "rlhf_reward", "entropy", "response_length", "truncated_frac",
-              "train/loss", "lr", "time_sample", "time_score", "time_update", "tokens_per_s"):
+              "train/loss", "lr", "time_rollout", "time_reward", "time_update", "tokens_per_s"):
         assert k in keys
     if algo == "ppo":
         assert "train/clipfrac" in keys and "train/approx_kl" in keys

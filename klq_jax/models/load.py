@@ -165,7 +165,7 @@ def apply_model_options(
     pure = jax.tree_util.tree_map(lambda x: x if x.dtype == pd else x.astype(pd), pure)
     nnx.replace_by_pure_dict(abstract, pure)
     params = abstract
-    if mesh is not None:
+    if mesh is not None:  # a no-op for tensors already in place (read or built sharded)
         params = jax.device_put(params, sharding.param_shardings(params, mesh))
     return new_cfg, graphdef, params
 
@@ -185,7 +185,7 @@ def _read_model(source: str, *, key, value_head: bool, dtype: str, param_dtype: 
         else:
             cfg = gpt_neox.GPTNeoXConfig.from_preset(name)
         cfg = cfg.replace(value_head=value_head, dtype=dtype, param_dtype=param_dtype)
-        _, params = module.init(cfg, key)
+        _, params = sharding.build_sharded(module.init, cfg, key, mesh=mesh)  # born sharded
         return cfg, params
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "klq_config.json")):
         cfg, _, params = hf.load_flax(source)
@@ -196,20 +196,24 @@ def _read_model(source: str, *, key, value_head: bool, dtype: str, param_dtype: 
     return cfg, params
 
 
-def attach_critic(graphdef, params, source: str, *, key, dtype: str = "float32"):
+def attach_critic(graphdef, params, source: str, *, key, dtype: str = "float32", mesh=None):
     """TRL's layout: ``(graphdef, params, ref_graphdef, ref_params)`` of the policy with a critic.
 
     The policy's value head is replaced by a separate value network initialised from the
     score-head (reward) model at ``source`` (:mod:`klq_jax.models.critic`); π_b is a frozen copy of
-    the plain policy.
+    the plain policy. With a ``mesh`` the reward model is read into its shardings and the
+    combined model is assembled inside one jitted program whose outputs are sharded
+    (:func:`klq_jax.sharding.build_sharded`).
     """
-    rm_cfg, rm_graphdef, rm_params = load_model(source, key=key, dtype=dtype)
+    rm_cfg, rm_graphdef, rm_params = load_model(source, key=key, dtype=dtype, mesh=mesh)
     if not rm_cfg.score_head:
         raise ValueError(
             f"The critic source {source!r} is not a score-head (reward) model; the critic is "
             "initialised from a GPTNeoXForSequenceClassification checkpoint."
         )
-    gd, p = critic_lib.with_critic_from_reward_model(graphdef, params, rm_graphdef, rm_params)
+    gd, p = sharding.build_sharded(
+        critic_lib.with_critic_from_reward_model, graphdef, params, rm_graphdef, rm_params, mesh=mesh
+    )
     policy = nnx.merge(gd, p).policy
     ref_graphdef, ref_params = nnx.split(policy, nnx.Param)
     ref_params = jax.tree_util.tree_map(jnp.copy, ref_params)

@@ -12,6 +12,7 @@ TensorBoard, a progress bar), checkpoints (:mod:`klq_jax.checkpoint`) and resume
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ import optax
 from flax import nnx
 
 from klq_jax import algorithms, rollout, sharding
+from klq_jax.rollout import rollout_metrics
 from klq_jax.checkpoint import Checkpointer
 from klq_jax.config import TrainConfig
 from klq_jax.train.optim import make_optimizer
@@ -80,18 +82,13 @@ class Experiment:
 # ------------------------------------------------------------------------------------------
 
 
-def rollout_metrics(ro: Rollout, tau: float) -> dict[str, float]:
-    """Host-side statistics of one rollout batch (float Python numbers): the means of
-    :func:`klq_jax.train.validation.response_stats` and the per-token entropy estimate."""
-    out = validation.mean_stats(validation.response_stats(ro, tau))
-    mask = np.asarray(ro.response_mask, np.float64)
-    logp = np.asarray(ro.logp, np.float64)
-    out["entropy"] = float((-logp * mask).sum() / max(mask.sum(), 1.0))
-    return out
+def _targets_and_metrics(algo, algo_cfg, ro: Rollout):
+    """The rollout's ``finish``: the update's :class:`Batch` with its targets, and the metrics."""
+    return algo.targets(algo_cfg, ro.to_batch()), rollout_metrics(ro, algo_cfg.tau)
 
 
 TIMING_KEYS = (
-    "time_sample", "time_score", "time_update", "time_iteration", "tokens_per_s", "wall_time",
+    "time_rollout", "time_reward", "time_update", "time_iteration", "tokens_per_s", "wall_time",
     "time_eval",
 )
 
@@ -180,6 +177,19 @@ def count_without_timing(bar, seconds: float) -> None:
     bar.refresh()
 
 
+class _SilentLogger:
+    """The logger of processes other than 0 (they compute the same metrics and write nothing)."""
+
+    def log(self, iteration: int, record: dict):
+        pass
+
+    def samples(self, iteration: int, texts: list[dict]):
+        pass
+
+    def close(self):
+        pass
+
+
 class TrainResult(NamedTuple):
     state: TrainState
     history: list[dict]
@@ -215,15 +225,17 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
         ref_params = jax.device_put(ref_params, sharding.param_shardings(ref_params, mesh))
 
     update = jit_update_fn(make_update_fn(experiment.graphdef, cfg, optimizer), state_sh, mesh)
-    targets_fn = jax.jit(lambda b: algo.targets(cfg.algo, b))
+    # Computed inside the rollout's compiled program (one object: a static argument of that jit).
+    finish = functools.partial(_targets_and_metrics, algo, cfg.algo)
     sampling_cfg = cfg.sampling_config(experiment.stop_token_ids, experiment.pad_token_id)
 
-    def run_rollout(params, prompt_ids, prompt_mask, key, scfg, timings=None):
-        """The experience phase with this run's models, reward and ω (training and validation)."""
+    def run_rollout(params, prompt_ids, prompt_mask, key, scfg, timings=None, finish=None):
+        """The experience phase with this run's models, reward and ω (training and validation),
+        batch-sharded on the mesh (:func:`klq_jax.rollout.make_rollout`)."""
         return rollout.make_rollout(
             experiment.graphdef, params, ref_graphdef, ref_params, experiment.reward_fn,
             prompt_ids, prompt_mask, key, scfg, omega=cfg.omega,
-            micro_batch_size=cfg.score_micro_batch_size, timings=timings,
+            micro_batch_size=cfg.score_micro_batch_size, timings=timings, mesh=mesh, finish=finish,
         )
 
     validator = _make_validator(cfg, experiment, run_rollout, sampling_config=sampling_cfg)
@@ -234,14 +246,17 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
         state, meta = ckpt.restore(None, state)
         start = int(meta["iteration"])
         experiment.prompts.load_state_dict(meta["prompts"])
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-        json.dump(_config_to_json(cfg), f, indent=2)
-    logger = _Logger(cfg.out_dir, start, cfg.tensorboard)
+    # Multi-process runs: every process runs the same program; process 0 alone writes the files.
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(_config_to_json(cfg), f, indent=2)
+    logger = _Logger(cfg.out_dir, start, cfg.tensorboard) if primary else _SilentLogger()
 
     history = []
     bar = None
-    if cfg.progress:
+    if cfg.progress and primary:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.num_iterations, initial=start, desc=f"{cfg.algo.name}", unit="it")
@@ -266,34 +281,35 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
             phase: dict[str, float] = {}
             key = jax.random.wrap_key_data(state.key)
             sample_key = jax.random.fold_in(key, 1_000_003)
-            ro = run_rollout(
+            # This process's rows of the prompts, placed batch-sharded on the mesh; every device
+            # samples and scores only its own rows; targets and metrics in the same program.
+            ro, (train_batch, ro_metrics) = run_rollout(
                 state.params,
-                jnp.asarray(batch["prompt_ids"]),
-                jnp.asarray(batch["prompt_mask"]),
+                batch["prompt_ids"],
+                batch["prompt_mask"],
                 sample_key,
                 sampling_cfg,
                 timings=phase,
+                finish=finish,
             )
-            jax.block_until_ready(ro)
             t1 = time.perf_counter()
-            train_batch = sharding.shard_batch(targets_fn(ro.to_batch()), mesh)
             state, upd = update(state, train_batch)
             upd = {k: float(v) for k, v in jax.device_get(upd).items()}
             t2 = time.perf_counter()
 
             record = {"iteration": it + 1, "episodes": (it + 1) * cfg.rollouts_per_batch}
-            record.update(rollout_metrics(ro, cfg.algo.tau))
+            record.update({k: float(v) for k, v in jax.device_get(ro_metrics).items()})
             record.update({f"train/{k}": v for k, v in upd.items()})
             record["lr"] = float(schedule(int(state.step)))
-            n_tokens = float(np.asarray(ro.response_mask).sum())
+            n_tokens = record["response_length"] * cfg.rollouts_per_batch
             last = it + 1 == cfg.num_iterations
             if validator is not None and ((it + 1) % cfg.eval_every == 0 or last):
                 t_eval = time.perf_counter()
                 record.update(_validate(validator, state.params, cfg, it + 1, last))
                 record["time_eval"] = time.perf_counter() - t_eval
             record.update(
-                time_sample=phase["sample"],
-                time_score=phase["score"],
+                time_rollout=phase["rollout"],
+                time_reward=phase["reward"],
                 time_update=t2 - t1,
                 time_iteration=t2 - t0,
                 tokens_per_s=n_tokens / max(t2 - t0, 1e-9),
@@ -303,7 +319,8 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
             logger.log(it + 1, record)
             history.append(record)
             if cfg.log_samples_every and (it % cfg.log_samples_every == 0):
-                logger.samples(it + 1, _sample_texts(experiment, batch, ro, cfg.num_logged_samples))
+                texts = _sample_texts(experiment, batch, ro, cfg.num_logged_samples, mesh)
+                logger.samples(it + 1, texts)
             if (it + 1) % cfg.save_every == 0 or last:
                 meta = {
                     "iteration": it + 1,
@@ -370,7 +387,8 @@ def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
     :func:`klq_jax.models.hf.load_hf` reads back with ``value_head=True``. With a separate critic
     (:class:`klq_jax.models.critic.PolicyWithCritic`) only the policy is written. A Hugging Face
     ``tokenizer``, if given, is saved with it and its bos/eos/pad ids go into the configs.
-    :func:`train` calls this at the end of a run (``<out_dir>/policy``).
+    :func:`train` calls this at the end of a run (``<out_dir>/policy``). In a multi-process run
+    every process must call it (the parameters are gathered); process 0 writes.
     """
     import tempfile
 
@@ -381,6 +399,12 @@ def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
     if isinstance(model, PolicyWithCritic):
         model = model.policy
     _, policy_params = nnx.split(model, nnx.Param)
+    if jax.process_count() > 1:  # collective: every process takes part, process 0 writes
+        from jax.experimental import multihost_utils
+
+        policy_params = multihost_utils.process_allgather(policy_params, tiled=True)
+        if jax.process_index() != 0:
+            return path
     policy_params = jax.device_get(policy_params)
     if tokenizer is None:
         hf.save_hf(path, model.config, policy_params, overwrite=True)
@@ -392,13 +416,13 @@ def export_policy(path: str, graphdef, params, *, tokenizer=None) -> str:
     return path
 
 
-def _sample_texts(experiment: Experiment, batch, ro, k: int) -> list[dict]:
+def _sample_texts(experiment: Experiment, batch, ro, k: int, mesh) -> list[dict]:
+    """The first ``k`` rows of this process's slice of the batch, decoded."""
     out = []
     ids = np.asarray(batch["prompt_ids"])
     pmask = np.asarray(batch["prompt_mask"]) > 0
-    rids = np.asarray(ro.response_ids)
-    rmask = np.asarray(ro.response_mask) > 0
-    scores = np.asarray(ro.scores)
+    rids, rmask, scores = sharding.process_rows((ro.response_ids, ro.response_mask, ro.scores), mesh)
+    rmask = rmask > 0
     for i in range(min(k, ids.shape[0])):
         p, r = ids[i][pmask[i]].tolist(), rids[i][rmask[i]].tolist()
         if experiment.decode is not None:

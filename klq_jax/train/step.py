@@ -147,7 +147,7 @@ def jit_update_fn(update, state_sh: TrainState, mesh):
     """``jax.jit`` of an update function with the state sharded/donated, batches data-sharded."""
     return jax.jit(
         update,
-        in_shardings=(state_sh, sharding.batch_sharding(mesh, 2)),
+        in_shardings=(state_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=(0,),
     )

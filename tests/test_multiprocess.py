@@ -1,0 +1,134 @@
+"""Multi-process training (issue 13): two OS processes on localhost under ``jax.distributed``
+(2 processes × 2 simulated CPU devices, gloo collectives) run ``klq train tiny-klq`` and equal a
+one-process run on 4 devices; each process reads only its half of every prompt batch; a SIGKILL of
+both processes followed by ``--resume`` in both continues bit-identically."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from experiments import presets, tasks
+from klq_jax import train
+from klq_jax.checkpoint import Checkpointer
+from klq_jax.train.loop import TIMING_KEYS
+
+ITERS = 2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Generous bound on waiting for an event (a file appearing, a process ending): never a pass/fail
+# criterion on speed, only a guard against hanging forever if something broke.
+BOUND_S = 1800
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(n_proc: int, devices: int, out_dir, *extra, pause_after: int | None = None):
+    port = _free_port()
+    procs = []
+    for i in range(n_proc):
+        env = dict(os.environ)
+        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                   PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
+        if n_proc > 1:
+            env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n_proc),
+                       JAX_PROCESS_ID=str(i))
+        if pause_after is not None:
+            env["KLQ_TEST_PAUSE_AFTER"] = str(pause_after)
+        cmd = [sys.executable, "-m", "tests.helpers.mp_train", "tiny-klq", "--out-dir", str(out_dir),
+               "--total-episodes", str(16 * ITERS), "--save-every", "1", "--no-progress",
+               "--no-tensorboard", *extra]
+        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE))
+    return procs
+
+
+def _wait(procs):
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=BOUND_S)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"a training process did not end within {BOUND_S} s")
+        assert p.returncode == 0, err.decode()[-3000:]
+
+
+def _metrics(out_dir):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def _final_params(out_dir):
+    cfg = presets.get("tiny-klq")
+    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+    opt, _ = train.make_optimizer(cfg.optim, 1)
+    target = jax.eval_shape(
+        lambda p: train.TrainState(p, opt.init(p), jax.numpy.zeros((), jax.numpy.int32),
+                                   jax.random.key_data(jax.random.key(0))), exp.params)
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # restore onto this process's device
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), target)
+    ck = Checkpointer(os.path.join(out_dir, "checkpoints"))
+    assert ck.latest_step() == ITERS
+    state, meta = ck.restore(None, target)
+    ck.close()
+    return nnx.to_pure_dict(jax.device_get(state.params)), meta
+
+
+def test_two_processes_equal_one_and_resume_after_sigkill(tmp_path):
+    one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
+    _wait(_launch(1, 4, one))
+    _wait(_launch(2, 2, two))
+
+    # The same run: parameters and every metric (but wall-clock timings) to 1e-5.
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [r["iteration"] for r in m2] == list(range(1, ITERS + 1))
+    for r1, r2 in zip(m1, m2):
+        assert r1.keys() == r2.keys()
+        for k in r1:
+            assert abs(r1[k] - r2[k]) <= 1e-5 * max(1.0, abs(r1[k])), (k, r1[k], r2[k])
+    p1, meta1 = _final_params(one)
+    p2, meta2 = _final_params(two)
+    diffs = jax.tree_util.tree_map(lambda a, b: float(np.abs(a - b).max()), p1, p2)
+    assert max(jax.tree_util.tree_leaves(diffs)) <= 1e-5
+    assert meta1["prompts"] == meta2["prompts"]  # the iterator position is the same
+
+    # Each process read only its own half of every global batch (the one-process run read all).
+    full = [json.loads(l)["index"] for l in open(one / "rows.0.jsonl")]
+    halves = [[json.loads(l)["index"] for l in open(two / f"rows.{p}.jsonl")] for p in (0, 1)]
+    assert len(full) == ITERS and all(len(b) == 16 for b in full)
+    for it in range(ITERS):
+        assert halves[0][it] == full[it][:8] and halves[1][it] == full[it][8:], it
+    assert not (one / "rows.1.jsonl").exists()
+
+    # SIGKILL both processes once checkpoint 1 is complete, then --resume in both.
+    procs = _launch(2, 2, killed, pause_after=1)
+    t0 = time.monotonic()
+    while not all((killed / f"paused.{p}").exists() for p in (0, 1)):
+        for p in procs:
+            assert p.poll() is None, p.stderr.read().decode()[-3000:]
+        assert time.monotonic() - t0 < BOUND_S, "the processes never reached checkpoint 1"
+        time.sleep(0.2)
+    for p in procs:
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    assert sorted(d for d in os.listdir(killed / "checkpoints") if d.isdigit()) == ["1"]
+    _wait(_launch(2, 2, killed, "--resume"))
+    assert _metrics(killed) == m2  # bit-identical
+    pk, metak = _final_params(killed)
+    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), pk, p2)
+    assert all(jax.tree_util.tree_leaves(same))
+    assert metak["prompts"] == meta2["prompts"]
+    resumed = [[json.loads(l)["index"] for l in open(killed / f"rows.{p}.jsonl")] for p in (0, 1)]
+    for p in (0, 1):  # iteration 1 before the kill, then iterations 2.. after the resume
+        assert resumed[p] == halves[p], p
