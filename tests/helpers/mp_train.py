@@ -58,7 +58,8 @@ def main(argv):
         save = loop.Checkpointer.save
 
         def save_then_pause(self, step, state, meta, **kw):
-            save(self, step, state, meta, **kw)
+            # The checkpoint is complete on disk before the marker (saves are asynchronous).
+            save(self, step, state, meta, **dict(kw, wait=True))
             if step == int(pause):
                 import jax
 
