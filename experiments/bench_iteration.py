@@ -408,7 +408,7 @@ class KlqIteration:
         ro = rollout.make_rollout(
             self.gd, self.state.params, self.ref_gd, self.ref_params, self.reward_fn, ids, mask, key,
             self.sampling_cfg, omega=self.cfg.omega, micro_batch_size=self.cfg.score_micro_batch_size,
-            timings=phase,
+            timings=phase, fuse=False,  # phase by phase (training fuses them into one program)
         )
         jax.block_until_ready(ro)
         t1 = time.perf_counter()

@@ -46,7 +46,7 @@ from flax import nnx
 from klq_jax import masked, sharding
 from klq_jax.losses import token_logprobs
 from klq_jax.models import gpt_neox
-from klq_jax.sampling import SamplingConfig, check_sampling_inputs, sample_traced
+from klq_jax.sampling import SamplingConfig, _sample_jit, check_sampling_inputs, sample_traced
 from klq_jax.types import DeviceReward, Rollout
 
 Array = jax.Array
@@ -249,14 +249,12 @@ def _check_scores(scores, rows: int):
         raise ValueError(f"reward_fn must return one score per row, shape ({rows},); got {scores.shape}.")
 
 
-def _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids,
-                        prompt_mask, key, config, micro_batch_size, mesh):
-    """Sample, then one forward of π and one of π_b over ``x ⧺ y`` (traced; rows stay sharded)."""
+def _score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids, prompt_mask,
+           res, config, micro_batch_size, mesh):
+    """One forward of π and one of π_b over ``x ⧺ y`` (traced; rows stay sharded)."""
     groups = 1 if mesh is None else sharding.data_parallel_size(mesh)
-    prompt_ids, prompt_mask = sharding.constrain_batch((prompt_ids, prompt_mask), mesh)
     policy_params = sharding.gather_fsdp(policy_params, mesh)  # gather weights, never the batch
     ref_params = sharding.gather_fsdp(ref_params, mesh)
-    res = sample_traced(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, config, mesh)
     t = config.temperature
     logp, values = response_logprobs_traced(
         policy_graphdef, policy_params, prompt_ids, prompt_mask, res.tokens, res.mask, t,
@@ -267,6 +265,27 @@ def _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params
         micro_batch_size, groups,
     )
     return sharding.constrain_batch((prompt_ids, prompt_mask, res, logp, values, ref_logp), mesh)
+
+
+def _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids,
+                        prompt_mask, key, config, micro_batch_size, mesh):
+    """Sample, then score (traced; rows stay sharded)."""
+    prompt_ids, prompt_mask = sharding.constrain_batch((prompt_ids, prompt_mask), mesh)
+    policy_params = sharding.gather_fsdp(policy_params, mesh)  # once, for sampling and scoring
+    ref_params = sharding.gather_fsdp(ref_params, mesh)
+    res = sample_traced(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, config, mesh)
+    return _score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids, prompt_mask,
+                  res, config, micro_batch_size, mesh)
+
+
+def _device_scores(reward, prompt_ids, prompt_mask, response_ids, response_mask, mesh):
+    """``R_φ`` of a :class:`DeviceReward` on the (sharded) rows (traced)."""
+    groups = 1 if mesh is None else sharding.data_parallel_size(mesh)
+    params = sharding.gather_fsdp(reward.params, mesh)
+    scores = reward.fn(params, prompt_ids, prompt_mask, response_ids, response_mask, groups)
+    scores = sharding.constrain_batch(jnp.asarray(scores).astype(jnp.float32), mesh)
+    _check_scores(scores, response_ids.shape[0])
+    return scores
 
 
 def _assemble(scored, scores, omega, finish, mesh):
@@ -290,18 +309,13 @@ def _rollout_on_device(policy_graphdef, policy_params, ref_graphdef, ref_params,
     """Sample → score → R_φ → rewards → ``finish`` as ONE program (a :class:`DeviceReward`)."""
     scored = _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params,
                                  prompt_ids, prompt_mask, key, config, micro_batch_size, mesh)
-    _, _, res, _, _, _ = scored
-    groups = 1 if mesh is None else sharding.data_parallel_size(mesh)
-    reward_params = sharding.gather_fsdp(reward.params, mesh)
-    scores = reward.fn(reward_params, scored[0], scored[1], res.tokens, res.mask, groups)
-    scores = sharding.constrain_batch(jnp.asarray(scores).astype(jnp.float32), mesh)
-    _check_scores(scores, res.tokens.shape[0])
+    res = scored[2]
+    scores = _device_scores(reward, scored[0], scored[1], res.tokens, res.mask, mesh)
     return _assemble(scored, scores, omega, finish, mesh)
 
 
-_generate_and_score_jit = jax.jit(
-    _generate_and_score, static_argnames=_STATIC[:-1]
-)
+_score_jit = jax.jit(_score, static_argnames=_STATIC[:-1])
+_device_scores_jit = jax.jit(_device_scores, static_argnames=("mesh",))
 _assemble_jit = jax.jit(_assemble, static_argnames=("finish", "mesh"))
 
 
@@ -321,14 +335,15 @@ def make_rollout(
     timings: dict | None = None,
     mesh=None,
     finish: Callable[[Rollout], Any] | None = None,
+    fuse: bool = True,
 ):
     """The experience phase of Algorithms 1-2: sample, score with π, π_b and R_φ, place rewards.
 
     With a :class:`~klq_jax.types.DeviceReward` (a same-tokenizer reward model, a programmatic
     reward) the whole phase — sampling, the π / π_b forwards, ``R_φ``, the rewards and ``finish``
     — is ONE compiled program, with no host round trip. Any other ``reward_fn`` (e.g. a reward
-    model with another tokenizer, which needs text) runs on the host between two compiled
-    programs, on THIS process's rows only.
+    model with another tokenizer, which needs text) runs on the host between the compiled
+    sample / score programs and the program that places the rewards, on THIS process's rows only.
 
     With a ``mesh`` every array is batch-sharded over ``(data, fsdp)``: the prompts are placed on
     the mesh (host arrays are this process's rows, joined with
@@ -352,12 +367,15 @@ def make_rollout(
         ``sampling_config.stop_token_ids`` to name the stop token.
       micro_batch_size: global rows per scoring forward (``None``: the whole batch at once).
       timings: if a dict, the wall-clock seconds are stored in it: ``"rollout"`` (the whole
-        phase) and ``"reward"`` (the host reward step; 0 for a device reward). This waits for the
-        device.
+        phase), and unless the phase is one fused program also ``"sample"``, ``"score"`` (the π /
+        π_b forwards) and ``"reward"`` (R_φ; 0 when fused). This waits for the device.
       mesh: a ``(data, fsdp, tensor)`` mesh (:func:`klq_jax.sharding.make_mesh`) or None.
       finish: an optional traceable ``rollout -> pytree`` (e.g. targets and metrics) computed in
         the same compiled program as the rollout's last step; it must be the same object on every
         call (it is a static argument: a new function recompiles).
+      fuse: run a :class:`~klq_jax.types.DeviceReward` rollout as one program (the fastest);
+        ``False`` runs sample, score, reward and the rest as separate programs (the same results;
+        to time the phases, e.g. ``experiments/bench_iteration.py``).
 
     Returns:
       :class:`klq_jax.types.Rollout`, or ``(rollout, finish(rollout))`` when ``finish`` is given.
@@ -396,29 +414,41 @@ def make_rollout(
     omega = jnp.float32(omega)
     t0 = time.perf_counter()
     common = dict(config=sampling_config, micro_batch_size=micro_batch_size, mesh=mesh)
-    if isinstance(reward_fn, DeviceReward):
+    if fuse and isinstance(reward_fn, DeviceReward):
         ro, out = _rollout_on_device(
             policy_graphdef, policy_params, ref_graphdef, ref_params, reward_fn, prompt_ids,
             prompt_mask, key, omega, finish=finish, **common,
         )
-        t_reward = 0.0
-    else:
-        scored = _generate_and_score_jit(
-            policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids, prompt_mask, key,
-            **common,
-        )
-        t1 = time.perf_counter()
-        res = scored[2]
+        if timings is not None:
+            jax.block_until_ready((ro, out))
+            timings.update(rollout=time.perf_counter() - t0, reward=0.0)
+        return ro if finish is None else (ro, out)
+
+    def lap(name, value):  # the phase's seconds, when timed
+        if timings is not None:
+            jax.block_until_ready(value)
+            now = time.perf_counter()
+            timings[name] = now - lap.t
+            lap.t = now
+        return value
+
+    lap.t = t0
+    res = lap("sample", _sample_jit(policy_graphdef, policy_params, prompt_ids, prompt_mask, key,
+                                    sampling_config, mesh))
+    scored = lap("score", _score_jit(policy_graphdef, policy_params, ref_graphdef, ref_params,
+                                     prompt_ids, prompt_mask, res, **common))
+    if isinstance(reward_fn, DeviceReward):
+        scores = _device_scores_jit(reward_fn, prompt_ids, prompt_mask, res.tokens, res.mask, mesh)
+    else:  # on the host, this process's rows only
         local = sharding.process_rows((prompt_ids, prompt_mask, res.tokens, res.mask), mesh)
         scores = np.asarray(reward_fn(*local), np.float32)
         _check_scores(scores, local[0].shape[0])
         scores = sharding.shard_batch(scores, mesh) if mesh is not None else jnp.asarray(scores)
-        t_reward = time.perf_counter() - t1
-        ro, out = _assemble_jit(scored, scores, omega, finish=finish, mesh=mesh)
+    lap("reward", scores)
+    ro, out = _assemble_jit(scored, scores, omega, finish=finish, mesh=mesh)
     if timings is not None:
         jax.block_until_ready((ro, out))
         timings["rollout"] = time.perf_counter() - t0
-        timings["reward"] = t_reward
     return ro if finish is None else (ro, out)
 
 
