@@ -57,13 +57,17 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     proc = subprocess.Popen(_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = killed / "checkpoints"
-    deadline = time.time() + 240
-    while time.time() < deadline:
+    # Wait on the event (checkpoint 2 on disk) for as long as the trainer runs: a loaded machine is
+    # slow, not wrong. If the process ends first, the test fails saying so.
+    while True:
         done = [d for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
-        if len(done) >= 1 and max(map(int, done)) >= 2:
+        if done and max(map(int, done)) >= 2:
             break
         if proc.poll() is not None:
-            raise AssertionError(f"training exited early: {proc.stderr.read().decode()[-2000:]}")
+            raise AssertionError(
+                "waited for checkpoint 2, but training exited first: "
+                f"{proc.stderr.read().decode()[-2000:]}"
+            )
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
