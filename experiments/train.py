@@ -69,12 +69,16 @@ def run(cfg: RunConfig, *, mesh=None):
     start (a run already there, ``--resume`` without a checkpoint, a live run) fails before any
     model is loaded.
     """
+    import jax
+
     from experiments.tasks import build_experiment
     from klq_jax import sharding
     from klq_jax.train import run_dir, train
 
-    run_dir.preflight(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite, allow_fresh=cfg.allow_fresh)
     sharding.initialize_distributed()
+    if jax.process_index() == 0:  # the others would see process 0's lock and files
+        run_dir.preflight(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                          allow_fresh=cfg.allow_fresh)
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
     exp = build_experiment(
         cfg.task,

@@ -354,7 +354,7 @@ class RunDir:
              owner: bool = True) -> "RunDir":
         """Take ``out_dir`` for a run (see the module docstring for the rules).
 
-        ``owner=False`` (processes other than 0 of a multi-process run) only checks.
+        ``owner=False`` (processes other than 0 of a multi-process run): no lock, no checks.
 
         Raises:
           RunDirError: unwritable; RunLockedError: another live run holds it; RunExistsError: it
@@ -362,9 +362,9 @@ class RunDir:
           ``resume`` without a checkpoint (and not ``allow_fresh``); ConfigError: both flags.
         """
         out_dir = os.path.abspath(out_dir)
-        preflight(out_dir, resume=resume, overwrite=overwrite, allow_fresh=allow_fresh)
-        if not owner:
+        if not owner:  # process 0 checks and owns the directory; the others see its lock and files
             return cls(out_dir, None)
+        preflight(out_dir, resume=resume, overwrite=overwrite, allow_fresh=allow_fresh)
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as err:
