@@ -54,7 +54,8 @@ __all__ = ["SweepConfig", "SweepError", "RunSpec", "plan_runs", "run_sweep", "fo
 # Config fields that do not change what a run computes (logging and checkpoint cadence, where it
 # lives): a rerun may change them without counting as another run.
 IGNORED_FIELDS = frozenset({
-    "out_dir", "resume", "progress", "tensorboard", "log_samples_every", "num_logged_samples",
+    "out_dir", "resume", "overwrite", "allow_fresh", "progress", "tensorboard", "log_samples_every",
+    "num_logged_samples",
     "save_every", "keep_checkpoints",
 })
 # Owned by the sweep: refused among the per-run overrides and as grid axes.
@@ -324,9 +325,8 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, *, mesh=None
                 "name": spec.name, "algo": spec.algo, "grid": dict(spec.values),
                 "args": list(spec.args), "config": _config_json(spec.config),
             })
-            has_ckpt = os.path.isdir(os.path.join(d, "checkpoints")) and bool(
-                os.listdir(os.path.join(d, "checkpoints")))
-            train_cmd.run(dataclasses.replace(spec.config, resume=has_ckpt), mesh=mesh)
+            # resume from the run's checkpoint, or start it (also when killed before its first one)
+            train_cmd.run(dataclasses.replace(spec.config, resume=True, allow_fresh=True), mesh=mesh)
         recs = _read_records(d)
         if not recs or "eval/score" not in recs[-1]:
             raise SweepError(f"{d}/metrics.jsonl has no validation metrics at its last iteration; "

@@ -58,6 +58,7 @@ import jax
 import numpy as np
 
 from klq_jax import rewards, sharding
+from klq_jax.errors import SourceNotFoundError
 from klq_jax.data import PromptDataset, PromptIterator, load_hh, load_imdb, load_tldr
 from klq_jax.models.load import attach_critic, load_model, resolve_source
 from experiments.config import RunConfig, TaskConfig
@@ -69,6 +70,7 @@ __all__ = [
     "TaskConfig",
     "RunConfig",
     "build_experiment",
+    "check_sources",
     "synthetic_prompts",
     "heldout_synthetic_prompts",
     "load_validation_prompts",
@@ -163,6 +165,84 @@ def _offline_hint(name: str, what: str) -> str:
         f"Without network access, set KLQ_LOCAL_MODELS=/dir and put a copy of the {what} at "
         f"/dir/{name} ({state})."
     )
+
+
+def _is_connection_error(err: BaseException | None) -> bool:
+    while err is not None:
+        name = type(err).__name__
+        if isinstance(err, ConnectionError) or "Connect" in name or "Offline" in name or "Timeout" in name:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _source_problem(name: str, kind: str, state: dict) -> str | None:
+    """Why ``name`` (a model/tokenizer or a dataset) cannot be had, or None when it can.
+
+    ``state["offline"]`` is set after the first connection failure: later sources are then looked
+    up in the local caches only (no more network retries).
+    """
+    if name.startswith("random:") or os.path.exists(name):
+        return None
+    if os.path.exists(resolve_source(name, kind="dataset")):  # a KLQ_LOCAL_MODELS copy
+        return None
+    if kind == "model":
+        if state.get("offline"):
+            try:
+                from huggingface_hub import snapshot_download
+
+                snapshot_download(name, local_files_only=True)
+                return None
+            except Exception as err:
+                return type(err).__name__
+        try:
+            resolve_source(name)
+            return None
+        except FileNotFoundError as err:
+            state["offline"] = _is_connection_error(err)
+            return str(err).splitlines()[0]
+    if state.get("offline") and os.environ.get("HF_DATASETS_OFFLINE", "0") in ("0", "", "false"):
+        return "offline"
+    try:  # works from the datasets cache offline; fails fast without network and cache
+        import datasets
+
+        datasets.load_dataset_builder(name)
+        return None
+    except Exception as err:
+        state["offline"] = state.get("offline") or _is_connection_error(err)
+        return type(err).__name__
+
+
+def check_sources(task: TaskConfig) -> None:
+    """Check every model, tokenizer and dataset source of ``task`` before loading any of them.
+
+    Raises:
+      SourceNotFoundError: naming ALL the sources that are neither local (``KLQ_LOCAL_MODELS``
+        included) nor downloadable, with what to do.
+    """
+    wanted: list[tuple[str, str, str]] = []
+    for role, name in (("policy", task.policy), ("reference", task.reference),
+                       ("reward_model", task.reward_model), ("tokenizer", task.tokenizer),
+                       ("reward_tokenizer", task.reward_tokenizer),
+                       ("critic", None if task.critic in (None, "reward_model") else task.critic)):
+        if name is not None:
+            wanted.append((role, name, "model"))
+    if task.kind != "synthetic":
+        wanted.append(("dataset", task.dataset or DEFAULT_DATASETS[task.kind], "dataset"))
+    missing, seen, state = [], {}, {}
+    for role, name, kind in wanted:
+        if (name, kind) not in seen:
+            seen[(name, kind)] = _source_problem(name, kind, state)
+        if seen[(name, kind)] is not None:
+            missing.append(f"{role} {name!r}")
+    if missing:
+        root = os.environ.get("KLQ_LOCAL_MODELS")
+        state = f"KLQ_LOCAL_MODELS={root}" if root else "KLQ_LOCAL_MODELS is not set"
+        raise SourceNotFoundError(
+            f"{len(missing)} source(s) are neither local nor downloadable: {', '.join(missing)}. "
+            f"Without network access, set KLQ_LOCAL_MODELS=/dir and put a copy of each at "
+            f"/dir/<name> ({state}; datasets in the hub repo's file layout), or pass local paths."
+        )
 
 
 def load_policy_tokenizer(source: str, *, vocab_size: int | None = None, pad_with_eos: bool = False):
@@ -372,9 +452,12 @@ def build_experiment(
       trainer joins into one batch-sharded array. Every process builds the same models.
 
     Raises:
-      FileNotFoundError: a model or dataset is neither local nor downloadable (the message names
-        ``KLQ_LOCAL_MODELS``); ValueError: unsupported reward model, tokenizer/embedding mismatch.
+      SourceNotFoundError (a FileNotFoundError): models or datasets that are neither local nor
+        downloadable, all named at once (:func:`check_sources`, before anything is loaded; the
+        message names ``KLQ_LOCAL_MODELS``); ValueError: unsupported reward model,
+        tokenizer/embedding mismatch.
     """
+    check_sources(task)
     synthetic = task.kind == "synthetic"
     if synthetic:
         key_value = key_rm = jax.random.key(seed)

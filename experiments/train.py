@@ -63,12 +63,22 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
 
 
 def run(cfg: RunConfig, *, mesh=None):
-    """Build the task's experiment on the configured mesh (or ``mesh``) and train it."""
+    """Build the task's experiment on the configured mesh (or ``mesh``) and train it.
+
+    The run directory is checked first (:func:`klq_jax.train.run_dir.preflight`), so a refused
+    start (a run already there, ``--resume`` without a checkpoint, a live run) fails before any
+    model is loaded.
+    """
+    import jax
+
     from experiments.tasks import build_experiment
     from klq_jax import sharding
-    from klq_jax.train import train
+    from klq_jax.train import run_dir, train
 
     sharding.initialize_distributed()
+    if jax.process_index() == 0:  # the others would see process 0's lock and files
+        run_dir.preflight(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                          allow_fresh=cfg.allow_fresh)
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
     exp = build_experiment(
         cfg.task,

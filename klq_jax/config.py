@@ -26,6 +26,8 @@ import types
 import typing
 from typing import Any, Literal
 
+from klq_jax.errors import ConfigError
+
 ALGORITHMS_NAMES = ("klq", "ppo")
 
 
@@ -82,7 +84,7 @@ class AlgoConfig:
         if self.value_target not in ("trl", "mc"):
             problems.append(f"value_target={self.value_target!r} must be 'trl' or 'mc'")
         if problems:
-            raise ValueError("Invalid AlgoConfig: " + "; ".join(problems))
+            raise ConfigError("Invalid AlgoConfig: " + "; ".join(problems))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,17 +129,17 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.learning_rate <= 0:
-            raise ValueError(f"OptimConfig.learning_rate={self.learning_rate} must be > 0")
+            raise ConfigError(f"OptimConfig.learning_rate={self.learning_rate} must be > 0")
         if self.schedule not in ("linear", "cosine", "constant"):
-            raise ValueError(
+            raise ConfigError(
                 f"OptimConfig.schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'"
             )
         if self.lr_schedule_unit not in ("step", "iteration"):
-            raise ValueError(
+            raise ConfigError(
                 f"OptimConfig.lr_schedule_unit={self.lr_schedule_unit!r} must be 'step' or 'iteration'"
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"OptimConfig.max_grad_norm={self.max_grad_norm} must be > 0 or None")
+            raise ConfigError(f"OptimConfig.max_grad_norm={self.max_grad_norm} must be > 0 or None")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +190,14 @@ class TrainConfig:
       keep_checkpoints: how many checkpoints to keep.
       log_samples_every: log a few decoded samples every this many iterations (0: never).
       num_logged_samples: how many samples to log.
-      resume: continue from the newest complete checkpoint in out_dir.
+      resume: continue the run in out_dir from its newest checkpoint that restores; the config
+        must equal the checkpoint's but for the fields of run_dir.RESUMABLE_FIELDS (logging,
+        save cadence, mesh; README "Resuming: what may change"). Without a checkpoint: an error
+        unless allow_fresh.
+      overwrite: delete the run files already in out_dir (metrics, checkpoints, policy/, ...) and
+        start again; without it (and without resume) a directory holding a run is refused.
+      allow_fresh: with resume, start from iteration 0 when out_dir has no checkpoint yet
+        (restart-on-failure scripts) instead of failing.
       progress: show a progress bar.
       tensorboard: write TensorBoard event files under out_dir/tb.
       eval_every: validate on held-out prompts every this many iterations and at the end (0:
@@ -222,6 +231,8 @@ class TrainConfig:
     log_samples_every: int = 10
     num_logged_samples: int = 4
     resume: bool = False
+    overwrite: bool = False
+    allow_fresh: bool = False
     progress: bool = True
     tensorboard: bool = True
     eval_every: int = 0
@@ -252,6 +263,9 @@ class TrainConfig:
                     f"total_episodes={self.total_episodes} is less than one batch of "
                     f"rollouts_per_batch={self.rollouts_per_batch}"
                 )
+        if self.resume and self.overwrite:
+            p.append("resume and overwrite exclude each other (--resume continues the run in out_dir, "
+                     "--overwrite deletes it)")
         if self.temperature <= 0:
             p.append(f"temperature={self.temperature} must be > 0")
         if self.omega < 0:
@@ -271,7 +285,7 @@ class TrainConfig:
                 f"rollouts_per_batch={self.rollouts_per_batch}"
             )
         if p:
-            raise ValueError("Invalid TrainConfig: " + "; ".join(p))
+            raise ConfigError("Invalid TrainConfig: " + "; ".join(p))
 
     @property
     def num_iterations(self) -> int:

@@ -62,6 +62,7 @@ import numpy as np
 from flax import nnx
 
 from klq_jax import sharding
+from klq_jax.errors import PromptTooLongError
 from klq_jax.models import gpt_neox
 
 Array = jax.Array
@@ -360,7 +361,7 @@ def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> 
     Tq = shape_ids[1]
     limit = model_cfg.max_position_embeddings
     if Tq + config.max_new_tokens > limit:
-        raise ValueError(
+        raise PromptTooLongError(
             f"Prompt length {Tq} + max_new_tokens {config.max_new_tokens} = "
             f"{Tq + config.max_new_tokens} exceeds the model's max_position_embeddings={limit}. "
             f"Truncate (or left-trim the padding of) the prompts to at most "

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from klq_jax.config import MeshConfig  # noqa: F401  (re-exported)
+from klq_jax.errors import MeshError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -57,13 +58,13 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     n = len(devices)
     if data == -1:
         if n % (fsdp * tensor):
-            raise ValueError(
+            raise MeshError(
                 f"{n} devices cannot be split into fsdp={fsdp} x tensor={tensor}; choose sizes whose "
                 "product divides the device count."
             )
         data = n // (fsdp * tensor)
     if data * fsdp * tensor != n:
-        raise ValueError(
+        raise MeshError(
             f"Mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} does not match "
             f"the {n} available devices. Set the sizes so that their product is {n} (data=-1 fills in)."
         )

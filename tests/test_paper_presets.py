@@ -171,23 +171,35 @@ def test_preset_runs_one_iteration(local_hub, tmp_path, name):
 
 
 def test_iterator_resumes_at_the_same_prompt(local_hub, tmp_path):
-    """Train 1 iteration and checkpoint, then resume for a 2nd: the 2nd batch is the one an
-    uninterrupted run draws second (the trainer draws one batch per iteration from a fresh
+    """Train 1 iteration of 2 and checkpoint, stop, then resume for the 2nd: the 2nd batch is the
+    one an uninterrupted run draws second (the trainer draws one batch per iteration from a fresh
     iterator of the same data and seed)."""
 
-    def run(total, resume):
-        cfg = _tiny("tldr-klq", tmp_path / "run", total_episodes=total, resume=resume)
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(it, record, state):
+        if it == 1:
+            raise Stop
+
+    def run(resume):
+        cfg = _tiny("tldr-klq", tmp_path / "run", total_episodes=8, resume=resume)
         exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
         fresh = exp.prompts.__class__(exp.prompts.dataset, batch_size=4, seed=cfg.seed)
         uninterrupted = [next(fresh)["index"].tolist() for _ in range(2)]
         exp.prompts = _Recorder(exp.prompts)
-        result = train.train(cfg, exp, mesh=_mesh())
+        if resume:
+            result = train.train(cfg, exp, mesh=_mesh())
+        else:
+            with pytest.raises(Stop):
+                train.train(cfg, exp, mesh=_mesh(), on_iteration=stop_after_first)
+            result = None
         return exp.prompts.indices, uninterrupted, result
 
-    first, expected, r1 = run(4, False)
+    first, expected, _ = run(False)
     assert expected[0] != expected[1]
-    assert first == expected[:1] and len(r1.history) == 1
-    resumed, expected2, r2 = run(8, True)
+    assert first == expected[:1]
+    resumed, expected2, r2 = run(True)
     assert expected2 == expected
     assert resumed == expected[1:]  # the restored iterator served the second batch, not the first
     assert [h["iteration"] for h in r2.history] == [2]

@@ -1,11 +1,22 @@
-"""Kill a real training process with SIGKILL mid-run, resume it, and compare with an uninterrupted run."""
+"""SIGKILL a real training process 10 times at seeded random phases (sampling, update,
+checkpointing, the rewrite of the metrics on resume, the final export), resume it each time, and
+compare everything it wrote with an uninterrupted run.
+
+No wall-clock deadline: the trainer prints phase markers (``KLQ_PHASE_MARKERS=1``) and can be
+told to stop at one (``KLQ_PHASE_HOLD=NAME@K``, :func:`klq_jax.train.run_dir.phase`); the test
+waits on those lines (with a generous bound that names the marker it waited for) and kills there,
+or right after a marker while the process works on ("live" kills land inside the sampler, the
+update or the orbax save). A persistent compilation cache keeps the 12 processes cheap.
+"""
 
 import json
 import os
+import queue
+import random
 import signal
 import subprocess
 import sys
-import time
+import threading
 
 import jax
 import numpy as np
@@ -13,33 +24,121 @@ from flax import nnx
 
 from experiments import presets, tasks
 from klq_jax import train
-from klq_jax.train.loop import TIMING_KEYS
 from klq_jax.checkpoint import Checkpointer
+from klq_jax.train import run_dir
+from klq_jax.train.loop import TIMING_KEYS
 
-ITERS = 8
+ITERS = 3
+KILLS = 10
+WAIT_S = 1800  # a bound on waiting for one marker, never reached unless the trainer hangs
 
 
 def _cmd(out_dir, *extra):
     return [
         sys.executable, "-m", "experiments", "train", "tiny-klq",
         "--out-dir", str(out_dir), "--total-episodes", str(16 * ITERS), "--save-every", "1",
-        "--no-progress", "--no-tensorboard", *extra,
+        "--log-samples-every", "1", "--no-progress", *extra,
     ]
 
 
-def _env():
+def _env(cache_dir, **extra):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    env["JAX_PLATFORMS"] = "cpu"
+    env.update(
+        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    env.pop("KLQ_PHASE_HOLD", None)
+    env.update(extra)
     return env
 
 
-def _metrics(out_dir):
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+class _Proc:
+    """A trainer subprocess whose stderr lines are read on a thread into a queue."""
+
+    def __init__(self, cmd, env):
+        self.p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def wait_for(self, wanted: str):
+        """Block until a stderr line equals ``wanted``; fail if the process ends first."""
+        while True:
+            try:
+                line = self.lines.get(timeout=WAIT_S)
+            except queue.Empty:
+                raise AssertionError(f"waited {WAIT_S} s for the trainer to print {wanted!r}; "
+                                     "last lines:\n" + "\n".join(self.log[-20:])) from None
+            if line is None:
+                self.p.wait()
+                raise AssertionError(f"the trainer exited (rc {self.p.returncode}) before printing "
+                                     f"{wanted!r}:\n" + "\n".join(self.log[-30:]))
+            self.log.append(line)
+            if line == wanted:
+                return
+
+    def kill(self):
+        os.kill(self.p.pid, signal.SIGKILL)
+        self.p.wait()
+        assert self.p.returncode == -signal.SIGKILL
 
 
-def _final_params(out_dir):
+def _latest_checkpoint(out_dir) -> int:
+    d = os.path.join(out_dir, "checkpoints")
+    steps = [int(s) for s in os.listdir(d) if s.isdigit()] if os.path.isdir(d) else []
+    return max(steps, default=0)
+
+
+def _has_lines_after(out_dir, c: int) -> bool:
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    for line in open(path, "rb"):
+        try:
+            if json.loads(line)["iteration"] > c or not line.endswith(b"\n"):
+                return True
+        except ValueError:
+            return True
+    return False
+
+
+LOOP_PHASES = {"sampling": ["sample"], "update": ["update", "log"], "checkpointing": ["checkpoint", "checkpoint-done"]}
+
+
+def _choose(rng, category, out_dir, exports_seen=0):
+    """``(marker name, iteration, live)`` of a kill of ``category`` that the next process reaches,
+    or None when none is reachable now."""
+    c = _latest_checkpoint(out_dir)
+    if category in LOOP_PHASES:
+        assert c < ITERS
+        name = rng.choice(LOOP_PHASES[category])
+        if name == "checkpoint-done" and c + 1 >= ITERS:
+            name = "checkpoint"
+        # the last checkpoint only at the end: the loop must stay unfinished until the export kills
+        k = rng.randint(c + 1, ITERS - 1 if name == "checkpoint-done" else ITERS)
+        # a live kill lands in the work after the marker; keep it away from the last iteration's
+        # end, where the process might finish before the signal arrives
+        live = name in ("sample", "update", "checkpoint") and k < ITERS and rng.random() < 0.5
+        return name, k, live
+    if category == "rewrite":
+        if _has_lines_after(out_dir, c):
+            return "rewrite", c, False  # between the temp file's write and its rename
+        return None
+    if category == "export":  # before the export, then with policy/ written but the run not ended
+        done = os.path.isdir(os.path.join(out_dir, "policy"))
+        return ("export-written" if done or exports_seen else "export"), ITERS, False
+    raise AssertionError(category)
+
+
+def _checkpoint_contents(out_dir):
     cfg = presets.get("tiny-klq")
     exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
     opt, _ = train.make_optimizer(cfg.optim, 1)
@@ -47,41 +146,81 @@ def _final_params(out_dir):
         lambda p: train.TrainState(p, opt.init(p), jax.numpy.zeros((), jax.numpy.int32),
                                    jax.random.key_data(jax.random.key(0))), exp.params)
     ck = Checkpointer(os.path.join(out_dir, "checkpoints"))
-    assert ck.latest_step() == ITERS
-    state, meta = ck.restore(None, target)
-    ck.close()
-    return nnx.to_pure_dict(state.params), meta
+    out = {}
+    try:
+        for step in ck.all_steps():
+            state, meta = ck.restore(step, target)
+            config = {k: v for k, v in meta.pop("config").items()
+                      if k not in ("out_dir", "resume", "allow_fresh")}
+            out[step] = (jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(state.params)),
+                         np.asarray(state.key), int(state.step), meta, config)
+    finally:
+        ck.close()
+    return out
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+def _scalars(out_dir):
+    rows = run_dir.read_tensorboard_scalars(os.path.join(out_dir, "tb"))
+    rows = [r for r in rows if r[0] not in TIMING_KEYS]
+    keys = [(t, s) for t, s, _ in rows]
+    assert len(keys) == len(set(keys)), "a TensorBoard step appears twice"
+    return sorted(rows)
+
+
+def _metrics(out_dir):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def test_ten_sigkills_then_resume_match_an_uninterrupted_run(tmp_path):
+    cache = tmp_path / "jax-cache"
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen(_cmd(killed), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = killed / "checkpoints"
-    # Wait on the event (checkpoint 2 on disk) for as long as the trainer runs: a loaded machine is
-    # slow, not wrong. If the process ends first, the test fails saying so.
-    while True:
-        done = [d for d in os.listdir(ckpts) if d.isdigit()] if ckpts.exists() else []
-        if done and max(map(int, done)) >= 2:
-            break
-        if proc.poll() is not None:
-            raise AssertionError(
-                "waited for checkpoint 2, but training exited first: "
-                f"{proc.stderr.read().decode()[-2000:]}"
-            )
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stopped_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
-    assert stopped_at < ITERS, "the run finished before it could be killed"
+    rng = random.Random(14)
+    plan = ["sampling", "update", "checkpointing", "rewrite"] * 2
+    rng.shuffle(plan)
+    plan += ["export", "export"]  # after the export kills only the export is left to do
+    kills = []
+    while plan:
+        cat = plan.pop(0)
+        choice = _choose(rng, cat, killed, sum(c == "export" for c, *_ in kills))
+        if choice is None:  # rewrite: first leave a metrics line past the checkpoint
+            choice = ("checkpoint", _latest_checkpoint(killed) + 1, False)
+            plan.insert(0, cat)
+            if "checkpointing" in plan:
+                plan.remove("checkpointing")
+            cat = "checkpointing"
+        name, k, live = choice
+        hold = {} if live else {"KLQ_PHASE_HOLD": f"{name}@{k}"}
+        extra = ("--resume", "--allow-fresh") if kills else ()
+        proc = _Proc(_cmd(killed, *extra), _env(cache, KLQ_PHASE_MARKERS="1", **hold))
+        proc.wait_for(f"klq-phase {name} {k}" if live else f"klq-phase held {name} {k}")
+        proc.kill()
+        kills.append((cat, name, k, "live" if live else "held"))
+    assert len(kills) >= KILLS, kills
+    covered = {c for c, *_ in kills}
+    assert {"sampling", "update", "checkpointing", "rewrite", "export"} <= covered, kills
 
-    subprocess.run(_cmd(killed, "--resume"), env=_env(), check=True, capture_output=True)
-    subprocess.run(_cmd(clean), env=_env(), check=True, capture_output=True)
+    final = subprocess.run(_cmd(killed, "--resume", "--allow-fresh"), env=_env(cache), capture_output=True, text=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+    done = subprocess.run(_cmd(clean), env=_env(cache), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
 
-    m_killed, m_clean = _metrics(killed), _metrics(clean)
-    assert [r["iteration"] for r in m_killed] == list(range(1, ITERS + 1))
-    assert m_killed == m_clean  # bit-identical on CPU, every field but wall-clock timings
-    p_killed, meta_k = _final_params(killed)
-    p_clean, meta_c = _final_params(clean)
-    assert meta_k["prompts"] == meta_c["prompts"]
-    same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), p_killed, p_clean)
-    assert all(jax.tree_util.tree_leaves(same))
+    assert [r["iteration"] for r in _metrics(killed)] == list(range(1, ITERS + 1)), kills
+    assert _metrics(killed) == _metrics(clean), kills  # bit-identical but for wall-clock timings
+    assert open(killed / "samples.jsonl").read() == open(clean / "samples.jsonl").read()
+    assert _scalars(killed) == _scalars(clean)
+    ck_k, ck_c = _checkpoint_contents(killed), _checkpoint_contents(clean)
+    assert sorted(ck_k) == sorted(ck_c) == list(range(1, ITERS + 1))
+    for step in ck_c:
+        pk, kk, sk, mk, ck = ck_k[step]
+        pc, kc, sc, mc, cc = ck_c[step]
+        same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), pk, pc)
+        assert all(jax.tree_util.tree_leaves(same)), step
+        assert np.array_equal(kk, kc) and sk == sc and mk == mc and ck == cc, step
+    names = sorted(os.listdir(clean / "policy"))
+    assert sorted(os.listdir(killed / "policy")) == names
+    for n in names:
+        assert (killed / "policy" / n).read_bytes() == (clean / "policy" / n).read_bytes(), n
+    leftovers = [n for n in os.listdir(killed) if n.startswith(".")]
+    assert leftovers == [], leftovers  # no temp files, no lock
+    assert not (killed / "skipped_checkpoints").exists()

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from klq_jax.errors import DataError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "left_pad",
     "mask_from_left_padded",
     "prompt_dataset_from_tokens",
+    "check_text_columns",
 ]
 
 
@@ -236,14 +239,102 @@ def load_split(
       >>> len(load_split(d, "test", data_dir="helpful-base")) > 0
       True
     """
+    path = os.fspath(name_or_path)
+    files = _local_data_files(path, data_dir)
+    for f in files:  # the problems datasets reports without the file's name, or not at all
+        problem = _text_file_problem(f, parse=False)
+        if problem:
+            raise DataError(f"Cannot read split {split!r} of {path}: {problem}. Fix or remove that file.")
+    try:
+        rows = _load_split(path, split, data_dir=data_dir, data_files=data_files,
+                           config_name=config_name, cache_dir=cache_dir)
+    except Exception as err:
+        if isinstance(err, (DataError, FileNotFoundError, ConnectionError)) or not files:
+            raise
+        problems = [p for p in (_text_file_problem(f, parse=True) for f in files) if p]
+        what = problems[0] if problems else f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        raise DataError(
+            f"Cannot read split {split!r} of {path}: {what}. Fix or remove that file"
+            + ("" if problems else f" (files: {', '.join(files) or 'none found'})") + "."
+        ) from err
+    if len(rows) == 0:
+        raise DataError(
+            f"Split {split!r} of {path} has no rows (files: {', '.join(files) or 'from the hub'}); "
+            "pass a dataset with rows in that split."
+        )
+    return rows
+
+
+def _local_data_files(path: str, data_dir: str | None) -> list[str]:
+    """The local data files a load of ``path`` may read (none for a hub name)."""
+    if os.path.isfile(path):
+        return [path]
+    root = os.path.join(path, data_dir) if data_dir and os.path.isdir(os.path.join(path, data_dir)) else path
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for d, _, names in sorted(os.walk(root)):
+        if os.path.basename(d).startswith("."):
+            continue
+        for name in sorted(names):
+            if any(name.lower().endswith(ext) for ext in _EXT_TO_BUILDER):
+                out.append(os.path.join(d, name))
+    return out
+
+
+def _text_file_problem(path: str, *, parse: bool) -> str | None:
+    """Why the text data file ``path`` (.json/.jsonl/.csv, maybe gzipped) cannot be read, or None.
+
+    Checks that it is not empty and is UTF-8 text; with ``parse``, also that each line of a JSON
+    Lines file (or the whole of a .json file) parses.
+    """
+    import gzip
+    import json
+
+    lower = path.lower()
+    gz = lower.endswith(".gz")
+    base = lower[:-3] if gz else lower
+    if not base.endswith((".json", ".jsonl", ".csv")):
+        return None
+    try:
+        if gz:
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            with open(path, "rb") as f:
+                raw = f.read()
+    except (OSError, EOFError) as err:
+        return f"{path} cannot be read ({type(err).__name__}: {err})"
+    if not raw.strip():
+        return f"{path} is empty"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        return f"{path} is not UTF-8 text (line {line}, byte {err.start}: {raw[err.start:err.start + 1]!r})"
+    if parse and base.endswith((".json", ".jsonl")):
+        try:
+            json.loads(text)
+            return None
+        except ValueError:
+            pass
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as err:
+                    return f"{path} line {n} is not valid JSON ({err})"
+    return None
+
+
+def _load_split(path: str, split: str, *, data_dir, data_files, config_name, cache_dir):
     import datasets  # local import: keeps `import klq_jax.data` light
 
-    path = os.fspath(name_or_path)
     if os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _SAVED_MARKERS):
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise ValueError(f"{path} has splits {list(loaded)}, not {split!r}.")
+                raise DataError(f"{path} has splits {list(loaded)}, not {split!r}; pass one of them.")
             return loaded[split]
         return loaded
     if os.path.isfile(path):
@@ -251,7 +342,7 @@ def load_split(
         builder = next((b for ext, b in sorted(_EXT_TO_BUILDER.items(), key=lambda kv: -len(kv[0]))
                         if lower.endswith(ext)), None)
         if builder is None:
-            raise ValueError(
+            raise DataError(
                 f"Cannot tell the format of {path}: use one of {sorted(_EXT_TO_BUILDER)}, or pass a "
                 "directory in the hub dataset's layout."
             )
@@ -304,6 +395,31 @@ def read_token_matrix(rows, name: str) -> np.ndarray:
         )
     flat = col.flatten().to_numpy(zero_copy_only=False)
     return np.asarray(flat, dtype=np.int64).reshape(n, int(lengths[0])).astype(np.int32)
+
+
+def check_text_columns(columns: Mapping[str, Sequence[Any]], source: str) -> None:
+    """Raise :class:`~klq_jax.errors.DataError` naming the rows whose fields are null or not text.
+
+    Example:
+      >>> try:
+      ...     check_text_columns({"post": ["a", None, 3]}, "tldr:x.jsonl:train")
+      ... except DataError as e:
+      ...     print(e)  # doctest: +ELLIPSIS
+      tldr:x.jsonl:train: field 'post' is null in row 1, field 'post' is int in row 2 (2 rows); ...
+    """
+    bad = []
+    for name, values in columns.items():
+        for i, v in enumerate(values):
+            if not isinstance(v, str):
+                bad.append((i, name, "null" if v is None else type(v).__name__))
+    if bad:
+        bad.sort()
+        rows = len({i for i, _, _ in bad})
+        listed = ", ".join(f"field {n!r} is {t} in row {i}" for i, n, t in bad[:5])
+        raise DataError(
+            f"{source}: {listed}{' …' if len(bad) > 5 else ''} ({rows} rows); every row needs text "
+            "in these fields (rows count from 0 in the split): fix or remove those rows."
+        )
 
 
 def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -375,9 +491,10 @@ def prompt_dataset_from_tokens(
         else:
             keep.append(i)
     if not keep:
-        raise ValueError(
-            f"{name or 'dataset'}: no prompt left after filtering ({reasons}); raise the token budget "
-            f"(max_length={max_length}) or relax the filters."
+        raise DataError(
+            f"{name or 'dataset'}: no prompt left of {len(token_lists) + sum((drop_reasons or {}).values())} "
+            f"rows after filtering (dropped {reasons}); raise the token budget (max_length={max_length}) "
+            "or relax the filters."
         )
     kept_tokens = [token_lists[i] for i in keep]
     if width is None:

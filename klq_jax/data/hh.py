@@ -49,6 +49,7 @@ from typing import Literal
 
 from klq_jax.data.common import (
     PromptDataset,
+    check_text_columns,
     encode_texts,
     load_split,
     prompt_dataset_from_tokens,
@@ -134,6 +135,7 @@ def load_hh(
     reasons = {"no_assistant_turn": 0, "diverges_early": 0, "multi_turn": 0}
     prompts, replies = [], []
     cols = read_columns(rows, ["chosen", "rejected"])
+    check_text_columns(cols, f"hh:{name_or_path}/{data_dir or ''}:{split}")
     for chosen, rejected in zip(cols["chosen"], cols["rejected"]):
         out = extract_prompt(chosen, rejected)
         if out is None:

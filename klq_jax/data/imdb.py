@@ -30,6 +30,7 @@ import numpy as np
 
 from klq_jax.data.common import (
     PromptDataset,
+    check_text_columns,
     encode_texts,
     load_split,
     prompt_dataset_from_tokens,
@@ -80,6 +81,7 @@ def load_imdb(
     has_label = "label" in rows.column_names
     cols = read_columns(rows, ["text", "label"] if has_label else ["text"])
     texts = cols["text"]
+    check_text_columns({"text": texts}, f"imdb:{name_or_path}:{split}")
     labels = np.asarray(cols["label"], dtype=np.int32) if has_label else None
     keep = [i for i, t in enumerate(texts) if min_review_chars is None or len(t) > min_review_chars]
     reasons = {"short_review": len(texts) - len(keep)}

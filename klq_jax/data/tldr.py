@@ -52,8 +52,10 @@ from typing import Literal
 
 import numpy as np
 
+from klq_jax.errors import DataError
 from klq_jax.data.common import (
     PromptDataset,
+    check_text_columns,
     encode_texts,
     left_pad,
     load_split,
@@ -223,10 +225,13 @@ def load_tldr(
 
     references = None
     if "reference_response" in columns:
-        references = [_reference_from_response(t, eos)
-                      for t in read_columns(rows, ["reference_response"])["reference_response"]]
+        refs = read_columns(rows, ["reference_response"])
+        check_text_columns(refs, name)
+        references = [_reference_from_response(t, eos) for t in refs["reference_response"]]
     elif "summary" in columns:
-        references = [" " + s for s in read_columns(rows, ["summary"])["summary"]]
+        refs = read_columns(rows, ["summary"])
+        check_text_columns(refs, name)
+        references = [" " + s for s in refs["summary"]]
 
     if source == "query_token":
         if "query_token" not in columns:
@@ -242,6 +247,7 @@ def load_tldr(
         lengths = mask.sum(axis=1).astype(np.int64)
         if "query" in columns:
             texts = read_columns(rows, ["query"])["query"]
+            check_text_columns({"query": texts}, name)
         else:
             texts = [tokenizer.decode(r[m > 0], skip_special_tokens=True).lstrip() for r, m in zip(ids, mask)]
         keep = np.nonzero((lengths > 0) & (lengths <= query_length))[0]
@@ -252,6 +258,12 @@ def load_tldr(
             token_lists = [ids[i, ids.shape[1] - lengths[i]:] for i in keep]
             out_ids, out_mask = left_pad(token_lists, query_length, pad_id)
         reasons = {k: v for k, v in reasons.items() if v}
+        if not len(keep):
+            raise DataError(
+                f"{name}: no prompt left of {len(ids)} rows (dropped {reasons}: queries longer than "
+                f"query_length={query_length} tokens or empty); raise query_length (--task.max-prompt-len) "
+                "or use another dataset."
+            )
         if reasons:
             logger.warning("%s: dropped %d of %d rows %s", name, sum(reasons.values()), len(ids), reasons)
         return PromptDataset(
@@ -269,8 +281,9 @@ def load_tldr(
         raise ValueError(f"source must be 'auto', 'query_token' or 'raw', got {source!r}.")
     missing = {"subreddit", "title", "post"} - columns
     if missing:
-        raise ValueError(f"{name}: raw TL;DR rows need columns subreddit/title/post; missing {sorted(missing)}.")
+        raise DataError(f"{name}: raw TL;DR rows need columns subreddit/title/post; missing {sorted(missing)}.")
     cols = read_columns(rows, ["subreddit", "title", "post"])
+    check_text_columns(cols, name)
     subreddits, titles, posts = cols["subreddit"], cols["title"], cols["post"]
     full_texts = [format_query(s, t, p) for s, t, p in zip(subreddits, titles, posts)]
     full_ids = encode_texts(tokenizer, full_texts)
@@ -287,7 +300,11 @@ def load_tldr(
             token_lists.append(out[1])
     n_dropped = len(full_ids) - len(keep)
     if not keep:
-        raise ValueError(f"{name}: no query fits query_length={query_length} tokens.")
+        raise DataError(
+            f"{name}: no prompt left of {len(full_ids)} rows (dropped {{'too_long': {n_dropped}}}: no "
+            f"query fits query_length={query_length} tokens even with an empty post); raise "
+            "query_length (--task.max-prompt-len)."
+        )
     ids_arr, mask_arr = left_pad(token_lists, query_length, pad_id)
     reasons = {"too_long": n_dropped} if n_dropped else {}
     if n_dropped:

@@ -4,7 +4,9 @@
 * :mod:`klq_jax.train.step` — :class:`TrainState`, :func:`make_update_fn` (the whole update phase
   of an iteration as one pure function), :func:`init_state`, :func:`jit_update_fn`;
 * :mod:`klq_jax.train.loop` — :class:`Experiment` (models, prompts, reward) and :func:`train`, the
-  only place with side effects (logging, checkpoints, resume, the policy export).
+  only place with side effects (logging, checkpoints, resume, the policy export);
+* :mod:`klq_jax.train.run_dir` — the run directory's lock, resume/overwrite rules, resume
+  compatibility (``RESUMABLE_FIELDS``), atomic rewrites, TensorBoard.
 
 The names below load on first use (PEP 562): ``from klq_jax.train import TrainConfig`` does not
 import JAX.
@@ -28,7 +30,7 @@ __all__ = [name for names in _EXPORTS.values() for name in names]
 def __getattr__(name: str):
     if name in _WHERE:
         value = getattr(importlib.import_module(_WHERE[name]), name)
-    elif name in ("loop", "optim", "step"):
+    elif name in ("loop", "optim", "step", "run_dir"):
         value = importlib.import_module(f"klq_jax.train.{name}")
     else:
         raise AttributeError(f"module 'klq_jax.train' has no attribute {name!r}")

@@ -6,7 +6,9 @@ One iteration (paper Algorithms 1 and 2; DESIGN.md's data flow)::
        epochs × shuffled minibatches × micro-batches of the algorithm's loss (one jit) ←──┘
 
 The update is :mod:`klq_jax.train.step`. :func:`train` is the only place with side effects: the prompt iterator, logging (JSONL,
-TensorBoard, a progress bar), checkpoints (:mod:`klq_jax.checkpoint`) and resume.
+TensorBoard, a progress bar), checkpoints (:mod:`klq_jax.checkpoint`) and resume. The run
+directory's rules (lock, resume/overwrite, resume compatibility, atomic rewrites, the log files)
+are :mod:`klq_jax.train.run_dir`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import math
 import os
 import sys
@@ -28,9 +31,12 @@ from flax import nnx
 
 from klq_jax import algorithms, rollout, sharding
 from klq_jax.rollout import rollout_metrics
-from klq_jax.checkpoint import Checkpointer
+from klq_jax.checkpoint import Checkpointer, nonfinite_leaves
+from klq_jax.errors import MeshError, NonFiniteError
 from klq_jax.config import TrainConfig
+from klq_jax.train import run_dir
 from klq_jax.train.optim import make_optimizer
+from klq_jax.train.run_dir import config_to_json as _config_to_json
 from klq_jax.train.step import TrainState, init_state, jit_update_fn, make_update_fn
 from klq_jax.types import Rollout
 from klq_jax.train import validation
@@ -93,73 +99,31 @@ TIMING_KEYS = (
 )
 
 
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient or parameter became NaN/inf; the run stopped before writing a checkpoint."""
+def _check_finite(metrics: dict, iteration: int, params=None):
+    bad_metrics = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if not bad_metrics:
+        return
+    k = bad_metrics[0]
+    bad_weights = nonfinite_leaves(params) if params is not None else []
+    weights = (
+        f" and the update made the policy's weights NaN/inf ({', '.join(bad_weights[:3])}"
+        f"{' …' if len(bad_weights) > 3 else ''})" if bad_weights else ""
+    )
+    raise NonFiniteError(
+        f"Iteration {iteration}: metric '{k}' is {metrics[k]}{weights}. The run was stopped and no "
+        "checkpoint was written for this iteration; lower the learning rate or check the reward. "
+        "Resume from the last checkpoint with --resume."
+    )
 
 
-def _check_finite(metrics: dict, iteration: int):
-    for k, v in metrics.items():
-        if not math.isfinite(v):
-            raise NonFiniteError(
-                f"Iteration {iteration}: metric '{k}' is {v}. The run was stopped and no checkpoint "
-                "was written for this iteration; lower the learning rate or check the reward. "
-                "Resume from the last checkpoint with --resume."
-            )
-
-
-def _config_to_json(cfg) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-
-
-class _Logger:
-    """JSONL + TensorBoard + samples file under the run directory."""
-
-    def __init__(self, out_dir: str, done_iterations: int, tensorboard: bool):
-        os.makedirs(out_dir, exist_ok=True)
-        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
-        self.samples_path = os.path.join(out_dir, "samples.jsonl")
-        # On resume, drop the lines of iterations after the checkpoint (they are run again) so the
-        # file matches an uninterrupted run.
-        for path in (self.metrics_path, self.samples_path):
-            if os.path.exists(path):
-                keep = []
-                with open(path) as f:
-                    for line in f:
-                        try:
-                            if json.loads(line)["iteration"] <= done_iterations:
-                                keep.append(line)
-                        except (ValueError, KeyError):
-                            pass
-                with open(path, "w") as f:
-                    f.writelines(keep)
-        self.tb = None
-        if tensorboard:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
-            except Exception:  # tensorboard is optional
-                self.tb = None
-
-    def log(self, iteration: int, record: dict):
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "iteration":
-                    self.tb.add_scalar(k, v, iteration)
-
-    def samples(self, iteration: int, texts: list[dict]):
-        with open(self.samples_path, "a") as f:
-            for t in texts:
-                f.write(json.dumps(dict(t, iteration=iteration)) + "\n")
-        if self.tb is not None:
-            body = "\n\n".join(f"**{t['prompt']}** → {t['response']} (score {t['score']:.3f})" for t in texts)
-            self.tb.add_text("samples", body, iteration)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
+def _check_weights_finite(params, what: str):
+    bad = nonfinite_leaves(params)
+    if bad:
+        raise NonFiniteError(
+            f"{what} holds NaN/inf weights ({', '.join(bad[:3])}{' …' if len(bad) > 3 else ''}): the "
+            "checkpoint it came from is damaged. Re-convert or re-download it (or resume from an "
+            "earlier checkpoint)."
+        )
 
 
 def count_without_timing(bar, seconds: float) -> None:
@@ -200,22 +164,83 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     """Run (or resume) KLQ / PPO training. See the module docstring.
 
     Writes ``metrics.jsonl``, ``samples.jsonl``, ``tb/``, ``checkpoints/``, ``config.json`` and,
-    at the end, the trained policy (``policy/``, see :func:`export_policy`) under ``cfg.out_dir``.
-    Returns the final state and the metrics of the iterations run now. ``experiment.params`` is copied
-    into the (donated) train state, so the caller's arrays stay valid.
+    to finish, the trained policy (``policy/``, see :func:`export_policy`) under ``cfg.out_dir``,
+    which it owns while it runs (:mod:`klq_jax.train.run_dir`: lock, ``resume``/``overwrite``
+    rules, resume compatibility, atomic rewrites). A resumed run whose iterations are all done only
+    completes what is missing (the export). Returns the final state and the metrics of the
+    iterations run now. ``experiment.params`` is copied into the (donated) train state, so the
+    caller's arrays stay valid.
+
+    Raises:
+      klq_jax.errors.KLQError subclasses, each with a one-line message: RunDirError (and
+      RunLockedError, RunExistsError, NoCheckpointError), ResumeConfigError, CheckpointError,
+      MeshError, NonFiniteError.
     """
     sharding.initialize_distributed()
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
     dp = sharding.data_parallel_size(mesh)
     for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size", "eval_batch_size"):
         if getattr(cfg, name) is not None and getattr(cfg, name) % dp:
-            raise ValueError(
+            raise MeshError(
                 f"{name}={getattr(cfg, name)} must be a multiple of the {dp} data-parallel devices "
-                f"of the mesh {dict(mesh.shape)}."
+                f"of the mesh {dict(mesh.shape)}; change the batch sizes or --mesh.data/--mesh.fsdp."
             )
+    run = run_dir.RunDir.open(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                              allow_fresh=cfg.allow_fresh, owner=jax.process_index() == 0)
+    try:
+        return _train_in(cfg, experiment, mesh, on_iteration)
+    finally:
+        run.close()
+
+
+def _restore_or_start(cfg: TrainConfig, experiment: Experiment, ckpt: Checkpointer, state):
+    """``(start_iteration, state)``: the newest checkpoint that restores (``cfg.resume``), checked
+    against ``cfg`` field by field, or the fresh state."""
+    if not cfg.resume:
+        return 0, state
+    if not ckpt.all_steps():  # run_dir allowed it: allow_fresh
+        saved = os.path.join(cfg.out_dir, "config.json")
+        if os.path.exists(saved):
+            with open(saved) as f:
+                run_dir.check_resume_config(json.load(f), cfg, where=saved)
+        return 0, state
+    step, state, meta, skipped = ckpt.restore_newest(
+        state,
+        check_meta=lambda s, m: run_dir.check_resume_config(
+            m.get("config"), cfg, where=f"checkpoint {s} in {cfg.out_dir}"
+        ),
+    )
+    if skipped:
+        logging.getLogger(__name__).warning(
+            "Resumed from checkpoint %d; skipped damaged checkpoints %s", step,
+            "; ".join(f"{s} ({r})" for s, r in skipped),
+        )
+    _check_weights_finite(state.params, f"Checkpoint {step} in {cfg.out_dir}")
+    experiment.prompts.load_state_dict(meta["prompts"])
+    return int(meta["iteration"]), state
+
+
+def _finish(cfg: TrainConfig, experiment: Experiment, params) -> str:
+    """Export ``policy/`` unless it is there: the export writes a temporary sibling and renames it
+    into place only when complete (:class:`klq_jax.models.hf.files.AtomicDir`, which also removes
+    what a killed export left), so an existing ``policy/`` is a complete one. (Multi-process: every
+    process takes part in the export; the run directory is on a file system they share.)"""
+    final = os.path.join(cfg.out_dir, "policy")
+    if os.path.isdir(final):
+        return final
+    run_dir.phase("export", cfg.num_iterations)
+    export_policy(final, experiment.graphdef, params, tokenizer=experiment.tokenizer)
+    run_dir.phase("export-written", cfg.num_iterations)
+    return final
+
+
+def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> TrainResult:
     algo = algorithms.get(cfg.algo.name)
     total_steps = cfg.num_iterations * cfg.steps_per_iteration
     optimizer, schedule = make_optimizer(cfg.optim, total_steps, cfg.steps_per_iteration)
+    _check_weights_finite(experiment.params, "The initial policy")
+    if experiment.ref_params is not None:
+        _check_weights_finite(experiment.ref_params, "The reference policy")
     state, state_sh = init_state(experiment.params, optimizer, cfg.seed, mesh)
     ref_graphdef = experiment.ref_graphdef if experiment.ref_graphdef is not None else experiment.graphdef
     ref_params = experiment.ref_params
@@ -241,30 +266,27 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     validator = _make_validator(cfg, experiment, run_rollout, sampling_config=sampling_cfg)
 
     ckpt = Checkpointer(os.path.join(cfg.out_dir, "checkpoints"), keep=cfg.keep_checkpoints)
-    start = 0
-    if cfg.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(None, state)
-        start = int(meta["iteration"])
-        experiment.prompts.load_state_dict(meta["prompts"])
     # Multi-process runs: every process runs the same program; process 0 alone writes the files.
     primary = jax.process_index() == 0
-    if primary:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(_config_to_json(cfg), f, indent=2)
-    logger = _Logger(cfg.out_dir, start, cfg.tensorboard) if primary else _SilentLogger()
-
+    logger = None
     history = []
     bar = None
-    if cfg.progress and primary:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=cfg.num_iterations, initial=start, desc=f"{cfg.algo.name}", unit="it")
-    t_run = time.perf_counter()
-    seen_shapes = set()  # prompt-batch shapes compiled for: a new one compiles every program
     try:
+        start, state = _restore_or_start(cfg, experiment, ckpt, state)
+        if primary:
+            run_dir.atomic_write(
+                os.path.join(cfg.out_dir, "config.json"), json.dumps(_config_to_json(cfg), indent=2)
+            )
+        logger = run_dir.RunLogger(cfg.out_dir, start, cfg.tensorboard) if primary else _SilentLogger()
+        if cfg.progress and primary:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.num_iterations, initial=start, desc=f"{cfg.algo.name}", unit="it")
+        t_run = time.perf_counter()
+        seen_shapes = set()  # prompt-batch shapes compiled for: a new one compiles every program
         for it in range(start, cfg.num_iterations):
             t0 = time.perf_counter()
+            run_dir.phase("sample", it + 1)
             batch = next(experiment.prompts)
             compiling = np.shape(batch["prompt_ids"]) not in seen_shapes
             if compiling:
@@ -293,6 +315,7 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
                 finish=finish,
             )
             t1 = time.perf_counter()
+            run_dir.phase("update", it + 1)
             state, upd = update(state, train_batch)
             upd = {k: float(v) for k, v in jax.device_get(upd).items()}
             t2 = time.perf_counter()
@@ -315,7 +338,8 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
                 tokens_per_s=n_tokens / max(t2 - t0, 1e-9),
                 wall_time=time.perf_counter() - t_run,
             )
-            _check_finite({k: v for k, v in record.items() if isinstance(v, float)}, it + 1)
+            _check_finite({k: v for k, v in record.items() if isinstance(v, float)}, it + 1, state.params)
+            run_dir.phase("log", it + 1)
             logger.log(it + 1, record)
             history.append(record)
             if cfg.log_samples_every and (it % cfg.log_samples_every == 0):
@@ -327,7 +351,9 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
                     "prompts": experiment.prompts.state_dict(),
                     "config": _config_to_json(cfg),
                 }
+                run_dir.phase("checkpoint", it + 1)
                 ckpt.save(it + 1, state, meta, wait=False)  # written while the next iteration runs
+                run_dir.phase("checkpoint-done", it + 1)
             if bar is not None:
                 bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.3f}", refresh=False)
                 if compiling:
@@ -336,15 +362,13 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
                     bar.update(1)
             if on_iteration is not None:
                 on_iteration(it + 1, record, state)
-        if history and int(history[-1]["iteration"]) == cfg.num_iterations:
-            export_policy(
-                os.path.join(cfg.out_dir, "policy"), experiment.graphdef, state.params,
-                tokenizer=experiment.tokenizer,
-            )
+        ckpt.finish_pending()  # the last checkpoint is written before the run counts as finished
+        _finish(cfg, experiment, state.params)
     finally:
         if bar is not None:
             bar.close()
-        logger.close()
+        if logger is not None:
+            logger.close()
         ckpt.close()
     return TrainResult(state=state, history=history, graphdef=experiment.graphdef)
 

@@ -1,0 +1,640 @@
+"""The run directory: who owns it, what may resume it, and how its files are (re)written.
+
+Rules (README "Run directories"):
+
+* **Ownership.** A training process holds ``<out_dir>/.klq-run.lock`` (an exclusive ``flock`` plus
+  its pid, host name and start time) for as long as it runs; a second writer is refused with the
+  holder's pid and host. The kernel drops the lock when the process dies, even by SIGKILL, so a
+  stale lock file from a dead process is taken over (and said so).
+* **Starting.** A directory that already holds a run (``config.json``, ``metrics.jsonl``,
+  ``checkpoints/``, ``policy/``, …) refuses to start a new one, naming what it found, unless
+  ``resume`` (continue it) or ``overwrite`` (delete those run files first) is set. ``resume`` with
+  no checkpoint is an error unless ``allow_fresh`` is set.
+* **Resuming.** The checkpoint records the config; a resumed run compares it field by field with
+  the new one. Only :data:`RESUMABLE_FIELDS` (logging, progress, cadence of saves/samples, where
+  the run lives, mesh layout) may differ; any other difference is refused by name.
+* **Writing.** Every rewrite of a run file is write-to-temp + ``fsync`` + rename
+  (:func:`atomic_write`); ``metrics.jsonl``/``samples.jsonl`` are cut back to the resumed
+  checkpoint that way, and TensorBoard event files are rewritten without the steps after it
+  (:func:`purge_tensorboard`), so a resumed run has every step exactly once. TensorBoard events are
+  written synchronously and flushed every iteration (before the checkpoint).
+
+For fault-injection tests, ``KLQ_PHASE_MARKERS=1`` makes :func:`phase` print ``klq-phase NAME
+ITERATION`` lines to stderr at each phase of the loop, and ``KLQ_PHASE_HOLD=NAME@K`` makes the
+process stop (sleep) at the first marker ``NAME`` whose iteration is ``>= K``, to be killed there.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import sys
+import time
+from typing import Any
+
+from klq_jax.errors import (
+    NoCheckpointError,
+    ResumeConfigError,
+    RunDirError,
+    RunExistsError,
+    RunLockedError,
+)
+
+logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".klq-run.lock"
+TMP_PREFIX = ".klq-tmp."
+TRASH_NAME = ".klq-trash"
+
+# Entries of a run directory written by the trainer (what --overwrite deletes).
+RUN_ENTRIES = (
+    "config.json", "metrics.jsonl", "samples.jsonl", "tb", "checkpoints", "skipped_checkpoints",
+    "policy", "eval",
+)
+
+# Config fields (dotted for nested ones) that may differ between a checkpoint and a resumed run:
+# they change where and how the run is logged/saved, never what it computes.
+RESUMABLE_FIELDS = frozenset({
+    "out_dir", "resume", "overwrite", "allow_fresh",
+    "progress", "tensorboard", "log_samples_every", "num_logged_samples",
+    "save_every", "keep_checkpoints",
+    "mesh.data", "mesh.fsdp", "mesh.tensor", "score_micro_batch_size",
+    "eval_every", "eval_prompts", "eval_batch_size", "eval_modes", "eval_seed",
+})
+
+
+# ------------------------------------------------------------------------------------------
+# Phase markers (fault-injection hook)
+# ------------------------------------------------------------------------------------------
+
+
+def phase(name: str, iteration: int) -> None:
+    """Mark a phase of the loop (no-op unless ``KLQ_PHASE_MARKERS`` is set; see the module doc)."""
+    if not os.environ.get("KLQ_PHASE_MARKERS"):
+        return
+    print(f"klq-phase {name} {iteration}", file=sys.stderr, flush=True)
+    hold = os.environ.get("KLQ_PHASE_HOLD", "")
+    if "@" in hold:
+        hold_name, _, at = hold.partition("@")
+        if hold_name == name and iteration >= int(at):
+            print(f"klq-phase held {name} {iteration}", file=sys.stderr, flush=True)
+            while True:
+                time.sleep(3600)
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic files
+# ------------------------------------------------------------------------------------------
+
+
+def _tmp_path(path: str) -> str:
+    d, base = os.path.split(os.path.abspath(path))
+    return os.path.join(d, f"{TMP_PREFIX}{base}.{os.getpid()}")
+
+
+def atomic_write(path: str, data: str | bytes, *, marker: tuple[str, int] | None = None) -> None:
+    """Replace ``path`` by ``data`` atomically: write a temp file beside it, fsync, rename.
+
+    A reader (or a resumed run after a kill) sees the old file or the new one, never a mix.
+    ``marker``: a :func:`phase` to mark between the write and the rename.
+
+    Example::
+
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "a.txt")
+        >>> atomic_write(p, "one\\n"); open(p).read()
+        'one\\n'
+    """
+    tmp = _tmp_path(path)
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    if marker is not None:
+        phase(*marker)
+    os.replace(tmp, path)
+
+
+def truncate_jsonl(path: str, max_iteration: int) -> int:
+    """Keep the lines of ``path`` whose ``"iteration"`` is ``<= max_iteration`` (atomically).
+
+    Unparsable lines (a line cut by a kill) go too. Returns the number of lines dropped.
+    """
+    if not os.path.exists(path):
+        return 0
+    keep, dropped = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                ok = int(json.loads(line)["iteration"]) <= max_iteration and line.endswith(b"\n")
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                keep.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        atomic_write(path, b"".join(keep), marker=("rewrite", max_iteration))
+    return dropped
+
+
+# ------------------------------------------------------------------------------------------
+# Ownership
+# ------------------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _read_lock_info(path: str) -> dict:
+    try:
+        with open(path) as f:
+            info = json.load(f)
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _describe_holder(info: dict) -> str:
+    if not info:
+        return "another process"
+    started = info.get("started")
+    when = f", started {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(started))}" if started else ""
+    return f"pid {info.get('pid', '?')} on host {info.get('host', '?')}{when}"
+
+
+class RunLock:
+    """An exclusive lock on a run directory (``flock`` on ``.klq-run.lock`` + pid/host inside).
+
+    Example::
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp()
+        >>> lock = RunLock.acquire(d)
+        >>> try:
+        ...     RunLock.acquire(d)
+        ... except RunLockedError as e:
+        ...     print("refused")
+        refused
+        >>> lock.release()
+        >>> RunLock.acquire(d).release()
+    """
+
+    def __init__(self, out_dir: str, fd: int, path: str):
+        self.out_dir, self.fd, self.path = out_dir, fd, path
+
+    @classmethod
+    def acquire(cls, out_dir: str) -> "RunLock":
+        path = os.path.join(out_dir, LOCK_NAME)
+        for _ in range(10):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise RunDirError(
+                    f"Cannot write in the run directory {out_dir} ({type(err).__name__}: "
+                    f"{err.strerror or err}); choose a writable --out-dir."
+                ) from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = _read_lock_info(path)
+                os.close(fd)
+                raise RunLockedError(
+                    f"{out_dir} is in use by another training run ({_describe_holder(info)}): wait for "
+                    "it to finish, or choose another --out-dir."
+                ) from None
+            # The file may have been removed (a holder released it) between open and flock.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            info = _read_lock_info(path)
+            host = socket.gethostname()
+            if info and info.get("host") not in (None, host):
+                os.close(fd)
+                raise RunLockedError(
+                    f"{out_dir} was locked by {_describe_holder(info)}, which this host ({host}) "
+                    f"cannot check. If no run is using it, delete {path} and start again."
+                )
+            if info and info.get("pid") not in (None, os.getpid()):
+                state = "dead" if not _pid_alive(int(info["pid"])) else "no longer holding it"
+                logger.warning(
+                    "Took over the stale lock of %s in %s (%s).", _describe_holder(info), out_dir, state
+                )
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": host, "started": time.time()}).encode(), 0)
+            os.fsync(fd)
+            return cls(out_dir, fd, path)
+        raise RunLockedError(f"Could not lock {out_dir}: its lock file keeps changing; is another run starting there?")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def describe_run(out_dir: str) -> list[str]:
+    """What in ``out_dir`` belongs to a run (empty: no run there)."""
+    found = []
+    if not os.path.isdir(out_dir):
+        return found
+    for name in RUN_ENTRIES:
+        p = os.path.join(out_dir, name)
+        if not os.path.exists(p):
+            continue
+        if name == "metrics.jsonl":
+            with open(p, "rb") as f:
+                n = sum(1 for _ in f)
+            found.append(f"metrics.jsonl ({n} lines)")
+        elif name == "checkpoints":
+            steps = sorted(int(s) for s in os.listdir(p) if s.isdigit())
+            if steps:
+                found.append("checkpoints " + ", ".join(map(str, steps)))
+        elif name in ("tb", "skipped_checkpoints", "policy", "eval"):
+            if os.path.isdir(p) and os.listdir(p):
+                found.append(f"{name}/")
+        else:
+            found.append(name)
+    return found
+
+
+def _remove_leftovers(out_dir: str) -> None:
+    """Temp files and trash of dead processes (we hold the lock, so no live writer owns them)."""
+    for root in (out_dir, os.path.join(out_dir, "tb")):
+        if not os.path.isdir(root):
+            continue
+        for name in os.listdir(root):
+            if name.startswith(TMP_PREFIX) or name == TRASH_NAME:
+                p = os.path.join(root, name)
+                if os.path.isdir(p) and not os.path.islink(p):
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    os.remove(p)
+
+
+def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool = False) -> None:
+    """The run-directory checks of :meth:`RunDir.open` that need no lock: call it before loading
+    models so that a refused start fails fast. Raises what :meth:`RunDir.open` would."""
+    if resume and overwrite:
+        from klq_jax.errors import ConfigError
+
+        raise ConfigError("resume and overwrite exclude each other: --resume continues the run in "
+                          "out_dir, --overwrite deletes it; pass one of them.")
+    lock = os.path.join(out_dir, LOCK_NAME)
+    info = _read_lock_info(lock) if os.path.exists(lock) else {}
+    if info and info.get("host") == socket.gethostname() and info.get("pid") != os.getpid():
+        if _pid_alive(int(info.get("pid", 0) or 0)):
+            try:  # the pid may have been reused: only a held flock means a live run
+                fd = os.open(lock, os.O_RDONLY)
+            except OSError:
+                fd = None
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    raise RunLockedError(
+                        f"{out_dir} is in use by another training run ({_describe_holder(info)}): "
+                        "wait for it to finish, or choose another --out-dir."
+                    ) from None
+                finally:
+                    os.close(fd)
+    if resume and not allow_fresh and not _has_checkpoint(out_dir):
+        found = describe_run(out_dir)
+        raise NoCheckpointError(
+            f"--resume: {out_dir} holds no checkpoint to continue"
+            + (f" (found {', '.join(found)})" if found else " (no run there: is the --out-dir right?)")
+            + ". Drop --resume to start a new run (with --overwrite if the directory holds one), or "
+            "add --allow-fresh to start from scratch when there is no checkpoint."
+        )
+    if not resume and not overwrite:
+        found = describe_run(out_dir)
+        if found:
+            raise RunExistsError(
+                f"{out_dir} already holds a run ({', '.join(found)}). Continue it with --resume, "
+                "delete it and start again with --overwrite, or choose another --out-dir."
+            )
+
+
+def _has_checkpoint(out_dir: str) -> bool:
+    d = os.path.join(out_dir, "checkpoints")
+    return os.path.isdir(d) and any(s.isdigit() for s in os.listdir(d))
+
+
+class RunDir:
+    """An owned run directory: locked, checked against ``resume``/``overwrite``, cleaned of the
+    temp files of dead processes. Use :meth:`open` and :meth:`close` (or ``with``)."""
+
+    def __init__(self, path: str, lock: RunLock | None):
+        self.path, self.lock = path, lock
+
+    @classmethod
+    def open(cls, out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool = False,
+             owner: bool = True) -> "RunDir":
+        """Take ``out_dir`` for a run (see the module docstring for the rules).
+
+        ``owner=False`` (processes other than 0 of a multi-process run): no lock, no checks.
+
+        Raises:
+          RunDirError: unwritable; RunLockedError: another live run holds it; RunExistsError: it
+          holds a run and neither ``resume`` nor ``overwrite`` is set; NoCheckpointError:
+          ``resume`` without a checkpoint (and not ``allow_fresh``); ConfigError: both flags.
+        """
+        out_dir = os.path.abspath(out_dir)
+        if not owner:  # process 0 checks and owns the directory; the others see its lock and files
+            return cls(out_dir, None)
+        preflight(out_dir, resume=resume, overwrite=overwrite, allow_fresh=allow_fresh)
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as err:
+            raise RunDirError(
+                f"Cannot create the run directory {out_dir} ({type(err).__name__}: "
+                f"{err.strerror or err}); choose a writable --out-dir."
+            ) from err
+        if not os.path.isdir(out_dir):
+            raise RunDirError(f"--out-dir {out_dir} is not a directory; choose another --out-dir.")
+        lock = RunLock.acquire(out_dir)
+        try:
+            _remove_leftovers(out_dir)
+            # Checked again under the lock: another run may have started since the preflight.
+            preflight(out_dir, resume=resume, overwrite=overwrite, allow_fresh=allow_fresh)
+            if overwrite:
+                found = describe_run(out_dir)
+                if found:
+                    logger.warning("--overwrite: deleting the run in %s (%s)", out_dir, ", ".join(found))
+                    trash = os.path.join(out_dir, TRASH_NAME)
+                    os.makedirs(trash, exist_ok=True)
+                    for name in RUN_ENTRIES:
+                        p = os.path.join(out_dir, name)
+                        if os.path.lexists(p):
+                            os.rename(p, os.path.join(trash, name))
+                    shutil.rmtree(trash)
+        except BaseException:
+            lock.release()
+            raise
+        return cls(out_dir, lock)
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# ------------------------------------------------------------------------------------------
+# Resume compatibility
+# ------------------------------------------------------------------------------------------
+
+
+def config_to_json(cfg) -> dict:
+    """A config dataclass as plain JSON values (what checkpoints and ``config.json`` record):
+    :func:`klq_jax.config.to_dict` through a JSON round trip (tuples become lists)."""
+    from klq_jax.config import to_dict
+
+    return json.loads(json.dumps(to_dict(cfg), default=str))
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, cfg) -> list[tuple[str, Any, Any]]:
+    """``(field, saved value, new value)`` of every field (dotted) that differs, resumable or not.
+
+    A field the saved config lacks (added by a newer version) counts as its default value.
+    """
+    new = _flatten(config_to_json(cfg))
+    old = _flatten(saved)
+    try:
+        defaults = _flatten(config_to_json(type(cfg)()))
+    except Exception:  # a config class without defaults
+        defaults = {}
+    diffs = []
+    for key in sorted(set(new) | set(old)):
+        a = old.get(key, defaults.get(key, "<absent>"))
+        b = new.get(key, "<absent>")
+        if a != b:
+            diffs.append((key, a, b))
+    return diffs
+
+
+def check_resume_config(saved: dict | None, cfg, *, where: str) -> None:
+    """Refuse to resume with a config whose meaning differs from ``saved`` (the fields named).
+
+    Raises:
+      ResumeConfigError: a field outside :data:`RESUMABLE_FIELDS` differs.
+
+    Example::
+
+        >>> from klq_jax.config import TrainConfig
+        >>> saved = config_to_json(TrainConfig(seed=0))
+        >>> check_resume_config(saved, TrainConfig(seed=0, progress=False), where="checkpoint 2")
+        >>> try:
+        ...     check_resume_config(saved, TrainConfig(seed=1), where="checkpoint 2")
+        ... except ResumeConfigError as e:
+        ...     print(str(e)[:62])
+        Cannot resume from checkpoint 2: seed differs (saved 0, now 1)
+    """
+    if saved is None:
+        logger.warning("%s records no config: cannot check that --resume continues the same run.", where)
+        return
+    bad = [(k, a, b) for k, a, b in config_differences(saved, cfg) if k not in RESUMABLE_FIELDS]
+    if bad:
+        parts = ", ".join(f"{k} differs (saved {a!r}, now {b!r})" for k, a, b in bad[:6])
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        raise ResumeConfigError(
+            f"Cannot resume from {where}: {parts}{more}; these change what the run computes. Resume "
+            "with the saved values, or start a new run in another --out-dir. Only "
+            + ", ".join(sorted(RESUMABLE_FIELDS))
+            + " may change on --resume."
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# TensorBoard
+# ------------------------------------------------------------------------------------------
+
+
+def _event_files(logdir: str) -> list[str]:
+    if not os.path.isdir(logdir):
+        return []
+    return sorted(os.path.join(logdir, n) for n in os.listdir(logdir) if "tfevents" in n and
+                  not n.startswith(TMP_PREFIX))
+
+
+def _masked_crc(data: bytes) -> int:
+    """TFRecord's masked CRC-32C."""
+    from tensorboardX.crc32c import crc32c
+
+    crc = crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _read_records(path: str) -> list[bytes]:
+    """The complete, checksum-valid TFRecords of an event file (a cut-off tail is dropped)."""
+    masked = _masked_crc
+    with open(path, "rb") as f:
+        buf = f.read()
+    out, pos = [], 0
+    while pos + 12 <= len(buf):
+        header = buf[pos:pos + 8]
+        (length,) = struct.unpack("Q", header)
+        (hcrc,) = struct.unpack("I", buf[pos + 8:pos + 12])
+        end = pos + 12 + length + 4
+        if hcrc != masked(header) or end > len(buf):
+            break
+        data = buf[pos + 12:pos + 12 + length]
+        (dcrc,) = struct.unpack("I", buf[end - 4:end])
+        if dcrc != masked(data):
+            break
+        out.append(data)
+        pos = end
+    return out
+
+
+def _frame(data: bytes) -> bytes:
+    header = struct.pack("Q", len(data))
+    return header + struct.pack("I", _masked_crc(header)) + data + struct.pack("I", _masked_crc(data))
+
+
+def read_tensorboard_scalars(logdir: str) -> list[tuple[str, int, float]]:
+    """Every scalar ``(tag, step, value)`` in the event files of ``logdir``, in file order."""
+    from tensorboardX.proto import event_pb2
+
+    out = []
+    for path in _event_files(logdir):
+        for rec in _read_records(path):
+            ev = event_pb2.Event.FromString(rec)
+            for v in ev.summary.value:
+                if v.HasField("simple_value"):
+                    out.append((v.tag, int(ev.step), float(v.simple_value)))
+    return out
+
+
+def purge_tensorboard(logdir: str, max_step: int) -> int:
+    """Rewrite (atomically, file by file) the event files of ``logdir`` without the events of steps
+    after ``max_step`` and without a cut-off tail. Returns the number of events dropped."""
+    from tensorboardX.proto import event_pb2
+
+    dropped = 0
+    for path in _event_files(logdir):
+        with open(path, "rb") as f:
+            size = len(f.read())
+        records = _read_records(path)
+        keep = [r for r in records if event_pb2.Event.FromString(r).step <= max_step]
+        data = b"".join(_frame(r) for r in keep)
+        if len(data) != size:
+            dropped += len(records) - len(keep)
+            atomic_write(path, data, marker=("rewrite", max_step))
+    return dropped
+
+
+class TensorBoardWriter:
+    """Synchronous TensorBoard event writer: every call is written (and :meth:`flush` fsyncs)
+    before it returns, so a checkpoint taken after a flush never outlives its events."""
+
+    def __init__(self, logdir: str):
+        from tensorboardX.event_file_writer import EventsWriter
+
+        os.makedirs(logdir, exist_ok=True)
+        n = len(_event_files(logdir))
+        self._writer = EventsWriter(os.path.join(logdir, "events"), filename_suffix=f".{os.getpid()}.{n:03d}")
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX import summary
+        from tensorboardX.proto import event_pb2
+
+        self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                                 summary=summary.scalar(tag, value)))
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        from tensorboardX import summary
+        from tensorboardX.proto import event_pb2
+
+        self._writer.write_event(event_pb2.Event(wall_time=time.time(), step=step,
+                                                 summary=summary.text(tag, text)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+# ------------------------------------------------------------------------------------------
+# The run's log files
+# ------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """``metrics.jsonl`` + ``samples.jsonl`` + TensorBoard under the run directory.
+
+    On construction, the lines and events of iterations after ``done_iterations`` (left by a killed
+    run, to be run again) are removed atomically, so a resumed run's files equal an uninterrupted
+    run's.
+    """
+
+    def __init__(self, out_dir: str, done_iterations: int, tensorboard: bool):
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.samples_path = os.path.join(out_dir, "samples.jsonl")
+        phase("rewrite-start", done_iterations)
+        for path in (self.metrics_path, self.samples_path):
+            truncate_jsonl(path, done_iterations)
+        tb_dir = os.path.join(out_dir, "tb")
+        purge_tensorboard(tb_dir, done_iterations)
+        self.tb = TensorBoardWriter(tb_dir) if tensorboard else None
+
+    def log(self, iteration: int, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "iteration":
+                    self.tb.scalar(k, float(v), iteration)
+            self.tb.flush()
+
+    def samples(self, iteration: int, texts: list[dict]) -> None:
+        with open(self.samples_path, "a") as f:
+            for t in texts:
+                f.write(json.dumps(dict(t, iteration=iteration)) + "\n")
+        if self.tb is not None:
+            body = "\n\n".join(f"**{t['prompt']}** → {t['response']} (score {t['score']:.3f})" for t in texts)
+            self.tb.text("samples", body, iteration)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,69 @@
+"""Data loaders name the file and the row of what they cannot use (issue 14)."""
+
+import json
+
+import pytest
+
+from klq_jax.data import load_hh, load_imdb, load_tldr
+from tests.helpers import fixtures
+from klq_jax.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return fixtures.make_tiny_tokenizer()
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _tldr_row(**kw):
+    return dict(dict(subreddit="cats", title="Help", post="My cat.", summary="cat"), **kw)
+
+
+def test_tldr_null_or_non_text_fields_are_named_by_row(tok, tmp_path):
+    path = _jsonl(tmp_path / "tldr.jsonl", [_tldr_row(), _tldr_row(post=None), _tldr_row()])
+    with pytest.raises(DataError, match=r"tldr:.*tldr.jsonl:train: field 'post' is null in row 1 \(1 rows\)"):
+        load_tldr(tok, "train", name_or_path=path)
+    path = _jsonl(tmp_path / "tldr2.jsonl", [_tldr_row(title=None), _tldr_row(subreddit=None), _tldr_row()])
+    with pytest.raises(DataError, match=r"field 'title' is null in row 0, field 'subreddit' is null in row 1 \(2 rows\)"):
+        load_tldr(tok, "train", name_or_path=path)
+
+
+def test_hh_null_chosen_is_named_by_row(tok, tmp_path):
+    ok = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hi?\n\nAssistant: No."}
+    path = _jsonl(tmp_path / "hh.jsonl", [ok, dict(ok, chosen=None), ok])
+    with pytest.raises(DataError, match=r"field 'chosen' is null in row 1"):
+        load_hh(tok, "train", name_or_path=path, data_dir=None)
+    path = _jsonl(tmp_path / "hh2.jsonl", [dict(ok, rejected=i) for i in range(3)])  # a number column
+    with pytest.raises(DataError, match=r"field 'rejected' is int in row 0, .* \(3 rows\)"):
+        load_hh(tok, "train", name_or_path=path, data_dir=None)
+
+
+def test_unreadable_files_are_named(tok, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match=r"empty.jsonl is empty"):
+        load_tldr(tok, "train", name_or_path=str(empty))
+    latin = tmp_path / "latin1.jsonl"
+    latin.write_bytes(json.dumps(_tldr_row()).encode() + b"\n" + '{"subreddit": "caf\xe9"}'.encode("latin-1") + b"\n")
+    with pytest.raises(DataError, match=r"latin1.jsonl is not UTF-8 text \(line 2"):
+        load_tldr(tok, "train", name_or_path=str(latin))
+    broken = tmp_path / "broken.jsonl"  # one more: a line that is not JSON
+    broken.write_text(json.dumps(_tldr_row()) + "\n" + '{"subreddit": \n')
+    with pytest.raises(DataError, match=r"broken.jsonl line 2 is not valid JSON"):
+        load_tldr(tok, "train", name_or_path=str(broken))
+
+
+def test_an_empty_result_names_the_filter_counts(tok, tmp_path):
+    d = fixtures.write_tiny_tldr(tmp_path / "tldr", tok, n=4, query_length=128)
+    with pytest.raises(DataError, match=r"no prompt left of \d+ rows \(dropped \{'too_long': \d+\}"):
+        load_tldr(tok, "validation", name_or_path=d, query_length=2)
+    hh = fixtures.write_tiny_hh(tmp_path / "hh", n=6)
+    with pytest.raises(DataError, match=r"no prompt left of \d+ rows after filtering \(dropped \{.*'too_long': \d+"):
+        load_hh(tok, "train", name_or_path=hh, max_prompt_length=1)
+    imdb = fixtures.write_tiny_imdb(tmp_path / "imdb", n=6)
+    with pytest.raises(DataError, match=r"'short_review': \d+"):
+        load_imdb(tok, "train", name_or_path=imdb, min_review_chars=10**6)

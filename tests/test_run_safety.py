@@ -1,0 +1,443 @@
+"""Runs never lose or mix data (issue 14): run-directory ownership, resume compatibility,
+checkpoint fallback, finishing, TensorBoard purge, atomic rewrites and our typed errors.
+
+One finished 2-iteration tiny run is trained once per module (``finished``); each test works on a
+copy of it. Tests that need no training call the run-directory code directly.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import presets, tasks
+from klq_jax import errors, sharding, train
+from klq_jax.checkpoint import Checkpointer
+from klq_jax.models.load import load_model
+from klq_jax.train import run_dir
+
+ITERS = 2
+
+
+def _mesh():
+    return sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+
+
+def _cfg(out_dir, **kw):
+    base = dict(out_dir=str(out_dir), total_episodes=16 * ITERS, save_every=1, progress=False,
+                log_samples_every=1)
+    base.update(kw)
+    return dataclasses.replace(presets.get("tiny-klq"), **base)
+
+
+def _exp(cfg):
+    return tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    cfg = _cfg(out)
+    res = train.train(cfg, _exp(cfg), mesh=_mesh())
+    assert [h["iteration"] for h in res.history] == [1, 2]
+    return out
+
+
+def _copy(finished, tmp_path, name="run"):
+    dst = tmp_path / name
+    shutil.copytree(finished, dst)
+    return dst
+
+
+def _snapshot(d):
+    """Every file under ``d`` with its bytes (what 'the data is preserved' means)."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            out[os.path.relpath(p, d)] = open(p, "rb").read()
+    return out
+
+
+# ------------------------------------------------------------------------------------------
+# Ownership
+# ------------------------------------------------------------------------------------------
+
+
+def _trainer(out_dir, hold):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               KLQ_PHASE_MARKERS="1", KLQ_PHASE_HOLD=hold)
+    cmd = [sys.executable, "-m", "experiments", "train", "tiny-klq", "--out-dir", str(out_dir),
+           "--total-episodes", "32", "--no-progress"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_line(proc, wanted):
+    """Read the trainer's stderr until ``wanted`` (no deadline: an early exit fails the test)."""
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.strip() == wanted:
+            return
+    proc.wait()
+    raise AssertionError(f"trainer exited (rc {proc.returncode}) before printing {wanted!r}:\n" + "".join(seen[-20:]))
+
+
+def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    out = tmp_path / "run"
+    proc = _trainer(out, "sample@1")
+    try:
+        _wait_line(proc, "klq-phase held sample 1")  # it owns the directory now
+        cfg = _cfg(out)
+        with pytest.raises(errors.RunLockedError, match=f"pid {proc.pid} on host"):
+            train.train(cfg, _exp(cfg), mesh=_mesh())
+        # one more input of the kind: --overwrite must not delete a live run's files either
+        with pytest.raises(errors.RunLockedError, match=f"pid {proc.pid}"):
+            run_dir.RunDir.open(str(out), resume=False, overwrite=True)
+        assert (out / "config.json").exists()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    # the holder died by SIGKILL: its lock file is still there, and stale
+    assert json.loads((out / run_dir.LOCK_NAME).read_text())["pid"] == proc.pid
+    with run_dir.RunDir.open(str(out), resume=True, overwrite=False, allow_fresh=True):
+        assert json.loads((out / run_dir.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert not (out / run_dir.LOCK_NAME).exists()  # released on exit
+
+
+def test_a_lock_of_another_host_is_refused_with_how_to_clear_it(tmp_path):
+    (tmp_path / run_dir.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": 0}))
+    with pytest.raises(errors.RunLockedError, match=r"host elsewhere-7.*delete .*\.klq-run\.lock"):
+        run_dir.RunDir.open(str(tmp_path), resume=False, overwrite=False)
+    # a lock file of a dead process on this host is stale: taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (tmp_path / run_dir.LOCK_NAME).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname()}))
+    run_dir.RunDir.open(str(tmp_path), resume=False, overwrite=False).close()
+
+
+def test_a_finished_run_is_not_touched_by_a_new_start_without_resume(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    cfg = _cfg(run, total_episodes=64)  # the issue's example: the same command, other episodes
+    with pytest.raises(errors.RunExistsError, match=r"metrics.jsonl \(2 lines\).*checkpoints 1, 2.*policy/.*--resume.*--overwrite"):
+        train.train(cfg, _exp(cfg), mesh=_mesh())
+    assert _snapshot(run) == before
+    # one more: a run killed before its first checkpoint (only its first metrics line) is a run too
+    (tmp_path / "early").mkdir()
+    (tmp_path / "early" / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    with pytest.raises(errors.RunExistsError, match="metrics.jsonl"):
+        run_dir.preflight(str(tmp_path / "early"), resume=False, overwrite=False)
+
+
+def test_overwrite_deletes_the_run_files_only(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    (run / "my_notes.txt").write_text("keep me")
+    with run_dir.RunDir.open(str(run), resume=False, overwrite=True):
+        assert sorted(os.listdir(run)) == [run_dir.LOCK_NAME, "my_notes.txt"]
+    assert sorted(os.listdir(run)) == ["my_notes.txt"]
+    with pytest.raises(errors.ConfigError, match="exclude each other"):
+        _cfg(run, resume=True, overwrite=True)
+
+
+def test_an_unwritable_out_dir_is_one_clear_error(tmp_path):
+    afile = tmp_path / "file.txt"
+    afile.write_text("x")
+    cfg = _cfg(afile / "run")
+    with pytest.raises(errors.RunDirError, match="Cannot create the run directory .*choose a writable --out-dir"):
+        train.train(cfg, _exp(cfg), mesh=_mesh())
+    with pytest.raises(errors.RunDirError, match="not a directory|Cannot create"):
+        run_dir.RunDir.open(str(afile), resume=False, overwrite=False)
+
+
+# ------------------------------------------------------------------------------------------
+# Resume compatibility
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(algo=dataclasses.replace(presets.get("tiny-klq").algo, name="ppo")), "algo.name"),
+    (dict(rollouts_per_batch=32, total_episodes=64), "rollouts_per_batch"),
+    (dict(task=dataclasses.replace(presets.get("tiny-klq").task, policy="random:pythia-14m")), "task.policy"),
+    (dict(seed=1), "seed"),
+    (dict(optim=dataclasses.replace(presets.get("tiny-klq").optim, learning_rate=1e-4)), "optim.learning_rate"),
+])
+def test_resume_refuses_a_change_of_meaning_by_name(finished, tmp_path, change, field):
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    cfg = _cfg(run, resume=True, **change)
+    with pytest.raises(errors.ResumeConfigError, match=rf"Cannot resume from checkpoint 2 .*{field} differs"):
+        train.train(cfg, _exp(_cfg(run)), mesh=_mesh())
+    assert _snapshot(run) == before
+
+
+def test_resume_accepts_logging_and_cadence_changes(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    cfg = _cfg(run, resume=True, tensorboard=False, log_samples_every=5, save_every=3, keep_checkpoints=5,
+               num_logged_samples=1, progress=False)
+    res = train.train(cfg, _exp(cfg), mesh=_mesh())
+    assert res.history == []  # finished: nothing to run again
+    after = _snapshot(run)
+    assert {k: v for k, v in after.items() if k != "config.json"} == {
+        k: v for k, v in before.items() if k != "config.json"}
+
+
+def test_a_changed_model_size_is_a_clear_refusal(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    cfg = _cfg(run, resume=True)
+    exp = _exp(cfg)
+    _, graphdef, params = load_model("random:pythia-14m", key=jax.random.key(0), value_head=True)
+    exp = dataclasses.replace(exp, graphdef=graphdef, params=params)  # same config, other model
+    with pytest.raises(errors.ResumeConfigError, match=r"the model differs .* was \("):
+        train.train(cfg, exp, mesh=_mesh())
+
+
+def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(tmp_path):
+    missing = tmp_path / "typo"
+    with pytest.raises(errors.NoCheckpointError, match="no run there: is the --out-dir right"):
+        run_dir.RunDir.open(str(missing), resume=True, overwrite=False)
+    assert not missing.exists()  # not created by the refused start
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = _cfg(empty, resume=True)
+    with pytest.raises(errors.NoCheckpointError, match="--allow-fresh"):
+        train.train(cfg, _exp(cfg), mesh=_mesh())
+    run_dir.RunDir.open(str(empty), resume=True, overwrite=False, allow_fresh=True).close()
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoint fallback
+# ------------------------------------------------------------------------------------------
+
+
+def _truncate_largest_data_file(step_dir):
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir / "state") for f in fs
+             if "ocdbt.process" in r and os.sep + "d" in r]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.truncate(os.path.getsize(biggest) // 2)
+
+
+def _damage(kind, step_dir):
+    if kind == "truncated data file":
+        _truncate_largest_data_file(step_dir)
+    elif kind == "missing _METADATA":
+        os.remove(step_dir / "state" / "_METADATA")
+    elif kind == "truncated meta":
+        p = step_dir / "meta" / "metadata"
+        p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
+    elif kind == "missing state/":
+        shutil.rmtree(step_dir / "state")
+    elif kind == "zeroed manifest":
+        p = step_dir / "state" / "manifest.ocdbt"
+        p.write_bytes(b"\0" * len(p.read_bytes()))
+
+
+def _target(cfg):
+    exp = _exp(cfg)
+    opt, _ = train.make_optimizer(cfg.optim, 1)
+    return jax.eval_shape(lambda p: train.TrainState(p, opt.init(p), jnp.zeros((), jnp.int32),
+                                                     jax.random.key_data(jax.random.key(0))), exp.params)
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("truncated data file", "does not restore"),
+    ("missing _METADATA", "missing state/_METADATA"),
+    ("truncated meta", "unreadable meta"),
+    ("missing state/", "missing state/"),
+    ("zeroed manifest", "does not restore|unreadable state metadata"),
+])
+def test_restore_falls_back_past_a_damaged_newest_checkpoint(finished, tmp_path, kind, reason, caplog):
+    run = _copy(finished, tmp_path)
+    _damage(kind, run / "checkpoints" / "2")
+    ck = Checkpointer(str(run / "checkpoints"))
+    try:
+        step, _, meta, skipped = ck.restore_newest(_target(_cfg(run)))
+    finally:
+        ck.close()
+    assert step == 1 and meta["iteration"] == 1
+    assert [s for s, _ in skipped] == [2]
+    assert __import__("re").search(reason, skipped[0][1]), skipped
+    assert "Skipping checkpoint 2" in caplog.text
+    assert (run / "skipped_checkpoints" / "2").is_dir() and not (run / "checkpoints" / "2").exists()
+
+
+def test_no_restorable_checkpoint_names_each_reason(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    _damage("missing state/", run / "checkpoints" / "2")
+    _damage("truncated meta", run / "checkpoints" / "1")
+    ck = Checkpointer(str(run / "checkpoints"))
+    try:
+        with pytest.raises(errors.CheckpointError, match=r"2: missing state/; 1: unreadable meta"):
+            ck.restore_newest(_target(_cfg(run)))
+    finally:
+        ck.close()
+
+
+def test_a_resumed_run_past_a_damaged_checkpoint_ends_like_the_original(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    _damage("truncated data file", run / "checkpoints" / "2")
+    shutil.rmtree(run / "policy")  # the state after a kill between checkpoint 2 and the export
+    cfg = _cfg(run, resume=True)
+    res = train.train(cfg, _exp(cfg), mesh=_mesh())
+    assert [h["iteration"] for h in res.history] == [2]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in train.loop.TIMING_KEYS}
+                       for l in open(p)]
+    assert strip(run / "metrics.jsonl") == strip(finished / "metrics.jsonl")
+    for name in os.listdir(finished / "policy"):
+        assert (run / "policy" / name).read_bytes() == (finished / "policy" / name).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------
+# Finishing
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_run_killed_before_its_export_completes_it_on_resume(finished, tmp_path):
+    run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "policy")
+    cfg = _cfg(run, resume=True)
+    res = train.train(cfg, _exp(cfg), mesh=_mesh())
+    assert res.history == []
+    assert _snapshot(run / "policy") == _snapshot(finished / "policy")
+    # one more: killed half-way through the export (a partial temp dir of a dead pid, no policy/)
+    shutil.rmtree(run / "policy")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    partial = run / f".policy.tmp-{int(dead.stdout)}-0abc"
+    partial.mkdir()
+    (partial / "params.safetensors").write_bytes(b"half")
+    train.train(cfg, _exp(cfg), mesh=_mesh())
+    assert _snapshot(run / "policy") == _snapshot(finished / "policy")
+    assert not partial.exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Atomic rewrites and TensorBoard
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_kill_during_the_metrics_rewrite_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    text = "".join(json.dumps({"iteration": i, "x": i}) + "\n" for i in range(1, 5)) + '{"iterat'
+    path.write_text(text)
+
+    def killed(*a):  # the process dies between writing the temp file and renaming it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.truncate_jsonl(str(path), 2)
+    assert path.read_text() == text
+    monkeypatch.undo()
+    assert run_dir.truncate_jsonl(str(path), 2) == 3  # lines 3, 4 and the cut-off line
+    assert [json.loads(l)["iteration"] for l in open(path)] == [1, 2]
+
+
+def test_tensorboard_purge_leaves_every_step_once(tmp_path):
+    tb = str(tmp_path / "tb")
+    w = run_dir.TensorBoardWriter(tb)
+    for step in range(1, 6):
+        w.scalar("score", float(step), step)
+        w.text("samples", f"s{step}", step)
+    w.flush()
+    w.close()
+    events = run_dir._event_files(tb)[0]
+    with open(events, "ab") as f:  # a record cut off by a kill
+        f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00\x01\x02")
+    assert run_dir.purge_tensorboard(tb, 3) == 4
+    w = run_dir.TensorBoardWriter(tb)  # the resumed run writes steps 4 and 5 again
+    for step in (4, 5):
+        w.scalar("score", 10.0 + step, step)
+    w.close()
+    assert sorted(run_dir.read_tensorboard_scalars(tb)) == [
+        ("score", 1, 1.0), ("score", 2, 2.0), ("score", 3, 3.0), ("score", 4, 14.0), ("score", 5, 15.0)]
+
+
+# ------------------------------------------------------------------------------------------
+# Typed errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_nan_weight_is_reported_as_such(tmp_path):
+    cfg = _cfg(tmp_path / "run")
+    exp = _exp(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten(exp.params)
+    bad = [leaves[0].at[(0,) * leaves[0].ndim].set(jnp.nan)] + leaves[1:]
+    with pytest.raises(errors.NonFiniteError, match="The initial policy holds NaN/inf weights .*damaged"):
+        train.train(cfg, dataclasses.replace(exp, params=jax.tree_util.tree_unflatten(treedef, bad)), mesh=_mesh())
+    with pytest.raises(errors.NonFiniteError, match="The reference policy holds NaN/inf"):
+        train.train(dataclasses.replace(cfg, overwrite=True), dataclasses.replace(
+            exp, ref_graphdef=exp.graphdef, ref_params=jax.tree_util.tree_unflatten(treedef, bad)), mesh=_mesh())
+
+
+def test_mesh_and_prompt_length_mismatches_are_typed_errors(tmp_path):
+    with pytest.raises(errors.MeshError, match="does not match the .* available devices"):
+        sharding.make_mesh(3, 1, 1, devices=jax.devices()[:8])
+    cfg = _cfg(tmp_path / "a")
+    with pytest.raises(errors.MeshError, match="micro_batch_size=4 must be a multiple of the 8"):
+        train.train(cfg, _exp(cfg), mesh=sharding.make_mesh(8, 1, 1, devices=jax.devices()[:8]))
+    long = _cfg(tmp_path / "b")
+    long = dataclasses.replace(long, task=dataclasses.replace(long.task, prompt_len=300))
+    with pytest.raises(errors.PromptTooLongError, match="exceeds the model's max_position_embeddings=256"):
+        train.train(long, _exp(long), mesh=_mesh())
+    many = _cfg(tmp_path / "c", max_new_tokens=255)
+    with pytest.raises(errors.PromptTooLongError, match="max_new_tokens 255"):
+        train.train(many, _exp(many), mesh=_mesh())
+
+
+def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path):
+    import resource
+
+    ck = Checkpointer(str(tmp_path / "ck"))
+    state = {"w": jax.random.normal(jax.random.key(0), (256, 1024))}  # 1 MiB, incompressible
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # "disk full" after 64 KiB a file
+    try:
+        with pytest.raises(errors.CheckpointError, match=r"Could not write checkpoint 1 to .*Free disk space"):
+            ck.save(1, state, {"iteration": 1})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert ck.all_steps() == []
+    # one more: an asynchronous save (the loop's) fails in the background; the wait names it
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        ck.save(1, state, {"iteration": 1}, wait=False)
+        with pytest.raises(errors.CheckpointError, match=r"Could not write checkpoint 1 to "):
+            ck.finish_pending()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert ck.all_steps() == []
+    ck.save(2, state, {"iteration": 2})  # space again: the next save works
+    with pytest.raises(errors.CheckpointError, match="would not be written: .* already holds checkpoint 2"):
+        ck.save(1, state, {"iteration": 1})  # orbax would skip it silently
+    ck.close()
+    (tmp_path / "file").write_text("x")  # one more: the checkpoint directory is a file
+    with pytest.raises(errors.CheckpointError, match="checkpoint"):
+        Checkpointer(str(tmp_path / "file")).save(1, state, {"iteration": 1})
+
+
+def test_offline_lists_every_missing_source_at_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("KLQ_LOCAL_MODELS", str(tmp_path / "empty"))
+    t = presets.TLDR_TASK
+    with pytest.raises(errors.SourceNotFoundError) as info:
+        tasks.build_experiment(t, batch_size=4, seed=0)
+    msg = str(info.value)
+    assert msg.startswith("3 source(s)") and "\n" not in msg
+    for name in (t.policy, t.reward_model, t.dataset):
+        assert name in msg
+    h = presets.HH_TASK  # one more: HH's policy, GPT-2 reward model and dataset
+    with pytest.raises(errors.SourceNotFoundError, match=rf"policy '{h.policy}', reward_model '{h.reward_model}', dataset '{h.dataset}'"):
+        tasks.build_experiment(h, batch_size=4, seed=0)
