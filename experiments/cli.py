@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import select
 import sys
 import traceback
 
@@ -157,6 +158,8 @@ def run(name: str, argv: list[str]) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
+        if isinstance(err, BrokenPipeError) and _stdout_closed():
+            raise
         if debug or not _is_ours(err):
             traceback.print_exc()
             if not debug:
@@ -167,8 +170,60 @@ def run(name: str, argv: list[str]) -> int:
     return rc if isinstance(rc, int) else 0
 
 
+_STDOUT_GONE = []  # [True] once the reader of stdout has gone and stdout writes to /dev/null
+
+
+def _stdout_closed() -> bool:
+    """Whether the reader of stdout has gone (``klq ... | head -1``); if so stdout now writes to
+    ``/dev/null``, so that Python's final flush at exit does not fail once more."""
+    if _STDOUT_GONE:
+        return True
+    try:
+        fd = sys.stdout.fileno()
+        sys.stdout.flush()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        gone = any(events & select.POLLERR for _, events in poll.poll(0))  # a pipe without reader
+    except BrokenPipeError:
+        gone = True
+    except (OSError, ValueError, AttributeError):  # stdout closed or replaced: nothing to flush
+        return False
+    if gone:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+        _STDOUT_GONE.append(True)
+    return gone
+
+
+# The exit status after the reader of stdout went away (128 + SIGPIPE, what a shell reports for
+# a Unix tool stopped by a closed pipe); 0 when what was printed was the help the user asked for.
+EXIT_STDOUT_CLOSED = 141
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``klq COMMAND ARGS``; returns the exit status.
+
+    A reader of stdout that goes away (``klq demo --help | head -1``) stops the command quietly,
+    as any Unix tool: no message, status 0 after help, else :data:`EXIT_STDOUT_CLOSED` (an error's
+    own status stays).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    closed_rc = 0 if not argv or any(a in ("-h", "--help") for a in argv) else EXIT_STDOUT_CLOSED
+    try:
+        rc = _main(argv)
+    except SystemExit as exit_:
+        if _stdout_closed() and not exit_.code:
+            exit_.code = closed_rc
+        raise
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        return closed_rc
+    return closed_rc if _stdout_closed() and not rc else rc
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

@@ -212,3 +212,40 @@ def test_config_file_values_are_type_checked_and_partial_files_keep_the_preset(t
     assert cfg.epochs == 3 and cfg.algo.tau == 0.2
     assert cfg.rollouts_per_batch == tiny.rollouts_per_batch and cfg.task == tiny.task
     assert cfg.algo.name == tiny.algo.name and cfg.optim == tiny.optim
+
+
+@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["train", "tiny-klq", "--help"],
+                                  ["demo", "--help"], ["sweep", "--help"], ["judge", "--help"],
+                                  ["convert", "--help"], ["convert", "hf-to-flax", "--help"]])
+def test_help_into_a_closed_pipe_is_quiet(tmp_path, args):
+    # `klq demo --help | head -1`: the reader has gone before klq writes (its read end closed
+    # first, so every write fails, whatever the timing). Like any Unix tool: no message, status 0.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        out = subprocess.run([sys.executable, "-m", "experiments", *args], stdout=write_end,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=600)
+    finally:
+        os.close(write_end)
+    assert (out.returncode, out.stderr) == (0, ""), (args, out.returncode, out.stderr[-2000:])
+
+
+def test_a_closed_stdout_outside_help_stops_with_the_sigpipe_status(monkeypatch):
+    class Closed:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return fd
+
+    fd = os.open(os.devnull, os.O_WRONLY)
+    monkeypatch.setattr(cli, "_STDOUT_GONE", [])
+    monkeypatch.setattr(sys, "stdout", Closed())
+    monkeypatch.setattr(cli, "_main", lambda argv: print("a line of a run") or 0)
+    try:
+        assert cli.main(["train", "tiny-klq"]) == cli.EXIT_STDOUT_CLOSED == 141
+    finally:
+        os.close(fd)
