@@ -14,6 +14,7 @@ Options every command takes (anywhere on its line):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -136,6 +137,36 @@ def _one_line(err: BaseException) -> str:
     return msg
 
 
+@contextlib.contextmanager
+def _config_checks_fail_in_one_line():
+    """While tyro parses: a config's own check failing (its ``__post_init__`` raising a
+    ValueError of ours, e.g. ``--temperature 0``) leaves tyro as that error, which :func:`run`
+    prints in one line like any other, instead of tyro's boxed "Value error".
+
+    tyro reports such a failure through its (private, versioned) parse-error hook, called inside
+    the ``except`` that caught our error; a tyro without the hook keeps its own box.
+    """
+    try:
+        from tyro import _errors as tyro_errors
+
+        on_parse_error, failure = tyro_errors.on_parse_error, tyro_errors.InstantiationFailure
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def reraise_ours(event) -> None:
+        if not isinstance(event, failure):
+            return  # unknown flags, missing values, ...: tyro's own message
+        err = sys.exc_info()[1]
+        while err is not None and not (isinstance(err, ValueError) and _is_ours(err)):
+            err = err.__cause__ or err.__context__
+        if err is not None:
+            raise err
+
+    with on_parse_error(reraise_ours):
+        yield
+
+
 def run(name: str, argv: list[str]) -> int:
     """Run command ``name`` with ``argv``; returns the exit status.
 
@@ -149,7 +180,8 @@ def run(name: str, argv: list[str]) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         if not no_cache and not any(a in ("-h", "--help") for a in argv):
             enable_compile_cache()
-        rc = module.main(argv)
+        with _config_checks_fail_in_one_line():
+            rc = module.main(argv)
     except SystemExit:
         raise
     except KeyboardInterrupt:

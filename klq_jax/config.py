@@ -22,6 +22,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import types
 import typing
 from typing import Any, Literal
@@ -29,6 +31,31 @@ from typing import Any, Literal
 from klq_jax.errors import ConfigError
 
 ALGORITHMS_NAMES = ("klq", "ppo")
+
+
+def sampling_problems(temperature: Any, top_k: Any, top_p: Any) -> list[str]:
+    """What is wrong with these sampling settings (empty: nothing), one phrase each.
+
+    The one check of both :class:`TrainConfig` (at parse time) and
+    :class:`klq_jax.sampling.SamplingConfig`.
+
+    Example::
+
+        >>> sampling_problems(0.7, 0, 1.0)
+        []
+        >>> sampling_problems(0.0, -1, 1.5)  # doctest: +NORMALIZE_WHITESPACE
+        ['temperature=0.0 must be a finite number > 0', 'top_k=-1 must be an integer >= 0 (0 turns
+        it off)', 'top_p=1.5 must be in (0, 1] (1.0 turns it off)']
+    """
+    problems = []
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
+            or not math.isfinite(temperature) or temperature <= 0):
+        problems.append(f"temperature={temperature!r} must be a finite number > 0")
+    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
+        problems.append(f"top_k={top_k!r} must be an integer >= 0 (0 turns it off)")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+        problems.append(f"top_p={top_p!r} must be in (0, 1] (1.0 turns it off)")
+    return problems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +293,7 @@ class TrainConfig:
         if self.resume and self.overwrite:
             p.append("resume and overwrite exclude each other (--resume continues the run in out_dir, "
                      "--overwrite deletes it)")
-        if self.temperature <= 0:
-            p.append(f"temperature={self.temperature} must be > 0")
+        p += sampling_problems(self.temperature, self.top_k, self.top_p)
         if self.omega < 0:
             p.append(f"omega={self.omega} must be >= 0")
         if self.eval_every < 0:

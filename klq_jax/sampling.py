@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 from typing import NamedTuple
 
@@ -62,6 +61,7 @@ import numpy as np
 from flax import nnx
 
 from klq_jax import sharding
+from klq_jax.config import sampling_problems
 from klq_jax.errors import PromptTooLongError
 from klq_jax.models import gpt_neox
 
@@ -110,19 +110,9 @@ class SamplingConfig:
 
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 1")
-        if (
-            not isinstance(self.temperature, numbers.Real)
-            or not math.isfinite(self.temperature)
-            or self.temperature <= 0
-        ):
-            problems.append(
-                f"temperature={self.temperature!r} must be a finite number > 0 (use greedy=True for "
-                "argmax decoding)"
-            )
-        if not is_int(self.top_k) or self.top_k < 0:
-            problems.append(f"top_k={self.top_k!r} must be an integer >= 0 (0 turns it off)")
-        if not isinstance(self.top_p, numbers.Real) or not 0.0 < self.top_p <= 1.0:
-            problems.append(f"top_p={self.top_p!r} must be in (0, 1] (1.0 turns it off)")
+        for problem in sampling_problems(self.temperature, self.top_k, self.top_p):
+            hint = " (use greedy=True for argmax decoding)" if problem.startswith("temperature=") else ""
+            problems.append(problem + hint)
         if not isinstance(self.greedy, bool):
             problems.append(f"greedy={self.greedy!r} must be a bool")
         stops = self.stop_token_ids

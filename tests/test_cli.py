@@ -249,3 +249,23 @@ def test_a_closed_stdout_outside_help_stops_with_the_sigpipe_status(monkeypatch)
         assert cli.main(["train", "tiny-klq"]) == cli.EXIT_STDOUT_CLOSED == 141
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["train", "tiny-klq", "--total-episodes", "-5"], "total_episodes=-5 must be positive"),
+    (["train", "tiny-klq", "--temperature", "0"], "temperature=0.0 must be"),
+    (["train", "tiny-klq", "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
+    (["train", "tiny-klq", "--top-k", "-1"], "top_k=-1 must be an integer >= 0"),
+    (["train", "tiny-klq", "--algo.tau", "-1"], "tau=-1.0 must be >= 0"),
+    (["train", "tiny-klq", "--optim.learning-rate", "0"], "learning_rate=0.0 must be > 0"),
+    (["train", "tiny-klq", "--task.dtype", "float8"], "dtype='float8'"),
+    (["demo", "--tau", "-1"], "tau=-1.0 must be > 0"),
+    (["sweep", "tiny-klq", "--taus", "-1"], "tau=-1.0 must be >= 0"),
+])
+def test_config_checks_fail_at_parse_time_in_one_line(tmp_path, args, needle):
+    # A config's own check (__post_init__) is an error like any other: one line, status 2, and it
+    # comes at parse time, before anything is written.
+    out = _klq(*args, cwd=tmp_path)
+    line = _one_error_line(out, f"klq {args[0]}")
+    assert out.returncode == 2 and needle in line, line
+    assert os.listdir(tmp_path) == []
