@@ -334,26 +334,18 @@ def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tup
 # --------------------------------------------------------------------------------------------
 
 
-def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox.GPTNeoXConfig:
-    if not isinstance(config, SamplingConfig):
-        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
-    model_cfg = nnx.merge(graphdef, params).config
+def check_model_for_sampling(model_cfg, config: "SamplingConfig", prompt_width: int | None = None) -> None:
+    """The checks of :func:`sample` that need no prompts: the model has an LM head, the stop and
+    pad token ids are in its vocabulary, and ``prompt_width`` (``Tq``, when given) plus
+    ``config.max_new_tokens`` fit its positions. The trainer calls it before it creates the run
+    directory. Raises ValueError (PromptTooLongError) with one line saying what to change."""
     if not model_cfg.lm_head:
         raise ValueError("sample() needs a model with an LM head (config.lm_head=True).")
-    shape_ids, shape_mask = jnp.shape(prompt_ids), jnp.shape(prompt_mask)
-    if len(shape_ids) != 2 or shape_ids != shape_mask:
-        raise ValueError(
-            f"prompt_ids and prompt_mask must both be [B, Tq]; got {shape_ids} and {shape_mask}. "
-            "Pass a left-padded batch with a 0/1 mask of the same shape."
-        )
-    if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
-        raise ValueError(f"prompt_ids must be integer token ids, got dtype {jnp.result_type(prompt_ids)}")
-    Tq = shape_ids[1]
     limit = model_cfg.max_position_embeddings
-    if Tq + config.max_new_tokens > limit:
+    if prompt_width is not None and prompt_width + config.max_new_tokens > limit:
         raise PromptTooLongError(
-            f"Prompt length {Tq} + max_new_tokens {config.max_new_tokens} = "
-            f"{Tq + config.max_new_tokens} exceeds the model's max_position_embeddings={limit}. "
+            f"Prompt length {prompt_width} + max_new_tokens {config.max_new_tokens} = "
+            f"{prompt_width + config.max_new_tokens} exceeds the model's max_position_embeddings={limit}. "
             f"Truncate (or left-trim the padding of) the prompts to at most "
             f"{limit - config.max_new_tokens} tokens, or lower max_new_tokens."
         )
@@ -363,6 +355,21 @@ def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> 
         raise ValueError(
             f"stop_token_ids {bad or ''} / pad_token_id {config.pad_token_id} must be < vocab_size={V}."
         )
+
+
+def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox.GPTNeoXConfig:
+    if not isinstance(config, SamplingConfig):
+        raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
+    model_cfg = nnx.merge(graphdef, params).config
+    shape_ids, shape_mask = jnp.shape(prompt_ids), jnp.shape(prompt_mask)
+    if len(shape_ids) != 2 or shape_ids != shape_mask:
+        raise ValueError(
+            f"prompt_ids and prompt_mask must both be [B, Tq]; got {shape_ids} and {shape_mask}. "
+            "Pass a left-padded batch with a 0/1 mask of the same shape."
+        )
+    if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
+        raise ValueError(f"prompt_ids must be integer token ids, got dtype {jnp.result_type(prompt_ids)}")
+    check_model_for_sampling(model_cfg, config, prompt_width=shape_ids[1])
     if not isinstance(prompt_mask, jax.core.Tracer) and getattr(prompt_mask, "is_fully_addressable", True):
         m = np.asarray(prompt_mask) != 0
         if m.size and not m[:, -1].all():

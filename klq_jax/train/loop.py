@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from klq_jax import algorithms, rollout, sharding
+from klq_jax import algorithms, rollout, sampling, sharding
 from klq_jax.rollout import rollout_metrics
 from klq_jax.checkpoint import Checkpointer, nonfinite_leaves
 from klq_jax.errors import MeshError, NonFiniteError
@@ -185,12 +185,33 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
                 f"{name}={getattr(cfg, name)} must be a multiple of the {dp} data-parallel devices "
                 f"of the mesh {dict(mesh.shape)}; change the batch sizes or --mesh.data/--mesh.fsdp."
             )
+    _check_before_starting(cfg, experiment)
     run = run_dir.RunDir.open(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,
                               allow_fresh=cfg.allow_fresh, owner=jax.process_index() == 0)
     try:
         return _train_in(cfg, experiment, mesh, on_iteration)
+    except BaseException:
+        run.discard_if_new()
+        raise
     finally:
         run.close()
+
+
+def _check_before_starting(cfg: TrainConfig, experiment: Experiment) -> None:
+    """What can be checked before the run directory is created, so that a refused run leaves
+    nothing behind: the models' weights are finite, the policy can sample this run's
+    responses (an LM head, stop/pad ids in its vocabulary, prompts + max_new_tokens within its
+    positions)."""
+    _check_weights_finite(experiment.params, "The initial policy")
+    if experiment.ref_params is not None:
+        _check_weights_finite(experiment.ref_params, "The reference policy")
+    scfg = cfg.sampling_config(experiment.stop_token_ids, experiment.pad_token_id)
+    model_cfg = nnx.merge(experiment.graphdef, experiment.params).config
+    prompts = [getattr(experiment.prompts, "dataset", None)]
+    if cfg.eval_every:
+        prompts.append(experiment.validation_prompts)
+    widths = [getattr(p, "width", None) for p in prompts if p is not None]
+    sampling.check_model_for_sampling(model_cfg, scfg, max((w for w in widths if w is not None), default=None))
 
 
 def _restore_or_start(cfg: TrainConfig, experiment: Experiment, ckpt: Checkpointer, state):
@@ -238,9 +259,6 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
     algo = algorithms.get(cfg.algo.name)
     total_steps = cfg.num_iterations * cfg.steps_per_iteration
     optimizer, schedule = make_optimizer(cfg.optim, total_steps, cfg.steps_per_iteration)
-    _check_weights_finite(experiment.params, "The initial policy")
-    if experiment.ref_params is not None:
-        _check_weights_finite(experiment.ref_params, "The reference policy")
     state, state_sh = init_state(experiment.params, optimizer, cfg.seed, mesh)
     ref_graphdef = experiment.ref_graphdef if experiment.ref_graphdef is not None else experiment.graphdef
     ref_params = experiment.ref_params

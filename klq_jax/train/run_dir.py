@@ -346,8 +346,8 @@ class RunDir:
     """An owned run directory: locked, checked against ``resume``/``overwrite``, cleaned of the
     temp files of dead processes. Use :meth:`open` and :meth:`close` (or ``with``)."""
 
-    def __init__(self, path: str, lock: RunLock | None):
-        self.path, self.lock = path, lock
+    def __init__(self, path: str, lock: RunLock | None, created: bool = False):
+        self.path, self.lock, self.created = path, lock, created
 
     @classmethod
     def open(cls, out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool = False,
@@ -365,6 +365,7 @@ class RunDir:
         if not owner:  # process 0 checks and owns the directory; the others see its lock and files
             return cls(out_dir, None)
         preflight(out_dir, resume=resume, overwrite=overwrite, allow_fresh=allow_fresh)
+        created = not os.path.lexists(out_dir)
         try:
             os.makedirs(out_dir, exist_ok=True)
         except OSError as err:
@@ -393,7 +394,29 @@ class RunDir:
         except BaseException:
             lock.release()
             raise
-        return cls(out_dir, lock)
+        return cls(out_dir, lock, created=created)
+
+    def discard_if_new(self) -> bool:
+        """After a run failed: remove the directory if this process created it and it holds no
+        result (no metrics row, checkpoint, sample, export or anything not the trainer's), so
+        that a run refused at its start leaves nothing behind. Returns whether it was removed."""
+        if self.lock is None or not self.created or not os.path.isdir(self.path):
+            return False
+        ours = set(RUN_ENTRIES) | {LOCK_NAME, TRASH_NAME}
+        for name in os.listdir(self.path):
+            if name not in ours and not name.startswith(TMP_PREFIX):
+                return False
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            p = os.path.join(self.path, name)
+            if os.path.exists(p) and os.path.getsize(p) > 0:
+                return False
+        if any(os.path.lexists(os.path.join(self.path, n)) for n in ("policy", "eval", "skipped_checkpoints")):
+            return False
+        if _has_checkpoint(self.path):
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.close()
+        return True
 
     def close(self) -> None:
         if self.lock is not None:

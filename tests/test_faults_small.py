@@ -1,0 +1,79 @@
+"""Small faults (issue "small"): refused runs leave nothing behind; the sampler and the rollout
+refuse out-of-range inputs; presets across device counts. Tiny models only."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments import presets, tasks
+from klq_jax import sharding, train
+
+
+def _klq(*args, cwd, devices=1):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run([sys.executable, "-m", "experiments", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+# ------------------------------------------------------------------------------------------
+# A refused run leaves nothing behind
+# ------------------------------------------------------------------------------------------
+
+
+def test_a_stop_token_outside_the_vocabulary_is_refused_before_the_run_directory(tmp_path):
+    out = _klq("train", "tiny-klq", "--task.stop-token-id", "99999", "--out-dir", "run", cwd=tmp_path)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert lines[0].startswith("klq train: error: ") and "99999" in lines[0] and "vocab_size=64" in lines[0]
+    assert not (tmp_path / "run").exists(), sorted(os.listdir(tmp_path / "run"))
+
+
+class _FailingPrompts:
+    """A prompt iterator that fails at the first batch (after the trainer wrote config.json)."""
+
+    def __next__(self):
+        raise RuntimeError("no prompts today")
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _tiny(out_dir):
+    cfg = dataclasses.replace(presets.get("tiny-klq"), out_dir=str(out_dir), total_episodes=16,
+                              progress=False)
+    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+    return cfg, dataclasses.replace(exp, prompts=_FailingPrompts())
+
+
+def test_a_run_failing_before_any_result_removes_only_a_directory_it_created(tmp_path):
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg, exp = _tiny(tmp_path / "new" / "run")
+    with pytest.raises(RuntimeError, match="no prompts today"):
+        train.train(cfg, exp, mesh=mesh)
+    assert not (tmp_path / "new" / "run").exists()
+    assert (tmp_path / "new").is_dir()  # its parent existed before the run: it stays
+
+    # A directory the user made stays, with what the trainer wrote (config.json, ...).
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    with pytest.raises(RuntimeError, match="no prompts today"):
+        train.train(dataclasses.replace(cfg, out_dir=str(mine)), exp, mesh=mesh)
+    assert (mine / "config.json").is_file()
+
+    # One the trainer created but in which something else is now (a user's file): kept.
+    from klq_jax.train import run_dir
+
+    run = run_dir.RunDir.open(str(tmp_path / "other"), resume=False, overwrite=False)
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    assert run.created and not run.discard_if_new()
+    run.close()
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
