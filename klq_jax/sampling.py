@@ -357,6 +357,11 @@ def check_model_for_sampling(model_cfg, config: "SamplingConfig", prompt_width: 
         )
 
 
+def _concrete(x) -> bool:
+    """Whether ``x``'s values can be read on this host (not traced, not another process's rows)."""
+    return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
+
+
 def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox.GPTNeoXConfig:
     if not isinstance(config, SamplingConfig):
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
@@ -370,7 +375,17 @@ def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> 
     if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
         raise ValueError(f"prompt_ids must be integer token ids, got dtype {jnp.result_type(prompt_ids)}")
     check_model_for_sampling(model_cfg, config, prompt_width=shape_ids[1])
-    if not isinstance(prompt_mask, jax.core.Tracer) and getattr(prompt_mask, "is_fully_addressable", True):
+    if _concrete(prompt_ids):  # traced ids cannot be looked at; JAX would clamp the gather
+        ids = np.asarray(prompt_ids)
+        outside = (ids < 0) | (ids >= model_cfg.vocab_size)
+        if outside.any():
+            rows = np.nonzero(outside.any(axis=1))[0].tolist()
+            raise ValueError(
+                f"prompt_ids hold token ids outside the model's vocabulary [0, {model_cfg.vocab_size}) "
+                f"(rows {rows[:10]}, e.g. {int(ids[outside][0])}): tokenize with the policy's "
+                "tokenizer, or check that the model's vocab_size covers it."
+            )
+    if _concrete(prompt_mask):
         m = np.asarray(prompt_mask) != 0
         if m.size and not m[:, -1].all():
             rows = np.nonzero(~m[:, -1])[0].tolist()

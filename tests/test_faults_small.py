@@ -77,3 +77,25 @@ def test_a_run_failing_before_any_result_removes_only_a_directory_it_created(tmp
     assert run.created and not run.discard_if_new()
     run.close()
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+# ------------------------------------------------------------------------------------------
+# The sampler refuses prompt ids outside the vocabulary (JAX would clamp the gather)
+# ------------------------------------------------------------------------------------------
+
+
+def test_sample_refuses_prompt_ids_outside_the_vocabulary():
+    import jax.numpy as jnp
+
+    from klq_jax.models import gpt_neox
+    from klq_jax.sampling import SamplingConfig, sample
+
+    gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(), jax.random.key(0))  # vocab 64
+    mask = jnp.array([[0, 1, 1], [1, 1, 1]])
+    scfg = SamplingConfig(max_new_tokens=2, stop_token_ids=())
+    for bad in (64, -1, 10_000):
+        ids = jnp.array([[0, 5, 6], [7, bad, 9]])
+        with pytest.raises(ValueError, match=r"outside the model's vocabulary \[0, 64\) \(rows \[1\]"):
+            sample(gd, p, ids, mask, jax.random.key(1), scfg)
+    ok = sample(gd, p, jnp.array([[0, 5, 6], [7, 63, 0]]), mask, jax.random.key(1), scfg)
+    assert ok.tokens.shape == (2, 2)
