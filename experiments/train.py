@@ -9,6 +9,7 @@ subcommand per preset); JAX is imported only once a run starts.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from experiments import cli, presets
@@ -38,6 +39,10 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if config_path:
         base = presets.get(preset) if preset else None
         recorded = cli.load_config(RunConfig, config_path, base=base)
+        # How the recorded run was started (--resume/--overwrite/--allow-fresh) is not part of what
+        # it computes: a rerun starts as this command line says, never deletes a run by a recorded
+        # overwrite=true.
+        recorded = dataclasses.replace(recorded, resume=False, overwrite=False, allow_fresh=False)
         if base is not None and (recorded.task.kind, recorded.task.policy) != (base.task.kind, base.task.policy):
             print(
                 f"note: {config_path} records the {recorded.task.kind} task with policy "

@@ -138,6 +138,27 @@ def test_a_finished_run_is_not_touched_by_a_new_start_without_resume(finished, t
         run_dir.preflight(str(tmp_path / "early"), resume=False, overwrite=False)
 
 
+def test_a_recorded_config_does_not_carry_how_its_run_was_started(finished, tmp_path):
+    """`klq train --config OLD/config.json --out-dir OTHER`: OLD was started with --overwrite (or
+    --resume); the rerun must not delete (or resume) the run in OTHER because of it."""
+    from experiments import train as train_cmd
+
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    for flags in (dict(overwrite=True), dict(resume=True, allow_fresh=True)):
+        recorded = tmp_path / "recorded.json"
+        recorded.write_text(json.dumps(run_dir.config_to_json(_cfg(tmp_path / "old", **flags))))
+        for argv in (["--config", str(recorded)], ["tiny-klq", "--config", str(recorded)]):
+            cfg = train_cmd.parse_args([*argv, "--out-dir", str(run)])
+            assert (cfg.resume, cfg.overwrite, cfg.allow_fresh) == (False, False, False), (flags, argv)
+            with pytest.raises(errors.RunExistsError, match="already holds a run"):
+                run_dir.RunDir.open(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,
+                                    allow_fresh=cfg.allow_fresh)
+        # given on the command line, the flags still count
+        assert train_cmd.parse_args(["--config", str(recorded), "--overwrite"]).overwrite
+    assert _snapshot(run) == before
+
+
 def test_overwrite_deletes_the_run_files_only(finished, tmp_path):
     run = _copy(finished, tmp_path)
     (run / "my_notes.txt").write_text("keep me")
