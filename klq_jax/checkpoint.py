@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import orbax.checkpoint as ocp
@@ -205,6 +205,7 @@ class Checkpointer:
         *,
         check_meta: Callable[[int, dict], None] | None = None,
         skipped_dir: str | None = None,
+        required_meta: Mapping[str, type] | None = None,
     ) -> tuple[int, Any, dict, list[tuple[int, str]]]:
         """Restore the newest checkpoint that restores: ``(step, state, meta, skipped)``.
 
@@ -218,6 +219,8 @@ class Checkpointer:
           check_meta: called with ``(step, meta)`` of each candidate before its arrays are read; it
             raises to refuse the checkpoint (e.g. a config that changes the run's meaning). Its
             errors propagate: they are not damage.
+          required_meta: ``{key: type}`` the meta must hold besides ``iteration`` (an int equal to
+            the step); a meta without them is damage (e.g. the training loop's ``{"prompts": dict}``).
 
         Raises:
           NoCheckpointError: the directory holds no checkpoint.
@@ -235,10 +238,10 @@ class Checkpointer:
             if reason is None:
                 try:
                     meta = self.read_meta(step)
-                    if not isinstance(meta, dict) or "iteration" not in meta:
-                        reason = "meta has no 'iteration'"
                 except Exception as err:  # truncated / unreadable JSON
                     reason = f"unreadable meta ({_one_line(err, 120)})"
+                else:
+                    reason = _meta_problem(step, meta, required_meta or {})
             if reason is None:
                 if check_meta is not None:
                     check_meta(step, meta)
@@ -295,6 +298,21 @@ class Checkpointer:
             self.finish_pending()
         finally:
             self.manager.close()
+
+
+def _meta_problem(step: int, meta: Any, required: Mapping[str, type]) -> str | None:
+    """Why ``meta`` (valid JSON) cannot be checkpoint ``step``'s, or None."""
+    if not isinstance(meta, dict):
+        return f"meta is a JSON {type(meta).__name__}, not an object"
+    it = meta.get("iteration")
+    if "iteration" not in meta:
+        return "meta has no 'iteration'"
+    if type(it) is not int or it != step:
+        return f"meta's iteration is {it!r}, not {step}"
+    bad = [k for k, t in required.items() if not isinstance(meta.get(k), t)]
+    if bad:
+        return "meta has no valid " + ", ".join(repr(k) for k in bad)
+    return None
 
 
 def _path_names(path) -> tuple[str, ...]:

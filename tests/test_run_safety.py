@@ -258,6 +258,14 @@ def _damage(kind, step_dir):
         p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
     elif kind == "missing state/":
         shutil.rmtree(step_dir / "state")
+    elif kind in ("meta without prompts", "meta iteration not an int"):  # valid JSON, wrong content
+        p = step_dir / "meta" / "metadata"
+        meta = json.loads(p.read_text())
+        if kind == "meta without prompts":
+            del meta["prompts"]
+        else:
+            meta["iteration"] = str(meta["iteration"])
+        p.write_text(json.dumps(meta))
     elif kind == "zeroed manifest":
         p = step_dir / "state" / "manifest.ocdbt"
         p.write_bytes(b"\0" * len(p.read_bytes()))
@@ -276,13 +284,15 @@ def _target(cfg):
     ("truncated meta", "unreadable meta"),
     ("missing state/", "missing state/"),
     ("zeroed manifest", "does not restore|unreadable state metadata"),
+    ("meta without prompts", "meta has no valid 'prompts'"),
+    ("meta iteration not an int", "meta's iteration is '2', not 2"),
 ])
 def test_restore_falls_back_past_a_damaged_newest_checkpoint(finished, tmp_path, kind, reason, caplog):
     run = _copy(finished, tmp_path)
     _damage(kind, run / "checkpoints" / "2")
     ck = Checkpointer(str(run / "checkpoints"))
     try:
-        step, _, meta, skipped = ck.restore_newest(_target(_cfg(run)))
+        step, _, meta, skipped = ck.restore_newest(_target(_cfg(run)), required_meta={"prompts": dict})
     finally:
         ck.close()
     assert step == 1 and meta["iteration"] == 1
@@ -304,9 +314,10 @@ def test_no_restorable_checkpoint_names_each_reason(finished, tmp_path):
         ck.close()
 
 
-def test_a_resumed_run_past_a_damaged_checkpoint_ends_like_the_original(finished, tmp_path):
+@pytest.mark.parametrize("kind", ["truncated data file", "meta without prompts"])
+def test_a_resumed_run_past_a_damaged_checkpoint_ends_like_the_original(finished, tmp_path, kind):
     run = _copy(finished, tmp_path)
-    _damage("truncated data file", run / "checkpoints" / "2")
+    _damage(kind, run / "checkpoints" / "2")
     shutil.rmtree(run / "policy")  # the state after a kill between checkpoint 2 and the export
     cfg = _cfg(run, resume=True)
     res = train.train(cfg, _exp(cfg), mesh=_mesh())

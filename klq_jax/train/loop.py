@@ -230,6 +230,7 @@ def _restore_or_start(cfg: TrainConfig, experiment: Experiment, ckpt: Checkpoint
         check_meta=lambda s, m: run_dir.check_resume_config(
             m.get("config"), cfg, where=f"checkpoint {s} in {cfg.out_dir}"
         ),
+        required_meta={"prompts": dict},
     )
     if skipped:
         logging.getLogger(__name__).warning(
