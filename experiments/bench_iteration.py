@@ -99,8 +99,13 @@ def parse_args(argv=None):
                    help="also run TRL's PPOTrainer on the same weights and shapes (needs trl==1.12.0)")
     p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint phase")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="cap both libraries' vector ISA (avx2: an AVX2 machine's code on an AVX-512 one; see experiments/benchenv.py)")
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    from experiments.benchenv import cap_isa
+
+    args.isa_env = cap_isa(args.isa)  # before jax/torch are imported
     preset = PRESETS["tiny" if args.tiny else "gpu" if args.gpu else "cpu"]
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -156,7 +161,8 @@ def machine_info() -> dict:
     try:
         import torch
 
-        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                    torch_isa=torch.backends.cpu.get_cpu_capability())
     except ImportError:
         pass
     return info
@@ -591,7 +597,8 @@ def main(argv=None):
           f"{args.dtype}; peer: {args.peer}", flush=True)
     print(f"  machine: {info['cpu']}, {info['cpu_count']} cores; jax {info['jax']} on {info['backend']} "
           f"({info['device']}); load {load_start:.2f}"
-          + (f"; XLA_FLAGS={info['xla_flags']}" if info["xla_flags"] else ""), flush=True)
+          + (f"; XLA_FLAGS={info['xla_flags']}" if info["xla_flags"] else "")
+          + (f"; torch ISA {info['torch_isa']}" if info.get("torch_isa") else ""), flush=True)
 
     # The machine's rates, measured on a GEMM of the model's own shape.
     cfg = _model_config(args)

@@ -58,8 +58,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="torch device for generate (default: cuda if available)")
     p.add_argument("--skip-hf", action="store_true", help="time only the JAX sampler")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--isa", choices=["native", "avx2"], default="native",
+                   help="cap both libraries' vector ISA (avx2: an AVX2 machine's code on an AVX-512 one; see experiments/benchenv.py)")
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
+    from experiments.benchenv import cap_isa
+
+    args.isa_env = cap_isa(args.isa)  # before jax/torch are imported
     preset = PRESETS["gpu-paper" if args.gpu_paper else "cpu"]
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -108,7 +113,8 @@ def main(argv=None):
     B, Tq, T = args.batch, args.prompt_len, args.new_tokens
     print(f"bench_sampling: {args.model} B={B} prompt={Tq} new={T} dtype={args.dtype} "
           f"{'greedy' if args.greedy else 'sampling (T=1, full vocab)'}; jax {jax.__version__} on "
-          f"{jax.devices()[0].platform}, torch {torch.__version__}", flush=True)
+          f"{jax.devices()[0].platform}, torch {torch.__version__} (torch ISA {torch.backends.cpu.get_cpu_capability()}"
+          f"{'; XLA_FLAGS=' + os.environ['XLA_FLAGS'] if os.environ.get('XLA_FLAGS') else ''})", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         config, graphdef, params, hf_model, device = build_models(args, workdir)
@@ -195,7 +201,7 @@ def main(argv=None):
         }
     res["setup"] = {
         "model": args.model, "batch": B, "prompt_len": Tq, "new_tokens": T, "dtype": args.dtype,
-        "greedy": args.greedy, "repeats": args.repeats, "jax": jax.__version__,
+        "greedy": args.greedy, "repeats": args.repeats, "isa": args.isa, "jax": jax.__version__,
         "jax_backend": jax.devices()[0].platform, "jax_device": str(jax.devices()[0].device_kind),
         "torch": torch.__version__, "torch_device": device, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),

@@ -1,0 +1,45 @@
+"""Benchmark environment: cap the vector instruction set of both libraries (``--isa avx2``).
+
+CPU speed ratios hold only for the machine they ran on, and AVX-512 machines favour the libraries
+differently from AVX2 ones. :func:`cap_isa` makes an AVX-512 machine run both sides of a benchmark
+with AVX2 code, the closest stand-in for an AVX2 machine type that one machine has:
+
+* XLA:CPU (JAX): ``--xla_cpu_max_isa=AVX2`` in ``XLA_FLAGS``;
+* PyTorch: ``ATEN_CPU_CAPABILITY=avx2`` (ATen's kernels), ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL's
+  GEMM) and ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN).
+
+These are read when each library initialises, so :func:`cap_isa` must run before ``jax`` or
+``torch`` is imported (the benchmarks call it right after parsing their arguments). It is an
+emulation: the cache sizes and memory bandwidth stay those of the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ISAS = ("native", "avx2")
+
+
+def cap_isa(isa: str) -> dict[str, str]:
+    """Set the environment so JAX and torch use at most ``isa``; returns what it set.
+
+    ``"native"`` changes nothing. Raises ``RuntimeError`` if jax or torch is already imported (the
+    setting would silently not apply).
+    """
+    if isa not in ISAS:
+        raise ValueError(f"--isa {isa!r}: choose one of {', '.join(ISAS)}")
+    if isa == "native":
+        return {}
+    loaded = [m for m in ("jax", "torch") if m in sys.modules]
+    if loaded:
+        raise RuntimeError(f"--isa {isa} must be set before {' and '.join(loaded)} is imported")
+    xla = os.environ.get("XLA_FLAGS", "")
+    env = {
+        "XLA_FLAGS": (xla + " --xla_cpu_max_isa=AVX2").strip(),
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+    }
+    os.environ.update(env)
+    return env
