@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None):
     result = run(cfg)
     if result.history:
         print(summary(cfg, result.history))
+    else:  # --resume of a finished run (or of one killed before its export, now written)
+        print(f"nothing left to train: {cfg.out_dir} has all {cfg.num_iterations} iterations and "
+              "its policy/ export.")
     return result
 
 

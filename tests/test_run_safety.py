@@ -352,6 +352,21 @@ def test_a_run_killed_before_its_export_completes_it_on_resume(finished, tmp_pat
     assert not partial.exists()
 
 
+def test_klq_train_says_when_a_resumed_run_has_nothing_left(finished, tmp_path, capsys, monkeypatch):
+    from experiments import train as train_cmd
+
+    monkeypatch.setattr(sharding, "mesh_from_config", lambda _cfg: _mesh())  # one of the 8 test devices
+    run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "policy")  # killed before its export: the resume writes it, and says so
+    for _ in range(2):  # then once more, finished: nothing to do, and it says so too
+        res = train_cmd.main(["tiny-klq", "--out-dir", str(run), "--total-episodes", str(16 * ITERS),
+                              "--save-every", "1", "--log-samples-every", "1", "--no-progress", "--resume"])
+        assert res.history == []
+        assert capsys.readouterr().out == (
+            f"nothing left to train: {run} has all {ITERS} iterations and its policy/ export.\n")
+    assert _snapshot(run / "policy") == _snapshot(finished / "policy")
+
+
 # ------------------------------------------------------------------------------------------
 # Atomic rewrites and TensorBoard
 # ------------------------------------------------------------------------------------------
