@@ -389,6 +389,24 @@ def test_a_kill_during_the_metrics_rewrite_keeps_the_old_file(tmp_path, monkeypa
     assert [json.loads(l)["iteration"] for l in open(path)] == [1, 2]
 
 
+def test_a_kill_while_writing_the_completions_leaves_nothing_behind(tmp_path, monkeypatch):
+    from klq_jax.train import validation
+
+    path = tmp_path / "eval" / "completions.jsonl"
+    validation.write_completions(str(path), [{"prompt": "a", "response": "b"}], iteration=1)
+
+    def killed(*a):  # the process dies between writing the temp file and renaming it
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        validation.write_completions(str(path), [{"prompt": "c", "response": "d"}], iteration=2)
+    monkeypatch.undo()
+    assert json.loads(path.read_text())["iteration"] == 1  # the old file, whole
+    run_dir.RunDir.open(str(tmp_path), resume=True, overwrite=False, allow_fresh=True).close()
+    assert os.listdir(tmp_path / "eval") == ["completions.jsonl"]  # the temp file went with its process
+
+
 def test_tensorboard_purge_leaves_every_step_once(tmp_path):
     tb = str(tmp_path / "tb")
     w = run_dir.TensorBoardWriter(tb)

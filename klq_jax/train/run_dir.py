@@ -281,7 +281,7 @@ def describe_run(out_dir: str) -> list[str]:
 
 def _remove_leftovers(out_dir: str) -> None:
     """Temp files and trash of dead processes (we hold the lock, so no live writer owns them)."""
-    for root in (out_dir, os.path.join(out_dir, "tb")):
+    for root in (out_dir, os.path.join(out_dir, "tb"), os.path.join(out_dir, "eval")):
         if not os.path.isdir(root):
             continue
         for name in os.listdir(root):

@@ -225,12 +225,8 @@ class Validator:
 def write_completions(path: str, completions: list[dict], *, iteration: int) -> str:
     """Write ``completions`` as JSON lines (each with ``iteration``) to ``path``, atomically
     (a temporary file renamed over ``path``). Returns ``path``."""
+    from klq_jax.train.run_dir import atomic_write
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        for c in completions:
-            f.write(json.dumps(dict(c, iteration=int(iteration))) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(dict(c, iteration=int(iteration))) + "\n" for c in completions))
     return path
