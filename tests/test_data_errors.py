@@ -38,8 +38,24 @@ def test_hh_null_chosen_is_named_by_row(tok, tmp_path):
     with pytest.raises(DataError, match=r"field 'chosen' is null in row 1"):
         load_hh(tok, "train", name_or_path=path, data_dir=None)
     path = _jsonl(tmp_path / "hh2.jsonl", [dict(ok, rejected=i) for i in range(3)])  # a number column
-    with pytest.raises(DataError, match=r"field 'rejected' is int in row 0, .* \(3 rows\)"):
+    with pytest.raises(DataError, match=r"hh2.jsonl has values that are not text .*line 1: field 'rejected' is int; .*3 in all"):
         load_hh(tok, "train", name_or_path=path, data_dir=None)
+
+
+def test_a_column_mixing_text_and_other_values_is_refused_by_line(tok, tmp_path):
+    """datasets turns a JSON column that mixes text with other values into the JSON text of every
+    value: the good rows' "My cat." would become '"My cat."' (quotes included), silently."""
+    path = _jsonl(tmp_path / "tldr.jsonl", [_tldr_row(), _tldr_row(post=5), _tldr_row(), _tldr_row(title=["a"])])
+    with pytest.raises(DataError, match=r"tldr.jsonl has values that are not text in text fields \(line 2: "
+                                        r"field 'post' is int; line 4: field 'title' is list; 2 in all\)"):
+        load_tldr(tok, "train", name_or_path=path)
+    ok = {"chosen": "\n\nHuman: Hi?\n\nAssistant: Yes.", "rejected": "\n\nHuman: Hi?\n\nAssistant: No."}
+    path = tmp_path / "hh.json"  # one more: a JSON array file, an object among texts
+    path.write_text(json.dumps([ok, dict(ok, chosen={"text": "x"}), ok]))
+    with pytest.raises(DataError, match=r"element 1: field 'chosen' is dict"):
+        load_hh(tok, "train", name_or_path=str(path), data_dir=None)
+    good = _jsonl(tmp_path / "good.jsonl", [_tldr_row(), _tldr_row()])
+    assert load_tldr(tok, "train", name_or_path=good).prompt_texts[0].endswith("POST: My cat.\n\nTL;DR:")
 
 
 def test_unreadable_files_are_named(tok, tmp_path):

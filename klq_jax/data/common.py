@@ -223,6 +223,7 @@ def load_split(
     data_files: Any = None,
     config_name: str | None = None,
     cache_dir: str | None = None,
+    text_columns: Sequence[str] = (),
 ):
     """Load one split as a ``datasets.Dataset`` from the hub or from local files, by the same code.
 
@@ -233,6 +234,11 @@ def load_split(
     * a single data file (.jsonl[.gz], .json, .parquet, .csv, .arrow) -> the matching builder with
       ``data_files={split: path}``.
 
+    ``text_columns``: fields that must hold text (or null, which the loaders report by row). A local
+    JSON file where one of them holds another JSON value (a number, a list, an object) is refused
+    by file and line: ``datasets`` would turn that whole column into JSON text, the good rows too
+    (``My cat.`` would become ``"My cat."``, quotes included).
+
     Example (a local copy of hh-rlhf's layout; ``fixtures.write_tiny_hh`` writes one):
       >>> import tempfile
       >>> d = fixtures.write_tiny_hh(tempfile.mkdtemp(), n=4)
@@ -242,7 +248,7 @@ def load_split(
     path = os.fspath(name_or_path)
     files = _local_data_files(path, data_dir)
     for f in files:  # the problems datasets reports without the file's name, or not at all
-        problem = _text_file_problem(f, parse=False)
+        problem = _text_file_problem(f, parse=False) or _non_text_values(f, text_columns)
         if problem:
             raise DataError(f"Cannot read split {split!r} of {path}: {problem}. Fix or remove that file.")
     try:
@@ -282,27 +288,65 @@ def _local_data_files(path: str, data_dir: str | None) -> list[str]:
     return out
 
 
+def _read_bytes(path: str) -> bytes:
+    import gzip
+
+    if path.lower().endswith(".gz"):
+        with gzip.open(path, "rb") as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _non_text_values(path: str, columns: Sequence[str]) -> str | None:
+    """Where a local JSON / JSON Lines file ``path`` has a value in one of ``columns`` that is
+    neither text nor null (the first few, by line or array element), or None."""
+    import json
+
+    base = path.lower()[:-3] if path.lower().endswith(".gz") else path.lower()
+    if not columns or not base.endswith((".json", ".jsonl")):
+        return None
+    try:
+        text = _read_bytes(path).decode("utf-8")
+    except (OSError, EOFError, UnicodeDecodeError):
+        return None  # _text_file_problem names these
+    rows: list[tuple[str, Any]] = []
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, list):
+        rows = [(f"element {i}", r) for i, r in enumerate(whole)]
+    elif whole is None:
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                rows.append((f"line {n}", json.loads(line)))
+            except ValueError:
+                pass  # reported as invalid JSON if the load fails
+    else:
+        rows = [("line 1", whole)]
+    bad = [f"{where}: field {c!r} is {type(r[c]).__name__}" for where, r in rows if isinstance(r, dict)
+           for c in columns if r.get(c) is not None and not isinstance(r[c], str)]
+    if not bad:
+        return None
+    return (f"{path} has values that are not text in text fields ({'; '.join(bad[:5])}"
+            f"{' …' if len(bad) > 5 else ''}; {len(bad)} in all)")
+
+
 def _text_file_problem(path: str, *, parse: bool) -> str | None:
     """Why the text data file ``path`` (.json/.jsonl/.csv, maybe gzipped) cannot be read, or None.
 
     Checks that it is not empty and is UTF-8 text; with ``parse``, also that each line of a JSON
     Lines file (or the whole of a .json file) parses.
     """
-    import gzip
     import json
 
     lower = path.lower()
-    gz = lower.endswith(".gz")
-    base = lower[:-3] if gz else lower
+    base = lower[:-3] if lower.endswith(".gz") else lower
     if not base.endswith((".json", ".jsonl", ".csv")):
         return None
     try:
-        if gz:
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            with open(path, "rb") as f:
-                raw = f.read()
+        raw = _read_bytes(path)
     except (OSError, EOFError) as err:
         return f"{path} cannot be read ({type(err).__name__}: {err})"
     if not raw.strip():

@@ -126,7 +126,8 @@ def load_hh(
     if pad_to not in ("longest", "budget"):
         raise ValueError(f"pad_to must be 'longest' or 'budget', got {pad_to!r}.")
     pad_id = require_pad_id(tokenizer)
-    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files)
+    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files,
+                      text_columns=("chosen", "rejected"))
     if max_rows is not None:
         rows = rows.select(range(min(int(max_rows), len(rows))))
     missing = {"chosen", "rejected"} - set(rows.column_names)

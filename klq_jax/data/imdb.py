@@ -73,7 +73,7 @@ def load_imdb(
     if not 1 <= lo < hi:
         raise ValueError(f"prompt_length_range must be a half-open range [lo, hi) with 1 <= lo < hi, got {prompt_length_range}.")
     pad_id = require_pad_id(tokenizer)
-    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files)
+    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files, text_columns=("text",))
     if max_rows is not None:
         rows = rows.select(range(min(int(max_rows), len(rows))))
     if "text" not in rows.column_names:

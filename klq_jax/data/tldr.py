@@ -81,6 +81,8 @@ TLDR_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered_oai_preprocessin
 TLDR_RAW_DATASET = "vwxyzjn/summarize_from_feedback_tldr_3_filtered"
 QUERY_FORMAT = "SUBREDDIT: r/{subreddit}\n\nTITLE: {title}\n\nPOST: {post}\n\nTL;DR:"
 QUERY_LENGTH = 512
+# Fields read as text, in either layout (raw posts, or the preprocessed queries + references).
+TEXT_COLUMNS = ("subreddit", "title", "post", "summary", "query", "reference_response")
 
 
 def format_query(subreddit: str, title: str, post: str) -> str:
@@ -214,7 +216,8 @@ def load_tldr(
     Example: see the module docstring.
     """
     pad_id = require_pad_id(tokenizer)
-    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files)
+    rows = load_split(name_or_path, split, data_dir=data_dir, data_files=data_files,
+                      text_columns=TEXT_COLUMNS)
     if max_rows is not None:
         rows = rows.select(range(min(int(max_rows), len(rows))))
     columns = set(rows.column_names)
