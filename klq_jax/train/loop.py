@@ -111,8 +111,9 @@ def _check_finite(metrics: dict, iteration: int, params=None):
     )
     raise NonFiniteError(
         f"Iteration {iteration}: metric '{k}' is {metrics[k]}{weights}. The run was stopped and no "
-        "checkpoint was written for this iteration; lower the learning rate or check the reward. "
-        "Resume from the last checkpoint with --resume."
+        "checkpoint was written for this iteration. Lower the learning rate or check the reward, "
+        "and start again (--overwrite, or another --out-dir): --resume takes only the same config, "
+        "which computes this iteration again."
     )
 
 
