@@ -38,12 +38,10 @@ Timings on a shared machine are noisy: each figure is reported as best and media
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 

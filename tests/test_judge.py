@@ -10,7 +10,6 @@ import os
 import re
 import threading
 
-import numpy as np
 import pytest
 from scipy.stats import beta
 

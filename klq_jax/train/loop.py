@@ -21,12 +21,11 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from klq_jax import algorithms, rollout, sampling, sharding
