@@ -86,7 +86,7 @@ _TINY = dict(
     optim=OptimConfig(learning_rate=3e-3, schedule="constant"),
     rollouts_per_batch=16,
     minibatch_size=8,
-    micro_batch_size=4,
+    micro_batch_size=8,  # every batch size a multiple of 8: runs on 1, 2, 4 or 8 devices
     epochs=2,
     total_episodes=16 * 6,
     max_new_tokens=8,

@@ -99,3 +99,49 @@ def test_sample_refuses_prompt_ids_outside_the_vocabulary():
             sample(gd, p, ids, mask, jax.random.key(1), scfg)
     ok = sample(gd, p, jnp.array([[0, 5, 6], [7, 63, 0]]), mask, jax.random.key(1), scfg)
     assert ok.tokens.shape == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------
+# Batch sizes and device counts
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-klq", "tiny-ppo"])
+def test_the_tiny_presets_split_over_1_2_4_and_8_devices(name):
+    from klq_jax.train.loop import check_batch_sizes
+
+    cfg = presets.get(name)
+    for n in (1, 2, 4, 8):
+        mesh = sharding.make_mesh(n, 1, 1, devices=jax.devices()[:n])
+        check_batch_sizes(cfg, mesh)
+        for size in (cfg.rollouts_per_batch, cfg.minibatch_size, cfg.micro_batch_size):
+            assert size % n == 0
+
+
+def _phase_lines(proc, wanted):
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.strip() == wanted:
+            return
+    proc.wait()
+    raise AssertionError(f"exited (rc {proc.returncode}) before {wanted!r}:\n" + "".join(seen[-20:]))
+
+
+def test_tiny_klq_starts_on_8_devices_and_a_misfit_names_what_to_set(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+               KLQ_PHASE_MARKERS="1")
+    cmd = [sys.executable, "-m", "experiments", "train", "tiny-klq", "--out-dir", "run", "--no-progress"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:  # past the batch-size checks: the first iteration starts sampling
+        _phase_lines(proc, "klq-phase sample 1")
+    finally:
+        proc.kill()
+        proc.wait()
+    out = subprocess.run(cmd + ["--micro-batch-size", "2", "--out-dir", "run2"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("klq-phase")]
+    assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
+    assert "micro_batch_size=2 must be a multiple of the 8" in lines[0] and "--micro-batch-size" in lines[0]
+    assert not (tmp_path / "run2").exists()

@@ -447,7 +447,7 @@ def test_a_nan_weight_is_reported_as_such(tmp_path):
 def test_mesh_and_prompt_length_mismatches_are_typed_errors(tmp_path):
     with pytest.raises(errors.MeshError, match="does not match the .* available devices"):
         sharding.make_mesh(3, 1, 1, devices=jax.devices()[:8])
-    cfg = _cfg(tmp_path / "a")
+    cfg = _cfg(tmp_path / "a", micro_batch_size=4)
     with pytest.raises(errors.MeshError, match="micro_batch_size=4 must be a multiple of the 8"):
         train.train(cfg, _exp(cfg), mesh=sharding.make_mesh(8, 1, 1, devices=jax.devices()[:8]))
     long = _cfg(tmp_path / "b")

@@ -178,13 +178,7 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
     """
     sharding.initialize_distributed()
     mesh = mesh if mesh is not None else sharding.mesh_from_config(cfg.mesh)
-    dp = sharding.data_parallel_size(mesh)
-    for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size", "eval_batch_size"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) % dp:
-            raise MeshError(
-                f"{name}={getattr(cfg, name)} must be a multiple of the {dp} data-parallel devices "
-                f"of the mesh {dict(mesh.shape)}; change the batch sizes or --mesh.data/--mesh.fsdp."
-            )
+    check_batch_sizes(cfg, mesh)
     _check_before_starting(cfg, experiment)
     run = run_dir.RunDir.open(cfg.out_dir, resume=cfg.resume, overwrite=cfg.overwrite,
                               allow_fresh=cfg.allow_fresh, owner=jax.process_index() == 0)
@@ -195,6 +189,22 @@ def train(cfg: TrainConfig, experiment: Experiment, *, mesh=None, on_iteration: 
         raise
     finally:
         run.close()
+
+
+def check_batch_sizes(cfg: TrainConfig, mesh) -> None:
+    """Every global batch size splits evenly over the mesh's ``data × fsdp`` devices (each holds
+    its own rows): rollouts_per_batch, minibatch_size, micro_batch_size, eval_batch_size. Raises
+    MeshError naming the field and a value that would do."""
+    dp = sharding.data_parallel_size(mesh)
+    for name in ("rollouts_per_batch", "minibatch_size", "micro_batch_size", "eval_batch_size"):
+        value = getattr(cfg, name)
+        if value is not None and value % dp:
+            raise MeshError(
+                f"{name}={value} must be a multiple of the {dp} data-parallel devices of the mesh "
+                f"{dict(mesh.shape)}: set --{name.replace('_', '-')} to a multiple of {dp} (e.g. "
+                f"{math.lcm(value, dp)}; each batch size must still divide the one above it), or "
+                "take devices out of the data split with --mesh.tensor."
+            )
 
 
 def _check_before_starting(cfg: TrainConfig, experiment: Experiment) -> None:
