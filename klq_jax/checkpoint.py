@@ -378,6 +378,25 @@ def nonfinite_leaves(tree: Any) -> list[str]:
     return [jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not ok]
 
 
+def params_fingerprint(tree: Any) -> list[list[float]]:
+    """``[[Σ|x|, Σx²], ...]`` over the floating leaves of ``tree`` (float32 sums, one jitted
+    reduction): what a checkpoint records of the models a run started from, so that a resume can
+    tell that a model path now holds other weights. Equal weights give equal sums up to float
+    rounding (a different mesh may reorder them); compare with a relative tolerance."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(tree)
+              if hasattr(leaf, "dtype") and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)]
+    if not leaves:
+        return []
+    return [[float(a), float(b)] for a, b in jax.device_get(_abs_and_square_sums(leaves))]
+
+
+@jax.jit
+def _abs_and_square_sums(leaves: list) -> jax.Array:
+    """``[n, 2]`` float32: ``(Σ|x|, Σx²)`` of each leaf."""
+    f = [x.astype(jax.numpy.float32) for x in leaves]
+    return jax.numpy.stack([jax.numpy.stack([jax.numpy.abs(x).sum(), jax.numpy.square(x).sum()]) for x in f])
+
+
 @jax.jit
 def _all_finite(leaves: list) -> jax.Array:
     """``[n]`` bool: leaf ``i`` holds only finite values."""

@@ -222,6 +222,25 @@ def test_a_changed_model_size_is_a_clear_refusal(finished, tmp_path):
         train.train(cfg, exp, mesh=_mesh())
 
 
+def test_resume_refuses_other_weights_under_the_same_model_path(finished, tmp_path):
+    """The config names models by path: a path that now holds other weights (a re-run SFT written
+    into the same directory) would silently change θ_0 and π_b of a resumed run."""
+    run = _copy(finished, tmp_path)
+    before = _snapshot(run)
+    cfg = _cfg(run, resume=True)
+    exp = _exp(cfg)
+    other = jax.tree_util.tree_map(lambda x: x * 1.001 if jnp.issubdtype(x.dtype, jnp.floating) else x, exp.params)
+    with pytest.raises(errors.ResumeConfigError, match=r"checkpoint 2 .*the initial policy \(task.policy\) "
+                                                       "loaded now has other weights"):
+        train.train(cfg, dataclasses.replace(exp, params=other), mesh=_mesh())
+    with pytest.raises(errors.ResumeConfigError, match="the reference policy π_b loaded now has other weights"):
+        train.train(cfg, dataclasses.replace(exp, ref_graphdef=exp.graphdef, ref_params=other), mesh=_mesh())
+    assert _snapshot(run) == before
+    # the same weights on another mesh (their sums taken in another order) still resume
+    res = train.train(cfg, exp, mesh=sharding.make_mesh(2, 2, 1, devices=jax.devices()[:4]))  # FSDP-sharded
+    assert res.history == []
+
+
 def test_resume_without_a_checkpoint_is_an_error_unless_asked_to_start_fresh(tmp_path):
     missing = tmp_path / "typo"
     with pytest.raises(errors.NoCheckpointError, match="no run there: is the --out-dir right"):

@@ -30,7 +30,7 @@ from flax import nnx
 
 from klq_jax import algorithms, rollout, sampling, sharding
 from klq_jax.rollout import rollout_metrics
-from klq_jax.checkpoint import Checkpointer, nonfinite_leaves
+from klq_jax.checkpoint import Checkpointer, nonfinite_leaves, params_fingerprint
 from klq_jax.errors import MeshError, NonFiniteError
 from klq_jax.config import TrainConfig
 from klq_jax.train import run_dir
@@ -224,9 +224,10 @@ def _check_before_starting(cfg: TrainConfig, experiment: Experiment) -> None:
     sampling.check_model_for_sampling(model_cfg, scfg, max((w for w in widths if w is not None), default=None))
 
 
-def _restore_or_start(cfg: TrainConfig, experiment: Experiment, ckpt: Checkpointer, state):
+def _restore_or_start(cfg: TrainConfig, experiment: Experiment, ckpt: Checkpointer, state, models: dict):
     """``(start_iteration, state)``: the newest checkpoint that restores (``cfg.resume``), checked
-    against ``cfg`` field by field, or the fresh state."""
+    against ``cfg`` field by field and against the fingerprints of the ``models`` loaded now, or
+    the fresh state."""
     if not cfg.resume:
         return 0, state
     if not ckpt.all_steps():  # run_dir allowed it: allow_fresh
@@ -247,6 +248,8 @@ def _restore_or_start(cfg: TrainConfig, experiment: Experiment, ckpt: Checkpoint
             "Resumed from checkpoint %d; skipped damaged checkpoints %s", step,
             "; ".join(f"{s} ({r})" for s, r in skipped),
         )
+    # after the shape check of restore_newest (another model size is named by its parameters)
+    run_dir.check_resume_models(meta.get("models"), models, where=f"checkpoint {step} in {cfg.out_dir}")
     _check_weights_finite(state.params, f"Checkpoint {step} in {cfg.out_dir}")
     experiment.prompts.load_state_dict(meta["prompts"])
     return int(meta["iteration"]), state
@@ -277,6 +280,8 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
         ref_params = jax.tree_util.tree_map(jnp.copy, state.params)
     else:
         ref_params = jax.device_put(ref_params, sharding.param_shardings(ref_params, mesh))
+    # What the checkpoints record of θ_0 and π_b: a resume refuses other weights under the same paths.
+    models = {"policy": params_fingerprint(state.params), "reference": params_fingerprint(ref_params)}
 
     update = jit_update_fn(make_update_fn(experiment.graphdef, cfg, optimizer), state_sh, mesh)
     # Computed inside the rollout's compiled program (one object: a static argument of that jit).
@@ -301,7 +306,7 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
     history = []
     bar = None
     try:
-        start, state = _restore_or_start(cfg, experiment, ckpt, state)
+        start, state = _restore_or_start(cfg, experiment, ckpt, state, models)
         if primary:
             run_dir.atomic_write(
                 os.path.join(cfg.out_dir, "config.json"), json.dumps(_config_to_json(cfg), indent=2)
@@ -379,6 +384,7 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
                     "iteration": it + 1,
                     "prompts": experiment.prompts.state_dict(),
                     "config": _config_to_json(cfg),
+                    "models": models,
                 }
                 run_dir.phase("checkpoint", it + 1)
                 ckpt.save(it + 1, state, meta, wait=False)  # written while the next iteration runs

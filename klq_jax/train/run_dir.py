@@ -506,6 +506,39 @@ def check_resume_config(saved: dict | None, cfg, *, where: str) -> None:
         )
 
 
+_MODEL_WHAT = {"policy": "the initial policy (task.policy)", "reference": "the reference policy π_b"}
+
+
+def check_resume_models(saved: dict | None, current: dict, *, where: str, rtol: float = 1e-4) -> None:
+    """Refuse to resume when the models loaded now are not the ones the run started from.
+
+    ``saved``/``current``: ``{"policy": fingerprint, "reference": fingerprint}``
+    (:func:`klq_jax.checkpoint.params_fingerprint`). The config names a model by its path; this
+    catches a path that now holds other weights (a re-run SFT into the same directory, another
+    KLQ_LOCAL_MODELS copy), which would silently change θ_0's value head or π_b.
+
+    Raises:
+      ResumeConfigError: a model's weights differ (by more than float rounding).
+    """
+    import math
+
+    if not saved:
+        return  # a checkpoint written before models were recorded
+    for name, now in current.items():
+        then = saved.get(name)
+        if then is None:
+            continue
+        same = len(then) == len(now) and all(
+            math.isclose(a, b, rel_tol=rtol, abs_tol=1e-30) for x, y in zip(then, now) for a, b in zip(x, y)
+        )
+        if not same:
+            raise ResumeConfigError(
+                f"Cannot resume from {where}: {_MODEL_WHAT.get(name, name)} loaded now has other weights "
+                "than the one this run started from (same config, different files?). Resume with the "
+                "original model files, or start a new run in another --out-dir."
+            )
+
+
 # ------------------------------------------------------------------------------------------
 # TensorBoard
 # ------------------------------------------------------------------------------------------
