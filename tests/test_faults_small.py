@@ -145,3 +145,24 @@ def test_tiny_klq_starts_on_8_devices_and_a_misfit_names_what_to_set(tmp_path):
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     assert "micro_batch_size=2 must be a multiple of the 8" in lines[0] and "--micro-batch-size" in lines[0]
     assert not (tmp_path / "run2").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# One set of model-config checks (klq_jax.models.checks) for the four networks
+# ------------------------------------------------------------------------------------------
+
+
+def test_every_model_config_checks_both_dtypes_and_its_sizes_alike():
+    from klq_jax.models import distilbert, gpt2, gpt_neox, llama
+
+    configs = {"GPTNeoXConfig": gpt_neox.GPTNeoXConfig.tiny, "LlamaConfig": llama.LlamaConfig.tiny,
+               "GPT2Config": gpt2.GPT2Config.tiny, "DistilBertConfig": distilbert.DistilBertConfig.tiny}
+    for name, tiny in configs.items():
+        for field in ("dtype", "param_dtype"):
+            with pytest.raises(ValueError, match=rf"^Invalid {name}: {field}='float8' must be 'float32', "
+                                                 r"'bfloat16' or 'float16'$"):
+                tiny(**{field: "float8"})
+        tiny()  # the tiny sizes are valid
+        vocab = "vocab_size"
+        with pytest.raises(ValueError, match=rf"^Invalid {name}: {vocab}=0 must be positive"):
+            tiny(**{vocab: 0})

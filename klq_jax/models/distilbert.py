@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klq_jax.models import checks
 from klq_jax.models.decoder import (
     ACTIVATIONS,
     MASK_VALUE,
@@ -76,18 +77,14 @@ class DistilBertConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "max_position_embeddings", "dim", "n_layers", "n_heads", "hidden_dim"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if not problems and self.dim % self.n_heads:
-            problems.append(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
-        if self.activation not in ("gelu", "relu"):
-            problems.append(f"activation={self.activation!r} is not supported (supported: ['gelu', 'relu'])")
+        problems = checks.positive(self, ("vocab_size", "max_position_embeddings", "dim", "n_layers",
+                                          "n_heads", "hidden_dim"))
+        if not problems:
+            problems += checks.divisible(self, "dim", "n_heads")
+        problems += checks.supported(self, "activation", ("gelu", "relu")) + checks.dtypes(self)
         if not self.labels:
             problems.append("labels must name at least one label")
-        if problems:
-            raise ValueError("Invalid DistilBertConfig: " + "; ".join(problems))
+        checks.raise_if(problems, "DistilBertConfig")
 
     @property
     def head_dim(self) -> int:

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klq_jax.models import checks
 from klq_jax.models.decoder import MLP, LayerNorm, gather_last
 from klq_jax.models.decoder import ACTIVATIONS as _ACTIVATIONS
 from klq_jax.models.decoder import MASK_VALUE as _MASK_VALUE
@@ -101,24 +102,13 @@ class GPT2Config:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if not problems and self.n_embd % self.n_head:
-            problems.append(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        problems = checks.positive(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))
+        if not problems:
+            problems += checks.divisible(self, "n_embd", "n_head")
         if self.n_inner is not None and self.n_inner <= 0:
             problems.append(f"n_inner={self.n_inner} must be positive (or None for 4 * n_embd)")
-        if self.activation_function not in _ACTIVATIONS:
-            problems.append(
-                f"activation_function={self.activation_function!r} is not supported "
-                f"(supported: {sorted(_ACTIVATIONS)})"
-            )
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                problems.append(f"{name}={getattr(self, name)!r} must be 'float32', 'bfloat16' or 'float16'")
-        if problems:
-            raise ValueError("Invalid GPT2Config: " + "; ".join(problems))
+        problems += checks.supported(self, "activation_function", _ACTIVATIONS) + checks.dtypes(self)
+        checks.raise_if(problems, "GPT2Config")
 
     @property
     def head_dim(self) -> int:

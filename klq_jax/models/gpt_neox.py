@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klq_jax.models import checks
 from klq_jax.models.decoder import (  # noqa: F401  (re-exported: the public names of a decoder)
     ACTIVATIONS as _ACTIVATIONS,
     MLP,
@@ -115,16 +116,9 @@ class GPTNeoXConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
-        if problems:
-            raise ValueError("Invalid GPTNeoXConfig: " + "; ".join(problems))
-        if self.hidden_size % self.num_heads:
-            problems.append(
-                f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
+        checks.raise_if(checks.positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                               "intermediate_size")), "GPTNeoXConfig")
+        problems = checks.divisible(self, "hidden_size", "num_heads")
         if not 0.0 < self.rotary_pct <= 1.0 or int(self.head_dim * self.rotary_pct) < 1:
             problems.append(
                 f"rotary_pct={self.rotary_pct} must be in (0, 1] and leave at least one rotary dim "
@@ -135,16 +129,10 @@ class GPTNeoXConfig:
                 f"rotary_pct={self.rotary_pct} with head_dim={self.head_dim} rotates more dims than "
                 "the head has"
             )
-        if self.hidden_act not in _ACTIVATIONS:
-            problems.append(
-                f"hidden_act={self.hidden_act!r} is not supported (supported: {sorted(_ACTIVATIONS)})"
-            )
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"dtype={self.dtype!r} must be 'float32', 'bfloat16' or 'float16'")
+        problems += checks.supported(self, "hidden_act", _ACTIVATIONS) + checks.dtypes(self)
         if self.tie_word_embeddings and not self.lm_head:
             problems.append("tie_word_embeddings=True needs lm_head=True")
-        if problems:
-            raise ValueError("Invalid GPTNeoXConfig: " + "; ".join(problems))
+        checks.raise_if(problems, "GPTNeoXConfig")
 
     @property
     def head_dim(self) -> int:
@@ -175,12 +163,8 @@ class GPTNeoXConfig:
     def from_preset(cls, name: str, **overrides) -> "GPTNeoXConfig":
         """A Pythia size by name (``"pythia-1b"``; ``-deduped`` suffixes share the shapes)."""
         key = name.split("/")[-1].lower().replace("-deduped", "").replace("eleutherai_", "")
-        if key not in PYTHIA_PRESETS:
-            raise ValueError(
-                f"Unknown GPT-NeoX preset {name!r}. Known presets: {sorted(PYTHIA_PRESETS)} "
-                "(a '-deduped' suffix is accepted)."
-            )
-        return dataclasses.replace(PYTHIA_PRESETS[key], **overrides)
+        return checks.preset(PYTHIA_PRESETS, key, name, "GPT-NeoX", "a '-deduped' suffix is accepted",
+                             overrides)
 
     @classmethod
     def tiny(cls, **overrides) -> "GPTNeoXConfig":

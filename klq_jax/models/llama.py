@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from klq_jax.models import checks
 from klq_jax.models.decoder import (  # noqa: F401  (re-exported: the public names of a decoder)
     Block,
     DecoderLM,
@@ -106,11 +107,8 @@ class LlamaConfig:
     initializer_range: float = 0.02
 
     def __post_init__(self):
-        problems = []
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name}={getattr(self, name)} must be positive")
+        problems = checks.positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                          "num_kv_heads", "head_dim", "intermediate_size"))
         if not problems and self.num_heads % self.num_kv_heads:
             problems.append(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
@@ -121,12 +119,10 @@ class LlamaConfig:
             problems.append(f"rope_type={self.rope_type!r} is not supported (supported: {list(ROPE_TYPES)})")
         elif self.rope_type == "llama3" and not self.rope_low_freq_factor < self.rope_high_freq_factor:
             problems.append("llama3 rope needs rope_low_freq_factor < rope_high_freq_factor")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            problems.append(f"dtype={self.dtype!r} must be 'float32', 'bfloat16' or 'float16'")
+        problems += checks.dtypes(self)
         if self.tie_word_embeddings and not self.lm_head:
             problems.append("tie_word_embeddings=True needs lm_head=True")
-        if problems:
-            raise ValueError("Invalid LlamaConfig: " + "; ".join(problems))
+        checks.raise_if(problems, "LlamaConfig")
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)
@@ -155,12 +151,8 @@ class LlamaConfig:
     def from_preset(cls, name: str, **overrides) -> "LlamaConfig":
         """A Llama 3.2 size by name (``"Llama-3.2-1B"``, ``"meta-llama/Llama-3.2-3B-Instruct"``)."""
         key = name.split("/")[-1].lower().removesuffix("-instruct")
-        if key not in LLAMA_PRESETS:
-            raise ValueError(
-                f"Unknown Llama preset {name!r}. Known presets: {sorted(LLAMA_PRESETS)} "
-                "(an '-Instruct' suffix and an org prefix are accepted)."
-            )
-        return dataclasses.replace(LLAMA_PRESETS[key], **overrides)
+        return checks.preset(LLAMA_PRESETS, key, name, "Llama",
+                             "an '-Instruct' suffix and an org prefix are accepted", overrides)
 
     @classmethod
     def tiny(cls, **overrides) -> "LlamaConfig":

@@ -44,6 +44,7 @@ from klq_jax.errors import (
     RunExistsError,
     RunLockedError,
 )
+from klq_jax.models.hf.files import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -148,16 +149,6 @@ def truncate_jsonl(path: str, max_iteration: int) -> int:
 # ------------------------------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _read_lock_info(path: str) -> dict:
     try:
         with open(path) as f:
@@ -232,7 +223,7 @@ class RunLock:
                     f"cannot check. If no run is using it, delete {path} and start again."
                 )
             if info and info.get("pid") not in (None, os.getpid()):
-                state = "dead" if not _pid_alive(int(info["pid"])) else "no longer holding it"
+                state = "dead" if not pid_alive(int(info["pid"])) else "no longer holding it"
                 logger.warning(
                     "Took over the stale lock of %s in %s (%s).", _describe_holder(info), out_dir, state
                 )
@@ -304,7 +295,7 @@ def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool 
     lock = os.path.join(out_dir, LOCK_NAME)
     info = _read_lock_info(lock) if os.path.exists(lock) else {}
     if info and info.get("host") == socket.gethostname() and info.get("pid") != os.getpid():
-        if _pid_alive(int(info.get("pid", 0) or 0)):
+        if pid_alive(int(info.get("pid", 0) or 0)):
             try:  # the pid may have been reused: only a held flock means a live run
                 fd = os.open(lock, os.O_RDONLY)
             except OSError:

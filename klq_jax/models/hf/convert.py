@@ -20,7 +20,6 @@ from flax import nnx
 from klq_jax.models.hf import tables
 from klq_jax.models.hf.files import (
     DTYPES,
-    TOKENIZER_FILES,
     AtomicDir,
     ConversionError,
     TensorSpec,
@@ -726,19 +725,3 @@ def load_flax(path: str | os.PathLike, *, dtype: str | None = None):
         raise ConversionError(f"{path} holds tensors {extra[:8]} that {FLAX_CONFIG_FILE}'s model lacks.")
     return config, graphdef, _fill(abstract, values)
 
-
-__all__ = [
-    "ConversionError",
-    "TOKENIZER_FILES",
-    "arch_of_config",
-    "config_from_hf",
-    "config_to_hf",
-    "hf_tensor_names",
-    "load_flax",
-    "load_hf",
-    "read_flax_config",
-    "read_flax_hf_config",
-    "read_hf_config",
-    "save_flax",
-    "save_hf",
-]

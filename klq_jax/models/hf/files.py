@@ -418,7 +418,9 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (ours included; one we may not signal
+    counts as running)."""
     if pid == os.getpid():
         return True
     try:
@@ -444,7 +446,7 @@ def clean_stale(path: Path) -> list[str]:
     pat = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
     for entry in sorted(parent.iterdir()):
         m = pat.match(entry.name)
-        if not m or _pid_alive(int(m.group(2))):
+        if not m or pid_alive(int(m.group(2))):
             continue
         if m.group(1) == "old" and not os.path.lexists(path):
             os.rename(entry, path)

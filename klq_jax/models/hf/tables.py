@@ -119,16 +119,22 @@ def _ln(ours: str, hf: str) -> tuple[tuple[str, str, Transform], ...]:
     return ((f"{ours}.scale", f"{hf}.weight", SAME), (f"{ours}.bias", f"{hf}.bias", SAME))
 
 
+def _policy_and_reward_heads(prefix: str) -> tuple[Head, Head]:
+    """A decoder's ``<prefix>ForCausalLM`` (a policy) and ``<prefix>ForSequenceClassification``
+    with one label (a reward model: a score head, no tied unembedding)."""
+    return (
+        Head(f"{prefix}ForCausalLM", {"lm_head": True, "score_head": False}),
+        Head(f"{prefix}ForSequenceClassification",
+             {"lm_head": False, "score_head": True, "tie_word_embeddings": False}, num_labels=1),
+    )
+
+
 GPT_NEOX = Arch(
     name="gpt_neox",
     config_class="GPTNeoXConfig",
     model_type="gpt_neox",
     hf_config_class="GPTNeoXConfig",
-    heads=(
-        Head("GPTNeoXForCausalLM", {"lm_head": True, "score_head": False}),
-        Head("GPTNeoXForSequenceClassification",
-             {"lm_head": False, "score_head": True, "tie_word_embeddings": False}, num_labels=1),
-    ),
+    heads=_policy_and_reward_heads("GPTNeoX"),
     fields=(
         Field("vocab_size", "vocab_size"),
         Field("hidden_size", "hidden_size"),
@@ -227,11 +233,7 @@ LLAMA = Arch(
     config_class="LlamaConfig",
     model_type="llama",
     hf_config_class="LlamaConfig",
-    heads=(
-        Head("LlamaForCausalLM", {"lm_head": True, "score_head": False}),
-        Head("LlamaForSequenceClassification",
-             {"lm_head": False, "score_head": True, "tie_word_embeddings": False}, num_labels=1),
-    ),
+    heads=_policy_and_reward_heads("Llama"),
     fields=(
         Field("vocab_size", "vocab_size"),
         Field("hidden_size", "hidden_size"),
