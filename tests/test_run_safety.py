@@ -212,6 +212,22 @@ def test_resume_accepts_logging_and_cadence_changes(finished, tmp_path):
         k: v for k, v in before.items() if k != "config.json"}
 
 
+def test_a_resume_with_other_logging_and_cadence_ends_like_the_original(finished, tmp_path):
+    """The fields that may change on --resume change nothing the run computes: a run killed after
+    checkpoint 1, resumed with other logging and save settings, ends as the uninterrupted one."""
+    run = _copy(finished, tmp_path)
+    shutil.rmtree(run / "checkpoints" / "2")  # the state after a kill before checkpoint 2 was written
+    shutil.rmtree(run / "policy")
+    cfg = _cfg(run, resume=True, save_every=5, keep_checkpoints=1, log_samples_every=0, tensorboard=False)
+    res = train.train(cfg, _exp(cfg), mesh=_mesh())
+    assert [h["iteration"] for h in res.history] == [2]
+    strip = lambda p: [{k: v for k, v in json.loads(l).items() if k not in train.loop.TIMING_KEYS}
+                       for l in open(p)]
+    assert strip(run / "metrics.jsonl") == strip(finished / "metrics.jsonl")
+    assert _snapshot(run / "policy") == _snapshot(finished / "policy")
+    assert sorted(os.listdir(run / "checkpoints")) == ["2"]  # keep_checkpoints=1, the last always saved
+
+
 def test_a_changed_model_size_is_a_clear_refusal(finished, tmp_path):
     run = _copy(finished, tmp_path)
     cfg = _cfg(run, resume=True)
