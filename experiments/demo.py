@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -162,9 +161,7 @@ def run(cfg: DemoConfig) -> dict:
     records: list[dict] = []
     results, times = {}, {}
     for algo in ("klq", "ppo"):
-        run_dir = out / algo
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
+        run_dir = out / algo  # the previous demo's run is replaced (overwrite), never a live one (locked)
         tcfg = train.TrainConfig(
             algo=AlgoConfig(name=algo, tau=cfg.tau, gamma=1.0, lam=0.95),
             optim=train.OptimConfig(learning_rate=cfg.learning_rate, schedule="linear"),
@@ -182,6 +179,7 @@ def run(cfg: DemoConfig) -> dict:
             log_samples_every=max(1, cfg.iterations // 5),
             progress=cfg.progress,
             tensorboard=False,
+            overwrite=True,
         )
         exp = task.experiment(graphdef, params, batch_size=tcfg.rollouts_per_batch, seed=cfg.seed,
                               ref_graphdef=ref_graphdef, ref_params=ref_params, decode=decode)

@@ -93,3 +93,26 @@ def test_demo_cli_rejects_bad_arguments(capsys):
     cfg = demo.parse_args(["--quick", "--out-dir", "x", "--learning-rate", "0.002"])
     assert cfg.out_dir == "x" and cfg.learning_rate == 0.002 and cfg.iterations == demo.DemoConfig.quick().iterations
 
+
+
+def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(tmp_path):
+    """The demo used to rmtree <out>/klq before training it, whoever was writing there."""
+    from klq_jax.errors import RunLockedError
+    from klq_jax.train import run_dir
+
+    live = tmp_path / "klq"
+    live.mkdir()
+    (live / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    lock = run_dir.RunLock.acquire(str(live))  # another process trains there
+    try:
+        cfg = demo.DemoConfig(out_dir=str(tmp_path), sft_steps=1, iterations=1, rollouts_per_batch=8,
+                              epochs=1, eval_every=1, samples_per_prompt=0, progress=False)
+        with pytest.raises(RunLockedError, match="in use by another training run"):
+            demo.run(cfg)
+        assert (live / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
+    finally:
+        lock.release()
+    # not live: the rerun replaces the previous run there
+    demo.run(cfg)
+    assert [json.loads(l)["iteration"] for l in (live / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert not (live / run_dir.LOCK_NAME).exists()
