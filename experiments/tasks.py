@@ -157,10 +157,20 @@ def load_validation_prompts(task: "TaskConfig", tokenizer, num_prompts: int, *, 
     return ds.select(np.arange(min(num_prompts, len(ds))))
 
 
+def _local_models_state() -> str:
+    """``KLQ_LOCAL_MODELS``'s state for an error message: unset, a missing directory, or its value."""
+    root = os.environ.get("KLQ_LOCAL_MODELS")
+    if not root:
+        return "KLQ_LOCAL_MODELS is not set"
+    return f"KLQ_LOCAL_MODELS={root}" + ("" if os.path.isdir(root) else ", a directory that does not exist")
+
+
 def _offline_hint(name: str, what: str) -> str:
     root = os.environ.get("KLQ_LOCAL_MODELS")
     where = f"/dir/{name}" if not root else os.path.join(root, name)
     state = "KLQ_LOCAL_MODELS is not set" if not root else f"looked for {where}"
+    if root and not os.path.isdir(root):
+        state = _local_models_state()
     return (
         f"Without network access, set KLQ_LOCAL_MODELS=/dir and put a copy of the {what} at "
         f"/dir/{name} ({state})."
@@ -176,11 +186,30 @@ def _is_connection_error(err: BaseException | None) -> bool:
     return False
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached, or None when it answers.
+
+    One request with a 10 s timeout and no retries (``huggingface_hub`` retries five times with
+    backoff, ~25 s of warnings, when the network is down); ``HF_HUB_OFFLINE=1`` skips it.
+    """
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as err:  # no network, DNS failure, a closed port, a timeout
+        return f"the Hugging Face Hub ({constants.ENDPOINT}) did not answer: {type(err).__name__}"
+    return None
+
+
 def _source_problem(name: str, kind: str, state: dict) -> str | None:
     """Why ``name`` (a model/tokenizer or a dataset) cannot be had, or None when it can.
 
-    ``state["offline"]`` is set after the first connection failure: later sources are then looked
-    up in the local caches only (no more network retries).
+    ``state["offline"]`` is set when the Hub did not answer (:func:`_hub_unreachable`) or after the
+    first connection failure: sources are then looked up in the local caches only (no network
+    retries).
     """
     if name.startswith("random:") or os.path.exists(name):
         return None
@@ -230,18 +259,23 @@ def check_sources(task: TaskConfig) -> None:
     if task.kind != "synthetic":
         wanted.append(("dataset", task.dataset or DEFAULT_DATASETS[task.kind], "dataset"))
     missing, seen, state = [], {}, {}
+    needs_hub = [name for _, name, _ in wanted
+                 if not (name.startswith("random:") or os.path.exists(resolve_source(name, kind="dataset")))]
+    hub_problem = _hub_unreachable() if needs_hub else None
+    state["offline"] = hub_problem is not None
     for role, name, kind in wanted:
         if (name, kind) not in seen:
             seen[(name, kind)] = _source_problem(name, kind, state)
         if seen[(name, kind)] is not None:
             missing.append(f"{role} {name!r}")
     if missing:
-        root = os.environ.get("KLQ_LOCAL_MODELS")
-        state = f"KLQ_LOCAL_MODELS={root}" if root else "KLQ_LOCAL_MODELS is not set"
+        offline = "" if hub_problem is None else (
+            f" ({hub_problem}; set HF_HUB_OFFLINE=1 to skip the Hub)" if "HF_HUB_OFFLINE" not in hub_problem
+            else " (HF_HUB_OFFLINE is set: only local copies and the local Hub cache count)")
         raise SourceNotFoundError(
-            f"{len(missing)} source(s) are neither local nor downloadable: {', '.join(missing)}. "
+            f"{len(missing)} source(s) are neither local nor downloadable: {', '.join(missing)}{offline}. "
             f"Without network access, set KLQ_LOCAL_MODELS=/dir and put a copy of each at "
-            f"/dir/<name> ({state}; datasets in the hub repo's file layout), or pass local paths."
+            f"/dir/<name> ({_local_models_state()}; datasets in the hub repo's file layout), or pass local paths."
         )
 
 

@@ -544,3 +544,24 @@ def test_offline_lists_every_missing_source_at_once(tmp_path, monkeypatch):
     h = presets.HH_TASK  # one more: HH's policy, GPT-2 reward model and dataset
     with pytest.raises(errors.SourceNotFoundError, match=rf"policy '{h.policy}', reward_model '{h.reward_model}', dataset '{h.dataset}'"):
         tasks.build_experiment(h, batch_size=4, seed=0)
+
+
+def test_klq_train_with_an_unreachable_hub_fails_in_one_line_without_retries(tmp_path):
+    """The Hub does not answer (``HF_ENDPOINT``: a localhost port bound but never listening, so
+    connections are refused): one error line naming HF_HUB_OFFLINE=1 and the missing
+    KLQ_LOCAL_MODELS directory, and none of huggingface_hub's retry warnings (~25 s of them)."""
+    import socket
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{closed.getsockname()[1]}", HF_HUB_OFFLINE="0",
+                   HF_DATASETS_OFFLINE="0", TRANSFORMERS_OFFLINE="0", HF_HOME=str(tmp_path / "hf"),
+                   KLQ_LOCAL_MODELS=str(tmp_path / "missing"), JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-m", "experiments", "train", "tldr-klq", "--out-dir",
+                               str(tmp_path / "run")], env=env, capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "Retry" not in proc.stderr and "thrown while requesting" not in proc.stderr
+    assert lines[0].startswith("klq train: error: 3 source(s) are neither local nor downloadable")
+    assert "set HF_HUB_OFFLINE=1" in lines[0]
+    assert f"KLQ_LOCAL_MODELS={tmp_path / 'missing'}, a directory that does not exist" in lines[0]
