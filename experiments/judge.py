@@ -233,6 +233,13 @@ def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
     with open(os.path.join(cmd.out_dir, "judgements.jsonl"), "w") as f:
         for r in all_records:
             f.write(json.dumps(r) + "\n")
+    failed = [r for r in all_records if r["status"] == "failed"]
+    if failed and len(failed) == len(all_records):
+        raise J.JudgeError(f"Every judgement failed ({len(failed)} requests), the first with: {failed[0]['error']}; "
+                           "check the judge's --judge.base-url, the network and the API key.")
+    if failed:
+        print(f"warning: {len(failed)} of {len(all_records)} judgements failed (they count as 'failed'; a rerun "
+              f"asks again), the first with: {failed[0]['error']}", file=sys.stderr)
     with open(os.path.join(cmd.out_dir, "judge.jsonl"), "w") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -216,6 +216,48 @@ def test_http_judge_counts_a_request_that_keeps_failing(tmp_path, monkeypatch):
         J.HTTPJudge("http://127.0.0.1:1", "m", str(tmp_path / "c"), api_key_env="NO_SUCH_KEY_VAR")
 
 
+def test_klq_judge_fails_when_every_request_fails_and_warns_when_some_do(tmp_path, capsys):
+    """Requests whose prompt holds DOWN always get HTTP 503: all failed -> one JudgeError line
+    quoting the reason; some failed -> a one-line warning with the count and the first reason."""
+    class PartlyDown(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if "DOWN" in body["messages"][1]["content"]:
+                self.send_response(503)
+                self.end_headers()
+                return
+            content = json.dumps({"Comparison": "A.", "Preferred": "A"})
+            out = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]})
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(out.encode())
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PartlyDown)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    judge = J.HTTPJudge(f"http://127.0.0.1:{httpd.server_address[1]}", "m", str(tmp_path / "c"),
+                        api_key_env="", max_retries=1, backoff_s=0.0, sleep=lambda s: None)
+
+    def judge_posts(name, posts):
+        a = _write_run(tmp_path / name / "a", [(p, "x") for p in posts])
+        b = _write_run(tmp_path / name / "b", [(p, "y") for p in posts])
+        return judge_cmd.run(judge_cmd.JudgeCommand(a=(a,), b=(b,), out_dir=str(tmp_path / name / "out")), judge=judge)
+
+    try:
+        with pytest.raises(J.JudgeError, match=r"^Every judgement failed \(4 requests\), the first with: HTTP 503"):
+            judge_posts("all", ["DOWN one", "DOWN two"])
+        capsys.readouterr()
+        (row,) = judge_posts("some", ["DOWN one", "up two", "up three"])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert row["pooled"]["failed"] == 2 and row["pooled"]["total"] == 6
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and re.match(r"warning: 2 of 6 judgements failed .* the first with: HTTP 503", warnings[0])
+
+
 # ---------------------------------------------------------------------------------- local judge
 def test_local_judge_verdict_for_every_pair_and_deterministic(tmp_path, two_runs):
     import torch
