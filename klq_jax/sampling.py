@@ -342,12 +342,17 @@ def check_model_for_sampling(model_cfg, config: "SamplingConfig", prompt_width: 
     if not model_cfg.lm_head:
         raise ValueError("sample() needs a model with an LM head (config.lm_head=True).")
     limit = model_cfg.max_position_embeddings
-    if prompt_width is not None and prompt_width + config.max_new_tokens > limit:
+    m = config.max_new_tokens
+    if prompt_width is not None and prompt_width + m > limit:
+        if m >= limit:  # no prompt fits beside the responses: only max_new_tokens can change
+            fix = f"max_new_tokens must be <= {max(limit - prompt_width, 1)}" + (
+                "" if prompt_width < limit else f" and the prompts at most {limit - 1} tokens") + "."
+        else:
+            fix = (f"Truncate (or left-trim the padding of) the prompts to at most {limit - m} tokens, "
+                   "or lower max_new_tokens.")
         raise PromptTooLongError(
-            f"Prompt length {prompt_width} + max_new_tokens {config.max_new_tokens} = "
-            f"{prompt_width + config.max_new_tokens} exceeds the model's max_position_embeddings={limit}. "
-            f"Truncate (or left-trim the padding of) the prompts to at most "
-            f"{limit - config.max_new_tokens} tokens, or lower max_new_tokens."
+            f"Prompt length {prompt_width} + max_new_tokens {m} = {prompt_width + m} exceeds the "
+            f"model's max_position_embeddings={limit}. {fix}"
         )
     V = model_cfg.vocab_size
     bad = [s for s in config.stop_token_ids if s >= V]

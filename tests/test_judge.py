@@ -3,6 +3,7 @@ server on 127.0.0.1 (both orders, A/B mapped back, a malformed answer, an HTTP 5
 resumed judgement that sends nothing twice), and a local judge model (a verdict for every pair,
 the same twice, log-probs equal to the PyTorch model's)."""
 
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -14,6 +15,7 @@ import pytest
 from scipy.stats import beta
 
 from experiments import judge as judge_cmd
+from klq_jax import errors
 from klq_jax import judge as J
 from tests.helpers import fixtures, testing
 
@@ -288,6 +290,13 @@ def test_local_judge_verdict_for_every_pair_and_deterministic(tmp_path, two_runs
             logp = torch.log_softmax(torch_model(ids).logits[0, -1].double(), -1).numpy()
         assert abs(logp[ida[0]] - r["extra"]["logp_A"]) < 1e-4 and abs(logp[idb[0]] - r["extra"]["logp_B"]) < 1e-4
         assert r["choice"] == ("A" if logp[ida[0]] > logp[idb[0]] else "B")
+    # max_tokens alone as long as the model's 512 positions: the error names max_new_tokens' bound.
+    long_cfg = dataclasses.replace(cfg, max_tokens=512)
+    cmd = judge_cmd.JudgeCommand(a=(a,), b=(b,), num_prompts=1, out_dir=str(tmp_path / "j3"), judge=long_cfg)
+    with pytest.raises(errors.PromptTooLongError) as info:
+        judge_cmd.run(cmd, judge=judge_cmd.make_judge(long_cfg, cmd.out_dir))
+    width = int(re.match(r"Prompt length (\d+) ", str(info.value)).group(1))
+    assert str(info.value).endswith(f"max_new_tokens must be <= {512 - width}.")
 
 
 def test_judge_pairs_klq_with_ppo_of_each_sweep_point(tmp_path, monkeypatch):

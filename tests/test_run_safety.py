@@ -8,6 +8,7 @@ copy of it. Tests that need no training call the run-directory code directly.
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -492,6 +493,11 @@ def test_mesh_and_prompt_length_mismatches_are_typed_errors(tmp_path):
     many = _cfg(tmp_path / "c", max_new_tokens=255)
     with pytest.raises(errors.PromptTooLongError, match="max_new_tokens 255"):
         train.train(many, _exp(many), mesh=_mesh())
+    too_many = _cfg(tmp_path / "d", max_new_tokens=256)  # alone as long as the positions: say max_new_tokens
+    with pytest.raises(errors.PromptTooLongError) as info:
+        train.train(too_many, _exp(too_many), mesh=_mesh())
+    width = int(re.match(r"Prompt length (\d+) ", str(info.value)).group(1))
+    assert str(info.value).endswith(f"max_position_embeddings=256. max_new_tokens must be <= {256 - width}.")
 
 
 def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, caplog):
