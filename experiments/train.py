@@ -104,8 +104,10 @@ def summary(cfg: RunConfig, history: list[dict]) -> str:
     """
     last = history[-1]
     penalty = last["reward"] - last["score"]
+    n, first = last.get("iteration", len(history)), history[0].get("iteration", 1)
+    resumed = f" (resumed from checkpoint {first - 1}: {len(history)} trained now)" if first > 1 else ""
     return (
-        f"done: {len(history)} iterations -> {cfg.out_dir}; last batch: score {last['score']:.4f}, "
+        f"done: {n} iteration{'' if n == 1 else 's'}{resumed} -> {cfg.out_dir}; last batch: score {last['score']:.4f}, "
         f"ω penalty {penalty:+.4f} (ω={cfg.omega:g} x {last['truncated_frac']:.0%} of responses "
         f"without a stop token), reward {last['reward']:.4f}, KL {last['kl']:.4f}, "
         f"RLHF reward {last['rlhf_reward']:.4f}"

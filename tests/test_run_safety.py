@@ -394,13 +394,29 @@ def test_klq_train_says_when_a_resumed_run_has_nothing_left(finished, tmp_path, 
     monkeypatch.setattr(sharding, "mesh_from_config", lambda _cfg: _mesh())  # one of the 8 test devices
     run = _copy(finished, tmp_path)
     shutil.rmtree(run / "policy")  # killed before its export: the resume writes it, and says so
-    for _ in range(2):  # then once more, finished: nothing to do, and it says so too
+    for progress in ("--no-progress", "--progress"):  # then once more, finished: nothing to do, and it says so too
+        tb = _snapshot(run / "tb")
         res = train_cmd.main(["tiny-klq", "--out-dir", str(run), "--total-episodes", str(16 * ITERS),
-                              "--save-every", "1", "--log-samples-every", "1", "--no-progress", "--resume"])
+                              "--save-every", "1", "--log-samples-every", "1", progress, "--resume"])
         assert res.history == []
-        assert capsys.readouterr().out == (
-            f"nothing left to train: {run} has all {ITERS} iterations and its policy/ export.\n")
+        out, err = capsys.readouterr()
+        assert out == f"nothing left to train: {run} has all {ITERS} iterations and its policy/ export.\n"
+        assert _snapshot(run / "tb") == tb and "100%" not in err  # no empty events file, no progress bar
     assert _snapshot(run / "policy") == _snapshot(finished / "policy")
+
+
+def test_the_done_line_counts_the_runs_iterations_and_says_it_resumed():
+    from types import SimpleNamespace
+
+    from experiments import train as train_cmd
+
+    cfg = SimpleNamespace(out_dir="runs/x", omega=1.0)
+    rec = dict(score=0.5, reward=0.25, truncated_frac=0.25, kl=0.1, rlhf_reward=0.2)
+    assert train_cmd.summary(cfg, [dict(rec, iteration=1)]).startswith("done: 1 iteration -> runs/x; ")
+    resumed = [dict(rec, iteration=i) for i in range(5, 33)]  # killed after checkpoint 4 of 32
+    assert train_cmd.summary(cfg, resumed).startswith(
+        "done: 32 iterations (resumed from checkpoint 4: 28 trained now) -> runs/x; last batch: score 0.5000, "
+        "ω penalty -0.2500 (ω=1 x 25% of responses")
 
 
 # ------------------------------------------------------------------------------------------

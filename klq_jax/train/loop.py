@@ -311,8 +311,9 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
             run_dir.atomic_write(
                 os.path.join(cfg.out_dir, "config.json"), json.dumps(_config_to_json(cfg), indent=2)
             )
-        logger = run_dir.RunLogger(cfg.out_dir, start, cfg.tensorboard) if primary else _SilentLogger()
-        if cfg.progress and primary:
+        left = start < cfg.num_iterations  # --resume of a finished run: no events file, no bar
+        logger = run_dir.RunLogger(cfg.out_dir, start, cfg.tensorboard and left) if primary else _SilentLogger()
+        if cfg.progress and primary and left:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.num_iterations, initial=start, desc=f"{cfg.algo.name}", unit="it")
