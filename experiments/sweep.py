@@ -23,7 +23,8 @@ iteration:
 **Run safety.** Each run directory records what it was trained with (``sweep_run.json``: the
 resolved config). A run whose directory holds a run of another config (another override, another
 preset) is refused, naming the fields that differ, unless ``--on-mismatch rerun`` (the old
-directory is moved aside to ``<dir>.stale-<n>``, never deleted). A run counts as finished when its
+directory is moved aside to ``<dir>.stale-<n>``, never deleted); a run that fails before producing
+anything leaves no directory (so no record). A run counts as finished when its
 last iteration is in ``metrics.jsonl`` with its validation, ``policy/`` is exported and the final
 completions are written; finished runs are not run again, interrupted ones resume from their
 checkpoints, so the same command continues a sweep. ``--out-dir``, ``--resume`` and ``--algo.name``
@@ -41,6 +42,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sys
 from typing import Annotated, Any, Literal
 
@@ -51,16 +53,19 @@ from experiments import train as train_cmd
 
 __all__ = ["SweepConfig", "SweepError", "RunSpec", "plan_runs", "run_sweep", "format_table", "main"]
 
-# Config fields that do not change what a run computes (logging and checkpoint cadence, where it
-# lives): a rerun may change them without counting as another run.
-IGNORED_FIELDS = frozenset({
-    "out_dir", "resume", "overwrite", "allow_fresh", "progress", "tensorboard", "log_samples_every",
-    "num_logged_samples",
-    "save_every", "keep_checkpoints",
-})
 # Owned by the sweep: refused among the per-run overrides and as grid axes.
 SWEEP_FIELDS = {"out_dir": "--out-dir", "resume": "--resume", "algo.name": "--algos"}
 RECORD = "sweep_run.json"
+
+
+def ignored_fields() -> frozenset[str]:
+    """Config fields that do not change what a run computes (where it lives, logging, checkpoint
+    cadence: ``run_dir.BOOKKEEPING_FIELDS``): a rerun may change them without counting as another
+    run. Unlike ``--resume``, a sweep rerun may not change the validation settings or the device
+    layout (the rest of ``RESUMABLE_FIELDS``): the runs of a sweep are compared by their validation."""
+    from klq_jax.train import run_dir  # imports JAX: not at `klq sweep --help`
+
+    return run_dir.BOOKKEEPING_FIELDS
 
 
 class SweepError(ValueError):
@@ -203,7 +208,7 @@ def plan_runs(cfg: SweepConfig, overrides: list[str] | None = None) -> list[RunS
 
 def _config_json(cfg) -> dict:
     full = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-    return {k: v for k, v in full.items() if k not in IGNORED_FIELDS}
+    return {k: v for k, v in full.items() if k not in ignored_fields()}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -220,7 +225,7 @@ def config_diff(old: dict, new: dict) -> list[str]:
     """``"field: old → new"`` for every differing (flattened) field of two config dicts."""
     a, b = _flatten(old), _flatten(new)
     return [f"{k}: {a.get(k, '(absent)')!r} → {b.get(k, '(absent)')!r}"
-            for k in sorted(set(a) | set(b)) if k not in IGNORED_FIELDS and a.get(k) != b.get(k)]
+            for k in sorted(set(a) | set(b)) if k not in ignored_fields() and a.get(k) != b.get(k)]
 
 
 def _write_json(path: str, obj) -> None:
@@ -270,7 +275,7 @@ def run_state(spec: RunSpec, on_mismatch: str = "refuse") -> str:
             old = json.load(f)["config"]
     elif os.path.exists(os.path.join(d, "config.json")):
         with open(os.path.join(d, "config.json")) as f:
-            old = {k: v for k, v in json.load(f).items() if k not in IGNORED_FIELDS}
+            old = {k: v for k, v in json.load(f).items() if k not in ignored_fields()}
     else:
         raise SweepError(f"{d} exists and holds no run of this sweep (no {RECORD} or config.json); "
                          "move it away or choose another --out-dir.")
@@ -326,7 +331,14 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, *, mesh=None
                 "args": list(spec.args), "config": _config_json(spec.config),
             })
             # resume from the run's checkpoint, or start it (also when killed before its first one)
-            train_cmd.run(dataclasses.replace(spec.config, resume=True, allow_fresh=True), mesh=mesh)
+            try:
+                train_cmd.run(dataclasses.replace(spec.config, resume=True, allow_fresh=True), mesh=mesh)
+            except BaseException:
+                from klq_jax.train import run_dir
+
+                if state == "new" and os.path.isdir(d) and run_dir.holds_no_result(d, also_ours=(RECORD,)):
+                    shutil.rmtree(d, ignore_errors=True)  # nothing trained: leave no record to block a rerun
+                raise
         recs = _read_records(d)
         if not recs or "eval/score" not in recs[-1]:
             raise SweepError(f"{d}/metrics.jsonl has no validation metrics at its last iteration; "

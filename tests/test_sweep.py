@@ -113,3 +113,20 @@ def test_run_safety(tmp_path, mesh, capsys):
     assert json.load(open(tmp_path / "klq-tau0.1" / "config.json"))["algo"]["lam"] == 0.9
     assert json.load(open(tmp_path / "klq-tau0.1.stale-1" / "config.json"))["algo"]["lam"] == 0.95
     assert os.path.getmtime(tmp_path / "klq-tau0.1.stale-1" / "metrics.jsonl") == stamp
+
+
+def test_a_sweep_run_that_fails_before_training_leaves_nothing_to_block_a_rerun(tmp_path, mesh):
+    """A run refused before its first iteration (a missing policy) leaves no sweep_run.json: a
+    rerun with other overrides is a new run, not a 'run trained with another config'."""
+    cfg = SweepConfig(preset="tiny-klq", taus=(0.1,), algos=("klq",), out_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no-such-policy"):
+        sweep.run_sweep(cfg, ["--task.policy", str(tmp_path / "no-such-policy"), "--eval-every", "1", *FAST],
+                        mesh=mesh)
+    assert not (tmp_path / "klq-tau0.1").exists()
+    (spec,) = sweep.plan_runs(cfg, ["--eval-every", "2", *FAST])
+    assert sweep.run_state(spec) == "new"
+    # What a sweep rerun may change: the bookkeeping group of RESUMABLE_FIELDS, not the validation.
+    from klq_jax.train import run_dir
+
+    assert sweep.ignored_fields() == run_dir.BOOKKEEPING_FIELDS
+    assert "eval_every" in run_dir.RESUMABLE_FIELDS and "eval_every" not in sweep.ignored_fields()

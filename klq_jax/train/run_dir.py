@@ -59,14 +59,17 @@ RUN_ENTRIES = (
 )
 
 # Config fields (dotted for nested ones) that may differ between a checkpoint and a resumed run:
-# they change where and how the run is logged/saved, never what it computes.
-RESUMABLE_FIELDS = frozenset({
+# they change where and how the run is logged/saved, never what it computes. In three groups:
+# where the run lives, its logging and its checkpoint cadence (what ``klq sweep`` ignores too);
+# the device layout; and the validation's cadence and prompts.
+BOOKKEEPING_FIELDS = frozenset({
     "out_dir", "resume", "overwrite", "allow_fresh",
     "progress", "tensorboard", "log_samples_every", "num_logged_samples",
     "save_every", "keep_checkpoints",
-    "mesh.data", "mesh.fsdp", "mesh.tensor", "score_micro_batch_size",
-    "eval_every", "eval_prompts", "eval_batch_size", "eval_modes", "eval_seed",
 })
+LAYOUT_FIELDS = frozenset({"mesh.data", "mesh.fsdp", "mesh.tensor", "score_micro_batch_size"})
+VALIDATION_FIELDS = frozenset({"eval_every", "eval_prompts", "eval_batch_size", "eval_modes", "eval_seed"})
+RESUMABLE_FIELDS = BOOKKEEPING_FIELDS | LAYOUT_FIELDS | VALIDATION_FIELDS
 
 
 # ------------------------------------------------------------------------------------------
@@ -284,6 +287,22 @@ def _remove_leftovers(out_dir: str) -> None:
                     os.remove(p)
 
 
+def holds_no_result(path: str, also_ours: tuple[str, ...] = ()) -> bool:
+    """Whether the directory ``path`` holds only the trainer's entries (and ``also_ours``) and no
+    result: no metrics or samples row, checkpoint, export, evaluation or skipped checkpoint."""
+    ours = set(RUN_ENTRIES) | {LOCK_NAME, TRASH_NAME} | set(also_ours)
+    for name in os.listdir(path):
+        if name not in ours and not name.startswith(TMP_PREFIX):
+            return False
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        p = os.path.join(path, name)
+        if os.path.exists(p) and os.path.getsize(p) > 0:
+            return False
+    if any(os.path.lexists(os.path.join(path, n)) for n in ("policy", "eval", "skipped_checkpoints")):
+        return False
+    return not _has_checkpoint(path)
+
+
 def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool = False) -> None:
     """The run-directory checks of :meth:`RunDir.open` that need no lock: call it before loading
     models so that a refused start fails fast. Raises what :meth:`RunDir.open` would."""
@@ -391,19 +410,7 @@ class RunDir:
         """After a run failed: remove the directory if this process created it and it holds no
         result (no metrics row, checkpoint, sample, export or anything not the trainer's), so
         that a run refused at its start leaves nothing behind. Returns whether it was removed."""
-        if self.lock is None or not self.created or not os.path.isdir(self.path):
-            return False
-        ours = set(RUN_ENTRIES) | {LOCK_NAME, TRASH_NAME}
-        for name in os.listdir(self.path):
-            if name not in ours and not name.startswith(TMP_PREFIX):
-                return False
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            p = os.path.join(self.path, name)
-            if os.path.exists(p) and os.path.getsize(p) > 0:
-                return False
-        if any(os.path.lexists(os.path.join(self.path, n)) for n in ("policy", "eval", "skipped_checkpoints")):
-            return False
-        if _has_checkpoint(self.path):
+        if self.lock is None or not self.created or not os.path.isdir(self.path) or not holds_no_result(self.path):
             return False
         shutil.rmtree(self.path, ignore_errors=True)
         self.close()
