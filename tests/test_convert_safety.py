@@ -1,8 +1,10 @@
 """klq-convert cannot delete its input, read outside it, leave debris, lose DST on --overwrite, or
 write a tokenizer that does not fit the embedding (issue 14: each example + one more of its kind)."""
 
+import ast
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,6 +189,17 @@ def test_tokenizer_larger_than_embedding_refused(tmp_path, tiny_src, capsys):
     assert _cli("hf-to-flax", src, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "70 tokens" in err and "64 rows" in err and not (tmp_path / "out").exists()
+
+
+def test_a_tokenizer_dir_without_tokenizer_files_lists_only_tokenizer_files(tmp_path, tiny_src):
+    """A model directory (config.json, generation_config.json, weights) passed as the tokenizer: the
+    error lists the tokenizer files looked for, not generation_config.json, which is there."""
+    assert (tiny_src / "generation_config.json").is_file()
+    config, _, params = hf.load_hf(tiny_src)
+    with pytest.raises(hf.ConversionError, match="No tokenizer files in") as info:
+        hf.save_hf(tmp_path / "hf", config, params, tokenizer_dir=tiny_src)
+    looked = ast.literal_eval(re.search(r"looked for (\[.*?\])", str(info.value)).group(1))
+    assert "tokenizer.json" in looked and not [n for n in looked if (tiny_src / n).exists()]
 
 
 def test_tokenizer_from_vocab_and_added_tokens_larger_than_embedding_refused(tmp_path, tiny_src):

@@ -360,9 +360,10 @@ def copy_tokenizer(src: str | os.PathLike, dst: Path, *, required: bool, vocab_s
     """Copy the tokenizer files of ``src`` into ``dst``; refuse a tokenizer larger than the embedding."""
     src = Path(src)
     found = [n for n in TOKENIZER_FILES if (src / n).is_file()]
-    if required and not [n for n in found if n != "generation_config.json"]:
+    tokenizer_files = [n for n in TOKENIZER_FILES if n != "generation_config.json"]  # copied along, not a tokenizer
+    if required and not [n for n in found if n in tokenizer_files]:
         raise ConversionError(
-            f"No tokenizer files in {src} (looked for {list(TOKENIZER_FILES)}); pass the directory "
+            f"No tokenizer files in {src} (looked for {tokenizer_files}); pass the directory "
             "that holds tokenizer.json / tokenizer_config.json."
         )
     if vocab_size is not None:
