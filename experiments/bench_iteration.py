@@ -193,6 +193,11 @@ def matmul_rate(m: int, k: int, n: int, dtype: str) -> float:
     return 2.0 * m * k * n / _best_time(lambda: f(a, b).block_until_ready())
 
 
+# A torch GEMM under this many FLOPs (``--tiny``'s) times the call and its threads' wake-up, not
+# the multiply: its rate (often "0.0 GFLOP/s" on a loaded machine) says nothing, so it is skipped.
+MIN_TORCH_PROBE_FLOPS = 1e8
+
+
 def torch_matmul_rate(m: int, k: int, n: int) -> float | None:
     """The same GEMM in float32 with torch on the CPU (None without torch)."""
     try:
@@ -605,11 +610,14 @@ def main(argv=None):
     on_gpu = jax.devices()[0].platform == "gpu"
     rates = {"jax_gemm": matmul_rate(*gemm_shape, args.dtype),
              "mem_bw": memory_bandwidth(1 << 30 if on_gpu else 1 << 28)}
-    if not on_gpu:
+    torch_part = ""
+    if not on_gpu and 2.0 * gemm_shape[0] * gemm_shape[1] * gemm_shape[2] < MIN_TORCH_PROBE_FLOPS:
+        torch_part = ", torch not measured (too small a GEMM to time)"
+    elif not on_gpu:
         rates["torch_gemm"] = torch_matmul_rate(*gemm_shape)
+        torch_part = f", torch {rates['torch_gemm'] / 1e9:.1f} GFLOP/s" if rates["torch_gemm"] else ""
     print(f"  GEMM {gemm_shape[0]}x{gemm_shape[1]}x{gemm_shape[2]} {args.dtype}: jax {rates['jax_gemm'] / 1e9:.1f} "
-          f"GFLOP/s" + (f", torch {rates['torch_gemm'] / 1e9:.1f} GFLOP/s" if rates.get("torch_gemm") else "")
-          + f"; memory read {rates['mem_bw'] / 1e9:.1f} GB/s", flush=True)
+          f"GFLOP/s{torch_part}; memory read {rates['mem_bw'] / 1e9:.1f} GB/s", flush=True)
 
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.perf_counter()

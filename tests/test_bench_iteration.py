@@ -19,6 +19,8 @@ def test_tiny_run_prints_every_phase(tmp_path, capsys):
     for phase in bench_iteration.PHASES + ("iteration", "episodes/s"):
         assert phase in lines, f"no line for {phase!r} in:\n{text}"
     assert "AMD" in text or "Intel" in text or "machine:" in text  # the CPU model line
+    (gemm,) = [line for line in text.splitlines() if line.strip().startswith("GEMM ")]
+    assert "torch not measured (too small a GEMM to time)" in gemm  # not a meaningless "torch 0.0 GFLOP/s"
     saved = json.loads(out.read_text())
     for phase in bench_iteration.PHASES + ("iteration",):
         s = saved["klq"][phase]
