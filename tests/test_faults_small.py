@@ -13,6 +13,7 @@ import pytest
 
 from experiments import presets, tasks
 from klq_jax import sharding, train
+from tests.helpers import testing
 
 
 def _klq(*args, cwd, devices=1):
@@ -118,16 +119,6 @@ def test_the_tiny_presets_split_over_1_2_4_and_8_devices(name):
             assert size % n == 0
 
 
-def _phase_lines(proc, wanted):
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.strip() == wanted:
-            return
-    proc.wait()
-    raise AssertionError(f"exited (rc {proc.returncode}) before {wanted!r}:\n" + "".join(seen[-20:]))
-
-
 def test_tiny_klq_starts_on_8_devices_and_a_misfit_names_what_to_set(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
                KLQ_PHASE_MARKERS="1")
@@ -135,7 +126,7 @@ def test_tiny_klq_starts_on_8_devices_and_a_misfit_names_what_to_set(tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:  # past the batch-size checks: the first iteration starts sampling
-        _phase_lines(proc, "klq-phase sample 1")
+        testing.wait_for_stderr_line(proc, "klq-phase sample 1")
     finally:
         proc.kill()
         proc.wait()

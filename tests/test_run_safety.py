@@ -23,6 +23,7 @@ from klq_jax import errors, sharding, train
 from klq_jax.checkpoint import Checkpointer
 from klq_jax.models.load import load_model
 from klq_jax.train import run_dir
+from tests.helpers import testing
 
 ITERS = 2
 
@@ -80,22 +81,11 @@ def _trainer(out_dir, hold):
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-def _wait_line(proc, wanted):
-    """Read the trainer's stderr until ``wanted`` (no deadline: an early exit fails the test)."""
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        if line.strip() == wanted:
-            return
-    proc.wait()
-    raise AssertionError(f"trainer exited (rc {proc.returncode}) before printing {wanted!r}:\n" + "".join(seen[-20:]))
-
-
 def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_path):
     out = tmp_path / "run"
     proc = _trainer(out, "sample@1")
     try:
-        _wait_line(proc, "klq-phase held sample 1")  # it owns the directory now
+        testing.wait_for_stderr_line(proc, "klq-phase held sample 1")  # it owns the directory now
         cfg = _cfg(out)
         with pytest.raises(errors.RunLockedError, match=f"pid {proc.pid} on host"):
             train.train(cfg, _exp(cfg), mesh=_mesh())

@@ -243,3 +243,19 @@ def hf_forward(model, tokens, mask) -> np.ndarray:
             position_ids=torch.as_tensor(position_ids(mask)),
         )
     return out.logits.float().numpy()
+
+
+def wait_for_stderr_line(proc, wanted: str) -> None:
+    """Read a ``subprocess.Popen``'s text stderr until a line equals ``wanted``.
+
+    No deadline (a loaded machine is slow, not wrong): if the process exits first, fail naming the
+    line it waited for, with its last 20 lines of stderr.
+    """
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.strip() == wanted:
+            return
+    proc.wait()
+    raise AssertionError(f"the process exited (rc {proc.returncode}) before printing {wanted!r}:\n"
+                         + "".join(seen[-20:]))
