@@ -47,6 +47,8 @@ import time
 
 import numpy as np
 
+from experiments import benchenv
+
 PRESETS = {
     # The issue-17 CPU shape (TRL's layout: PPO with a separate critic initialised from the RM).
     "cpu": dict(model="pythia-70m", batch=16, prompt_len=64, new_tokens=32, temperature=0.7, epochs=4,
@@ -97,13 +99,10 @@ def parse_args(argv=None):
                    help="also run TRL's PPOTrainer on the same weights and shapes (needs trl==1.12.0)")
     p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint phase")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--isa", choices=["native", "avx2"], default="native",
-                   help="cap both libraries' vector ISA (avx2: an AVX2 machine's code on an AVX-512 one; see experiments/benchenv.py)")
+    benchenv.add_isa_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    from experiments.benchenv import cap_isa
-
-    args.isa_env = cap_isa(args.isa)  # before jax/torch are imported
+    args.isa_env = benchenv.cap_isa(args.isa)  # before jax/torch are imported
     preset = PRESETS["tiny" if args.tiny else "gpu" if args.gpu else "cpu"]
     for k, v in preset.items():
         if getattr(args, k) is None:

@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from experiments import benchenv
+
 PRESETS = {
     "cpu": dict(model="pythia-70m", batch=16, prompt_len=128, new_tokens=32, dtype="float32", repeats=3),
     "gpu-paper": dict(model="pythia-1b", batch=192, prompt_len=512, new_tokens=53, dtype="bfloat16", repeats=5),
@@ -58,13 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="torch device for generate (default: cuda if available)")
     p.add_argument("--skip-hf", action="store_true", help="time only the JAX sampler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--isa", choices=["native", "avx2"], default="native",
-                   help="cap both libraries' vector ISA (avx2: an AVX2 machine's code on an AVX-512 one; see experiments/benchenv.py)")
+    benchenv.add_isa_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    from experiments.benchenv import cap_isa
-
-    args.isa_env = cap_isa(args.isa)  # before jax/torch are imported
+    args.isa_env = benchenv.cap_isa(args.isa)  # before jax/torch are imported
     preset = PRESETS["gpu-paper" if args.gpu_paper else "cpu"]
     for k, v in preset.items():
         if getattr(args, k) is None:

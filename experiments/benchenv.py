@@ -21,6 +21,14 @@ import sys
 ISAS = ("native", "avx2")
 
 
+def add_isa_argument(parser) -> None:
+    """Add ``--isa {native,avx2}`` to a benchmark's ``argparse`` parser (apply it with
+    :func:`cap_isa` right after parsing, before jax or torch is imported)."""
+    parser.add_argument("--isa", choices=list(ISAS), default="native",
+                        help="cap both libraries' vector ISA (avx2: an AVX2 machine's code on an "
+                        "AVX-512 one; see experiments/benchenv.py)")
+
+
 def cap_isa(isa: str) -> dict[str, str]:
     """Set the environment so JAX and torch use at most ``isa``; returns what it set.
 
