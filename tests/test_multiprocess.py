@@ -15,10 +15,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments import presets, tasks
-from klq_jax import train
 from klq_jax.checkpoint import Checkpointer
-from klq_jax.train.loop import TIMING_KEYS
+from tests.helpers import testing
 
 ITERS = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,20 +62,9 @@ def _wait(procs):
         assert p.returncode == 0, err.decode()[-3000:]
 
 
-def _metrics(out_dir):
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
 def _final_params(out_dir):
-    cfg = presets.get("tiny-klq")
-    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
-    opt, _ = train.make_optimizer(cfg.optim, 1)
-    target = jax.eval_shape(
-        lambda p: train.TrainState(p, opt.init(p), jax.numpy.zeros((), jax.numpy.int32),
-                                   jax.random.key_data(jax.random.key(0))), exp.params)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # restore onto this process's device
-    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), target)
+    target = testing.tiny_klq_state_target(one)
     ck = Checkpointer(os.path.join(out_dir, "checkpoints"))
     assert ck.latest_step() == ITERS
     state, meta = ck.restore(None, target)
@@ -91,7 +78,7 @@ def test_two_processes_equal_one_and_resume_after_sigkill(tmp_path):
     _wait(_launch(2, 2, two))
 
     # The same run: parameters and every metric (but wall-clock timings) to 1e-5.
-    m1, m2 = _metrics(one), _metrics(two)
+    m1, m2 = testing.metrics_without_timings(one), testing.metrics_without_timings(two)
     assert [r["iteration"] for r in m2] == list(range(1, ITERS + 1))
     for r1, r2 in zip(m1, m2):
         assert r1.keys() == r2.keys()
@@ -124,7 +111,7 @@ def test_two_processes_equal_one_and_resume_after_sigkill(tmp_path):
         p.wait()
     assert sorted(d for d in os.listdir(killed / "checkpoints") if d.isdigit()) == ["1"]
     _wait(_launch(2, 2, killed, "--resume"))
-    assert _metrics(killed) == m2  # bit-identical
+    assert testing.metrics_without_timings(killed) == m2  # bit-identical
     pk, metak = _final_params(killed)
     same = jax.tree_util.tree_map(lambda a, b: bool(np.array_equal(a, b)), pk, p2)
     assert all(jax.tree_util.tree_leaves(same))

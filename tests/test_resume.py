@@ -22,11 +22,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from experiments import presets, tasks
-from klq_jax import train
 from klq_jax.checkpoint import Checkpointer
 from klq_jax.train import run_dir
 from klq_jax.train.loop import TIMING_KEYS
+from tests.helpers import testing
 
 ITERS = 3
 KILLS = 10
@@ -139,12 +138,7 @@ def _choose(rng, category, out_dir, exports_seen=0):
 
 
 def _checkpoint_contents(out_dir):
-    cfg = presets.get("tiny-klq")
-    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
-    opt, _ = train.make_optimizer(cfg.optim, 1)
-    target = jax.eval_shape(
-        lambda p: train.TrainState(p, opt.init(p), jax.numpy.zeros((), jax.numpy.int32),
-                                   jax.random.key_data(jax.random.key(0))), exp.params)
+    target = testing.tiny_klq_state_target()
     ck = Checkpointer(os.path.join(out_dir, "checkpoints"))
     out = {}
     try:
@@ -166,10 +160,6 @@ def _scalars(out_dir):
     assert len(keys) == len(set(keys)), "a TensorBoard step appears twice"
     return sorted(rows)
 
-
-def _metrics(out_dir):
-    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
 def test_ten_sigkills_then_resume_match_an_uninterrupted_run(tmp_path):
@@ -205,8 +195,8 @@ def test_ten_sigkills_then_resume_match_an_uninterrupted_run(tmp_path):
     done = subprocess.run(_cmd(clean), env=_env(cache), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    assert [r["iteration"] for r in _metrics(killed)] == list(range(1, ITERS + 1)), kills
-    assert _metrics(killed) == _metrics(clean), kills  # bit-identical but for wall-clock timings
+    assert [r["iteration"] for r in testing.metrics_without_timings(killed)] == list(range(1, ITERS + 1)), kills
+    assert testing.metrics_without_timings(killed) == testing.metrics_without_timings(clean), kills  # bit-identical but for wall-clock timings
     assert open(killed / "samples.jsonl").read() == open(clean / "samples.jsonl").read()
     assert _scalars(killed) == _scalars(clean)
     ck_k, ck_c = _checkpoint_contents(killed), _checkpoint_contents(clean)

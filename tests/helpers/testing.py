@@ -259,3 +259,34 @@ def wait_for_stderr_line(proc, wanted: str) -> None:
     proc.wait()
     raise AssertionError(f"the process exited (rc {proc.returncode}) before printing {wanted!r}:\n"
                          + "".join(seen[-20:]))
+
+
+def tiny_klq_state_target(sharding=None):
+    """The abstract ``TrainState`` of a ``tiny-klq`` run (``ShapeDtypeStruct`` leaves, placed by
+    ``sharding`` when given): the target to restore its checkpoints into."""
+    import jax
+
+    from experiments import presets, tasks
+    from klq_jax import train
+
+    cfg = presets.get("tiny-klq")
+    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed)
+    opt, _ = train.make_optimizer(cfg.optim, 1)
+    target = jax.eval_shape(
+        lambda p: train.TrainState(p, opt.init(p), jax.numpy.zeros((), jax.numpy.int32),
+                                   jax.random.key_data(jax.random.key(0))), exp.params)
+    if sharding is not None:
+        target = jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
+    return target
+
+
+def metrics_without_timings(out_dir) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``, without the wall-clock timing fields."""
+    import json
+
+    from klq_jax.train.loop import TIMING_KEYS
+
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
