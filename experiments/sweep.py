@@ -229,10 +229,9 @@ def config_diff(old: dict, new: dict) -> list[str]:
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    from klq_jax.train import run_dir  # imports JAX: not at `klq sweep --help`
+
+    run_dir.atomic_write(path, json.dumps(obj, indent=2))
 
 
 def _read_records(run_dir: str) -> list[dict]:
