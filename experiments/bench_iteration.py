@@ -222,19 +222,23 @@ def memory_bandwidth(nbytes: int) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def forward_flops(cfg, rows: int, seq: int, *, keys: int | None = None, logit_positions: int = 0) -> float:
+def forward_flops(cfg, rows: int, seq: int, *, keys: int | None = None, logit_positions: int = 0,
+                  queries: int | None = None) -> float:
     """FLOPs of one GPT-NeoX forward as klq_jax computes it (multiply-adds count 2).
 
     ``rows × seq`` tokens through the trunk (QKV, attention output, MLP: ``2·(4D² + 2DF)`` per
     token and layer), attention scores and context against ``keys`` key slots per query (``seq``
     by default: the full square is computed, masked), the unembedding at ``logit_positions`` per
-    row (``2·D·V`` each). Heads of one output (value, score) and elementwise work are left out.
+    row (``2·D·V`` each). ``queries``: the last layer computes its query, attention and MLP at
+    only that many positions per row (``model(..., queries_from=seq - queries)``; the keys and
+    values at all ``seq``). Heads of one output (value, score) and elementwise work are left out.
     """
     D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.vocab_size
     keys = seq if keys is None else keys
-    tokens = rows * seq
-    trunk = 2.0 * tokens * L * (4 * D * D + 2 * D * F)
-    attention = 2.0 * 2.0 * rows * seq * keys * D * L
+    q_last = seq if queries is None else queries
+    per_token = 4 * D * D + 2 * D * F  # QKV 3D², attention output D², MLP 2DF (multiply-adds)
+    trunk = 2.0 * rows * ((L - 1) * seq * per_token + seq * 2 * D * D + q_last * (2 * D * D + 2 * D * F))
+    attention = 2.0 * 2.0 * rows * ((L - 1) * seq + q_last) * keys * D
     unembed = 2.0 * rows * logit_positions * D * V
     return trunk + attention + unembed
 
@@ -251,24 +255,25 @@ def phase_work(args, policy_cfg, critic_cfg, rm_cfg) -> dict[str, dict]:
     sample: prefill over ``B × Tq`` + ``T − 1`` decode steps attending to the whole cache of
     ``Tq + T − 1`` slots; its bytes are what every decode step reads (weights + KV cache), which
     bounds a small-batch decode. score: policy (+ critic), reference and reward-model forwards over
-    ``Tq + T`` tokens (logits at the ``T`` response positions). update: ``epochs × B`` rows of
-    forward + backward (3× the forward).
+    ``Tq + T`` tokens (logits at the ``T`` response positions, the last layer from the last prompt
+    token on). update: ``epochs × B`` rows of forward + backward (3× the forward).
     """
     B, Tq, T = args.batch, args.prompt_len, args.new_tokens
     S, full = Tq + T - 1, Tq + T
     db = 2 if args.dtype == "bfloat16" else 4
-    # The prefill's last layer runs its attention output and MLP at the last position only: counted
-    # in full here (an overcount of < 1/L of the trunk), with the unembedding of that position.
-    prefill = forward_flops(policy_cfg, B, Tq) + 2.0 * B * policy_cfg.hidden_size * policy_cfg.vocab_size
+    # The prefill's last layer runs its attention output and MLP at the last position only, then
+    # the unembedding of that position.
+    prefill = forward_flops(policy_cfg, B, Tq, queries=1, logit_positions=1)
     step = forward_flops(policy_cfg, B, 1, keys=S, logit_positions=1)
     kv_bytes = 2.0 * policy_cfg.num_layers * B * S * policy_cfg.hidden_size * db
     sample = {"flops": prefill + (T - 1) * step,
               "bytes": (T - 1) * (weight_bytes(policy_cfg, db) + kv_bytes),
               "step_flops": step, "step_bytes": weight_bytes(policy_cfg, db) + kv_bytes,
               "prefill_flops": prefill}
-    policy = forward_flops(policy_cfg, B, full, logit_positions=T)
-    critic = forward_flops(critic_cfg, B, full) if critic_cfg is not None else 0.0
-    score = policy + critic + policy + forward_flops(rm_cfg, B, full)
+    # Scoring and training run the last layer from the last prompt token on (T + 1 positions).
+    policy = forward_flops(policy_cfg, B, full, logit_positions=T, queries=T + 1)
+    critic = forward_flops(critic_cfg, B, full, queries=T + 1) if critic_cfg is not None else 0.0
+    score = policy + critic + policy + forward_flops(rm_cfg, B, full, queries=T + 1)
     update = 3.0 * args.epochs * (policy + critic)
     return {"sample": sample, "score": {"flops": score}, "targets": {"flops": 0.0},
             "update": {"flops": update}, "checkpoint": {"flops": 0.0}}
@@ -430,13 +435,20 @@ class KlqIteration:
             phase["sample"] = phase.pop("rollout") - phase.get("reward", 0.0)
             phase["score"] = phase.pop("reward", 0.0)
         phase.update(targets=t2 - t1, update=t3 - t2, checkpoint=0.0, iteration=t3 - t0)
-        if self.ckpt is not None:  # as train() saves: asynchronously, written while the next iteration runs
+        phase["write"] = 0.0
+        if self.ckpt is not None:  # as train() saves: asynchronously (the loop waits only for the copy)
             self.ckpt.save(it + 1, self.state, {"iteration": it + 1}, wait=False)
-            phase["checkpoint"] = time.perf_counter() - t3
+            t4 = time.perf_counter()
+            phase["checkpoint"] = t4 - t3
+            # The background write is waited for here, outside the iteration's time: train() saves every
+            # `save_every` (50) iterations, and a write left running would steal the cores from the next
+            # phase timed (or from TRL's iteration with --peer trl, which does not save).
+            self.ckpt.finish_pending()
+            phase["write"] = time.perf_counter() - t4
         phase["response_tokens"] = float(np.asarray(ro.response_mask).sum())
         self.times.append(phase)
         print(f"  klq_jax iteration {it + 1}: " + ", ".join(f"{k} {phase[k]:.3f}s" for k in PHASES + ("iteration",))
-              + f"; load {load():.1f}", flush=True)
+              + f"; background write {phase['write']:.3f}s (not in the iteration); load {load():.1f}", flush=True)
         return phase
 
     def close(self) -> float:
@@ -697,8 +709,11 @@ def main(argv=None):
         print(f"update MFU: " + (f"{mfu:.1%} of {peak / 1e12:.0f} TFLOP/s bf16 ({kind})" if mfu else
                                  f"unknown peak for {kind}") + f"; peak memory "
               + (f"{peak_mem / 2**30:.1f} GiB" if peak_mem else "n/a"))
-    print(f"checkpoint: the loop waits {res['klq']['checkpoint']['best']:.3f}s per save; closing waited "
-          f"{ckpt_finish:.3f}s; load {load_start:.2f} -> {load_end:.2f}")
+    write = summarise(klq.times, "write")
+    res["klq"]["checkpoint_write"] = write
+    print(f"checkpoint: the loop waits {res['klq']['checkpoint']['best']:.3f}s per save; the background write then "
+          f"takes {write['best']:.3f}s (waited for outside the iteration's time; train() saves every 50 "
+          f"iterations by default); load {load_start:.2f} -> {load_end:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=float)

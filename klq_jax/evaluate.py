@@ -477,7 +477,7 @@ def _jitted_next_logprobs():
 
     def next_logprobs(graphdef, params, tokens, mask, temperature):
         model = nnx.merge(graphdef, params)
-        hidden = model(tokens, mask, logits=False).hidden[:, -1]
+        hidden = model(tokens, mask, logits=False, queries_from=tokens.shape[1] - 1).hidden[:, -1]
         logits = model.logits(hidden).astype(jnp.float32) / temperature
         return jax.nn.log_softmax(logits, axis=-1)
 

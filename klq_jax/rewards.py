@@ -89,7 +89,10 @@ def _reward_model_scores_traced(graphdef, params, prompt_ids, prompt_mask, respo
         model = nnx.merge(graphdef, params)
         tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
         mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
-        return model(tokens, mask, logits=False).scores.astype(jnp.float32)
+        # The last real token is at or after the last prompt slot (left-padded prompts): the last
+        # layer runs only from there on.
+        out = model(tokens, mask, logits=False, queries_from=p_ids.shape[1] - 1)
+        return out.scores.astype(jnp.float32)
 
     return rollout.map_micro_batches(
         forward, (prompt_ids, prompt_mask, response_ids, response_mask), micro_batch_size,

@@ -128,8 +128,9 @@ def response_logprobs_traced(
         model = nnx.merge(graphdef, params)
         tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
         mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
-        out = model(tokens, mask, logits=False)
-        h = out.hidden[:, Tq - 1 : Tq + Tr - 1]  # the hidden state that predicts each response token
+        # Outputs only from the last prompt token on (the last layer skips the rest of the prompt).
+        out = model(tokens, mask, logits=False, queries_from=Tq - 1)
+        h = out.hidden[:, :Tr]  # the hidden state that predicts each response token
         real = r_mask != 0
         logits = model.logits(h)
         logp = jnp.where(real, token_logprobs(logits, r_ids.astype(jnp.int32), temperature=temperature), 0.0)
@@ -137,7 +138,7 @@ def response_logprobs_traced(
         # (klq_jax.models.critic.PolicyWithCritic) with its own trunk.
         values = None
         if out.values is not None:
-            values = jnp.where(real, out.values[:, Tq - 1 : Tq + Tr - 1], 0.0)
+            values = jnp.where(real, out.values[:, :Tr], 0.0)
         return logp, values
 
     return map_micro_batches(

@@ -6,6 +6,7 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from experiments import bench_iteration
 from klq_jax.models import gpt_neox
@@ -39,7 +40,8 @@ def test_tiny_run_prints_every_phase(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("grad", [False, True])
-def test_forward_flops_match_xla_cost_analysis(grad):
+@pytest.mark.parametrize("queries", [None, 5])
+def test_forward_flops_match_xla_cost_analysis(grad, queries):
     # Matmul-dominated shapes: the elementwise work XLA also counts is ~1% (ReLU here: XLA counts
     # the exact GELU's erf as a ~60-flop polynomial per element, which the FLOP model leaves out).
     cfg = gpt_neox.GPTNeoXConfig(vocab_size=256, hidden_size=128, num_layers=2, num_heads=4,
@@ -49,10 +51,14 @@ def test_forward_flops_match_xla_cost_analysis(grad):
     tokens = jnp.ones((rows, seq), jnp.int32)
     mask = jnp.ones((rows, seq), jnp.int32)
 
+    q_from = None if queries is None else seq - queries
+
     def loss(p):
-        return gpt_neox.apply(gd, p, tokens, mask).logits.sum()
+        return nnx.merge(gd, p)(tokens, mask, queries_from=q_from).logits.sum()
 
     fn = jax.grad(loss) if grad else loss
     xla = jax.jit(fn).lower(params).cost_analysis()["flops"]
-    ours = bench_iteration.forward_flops(cfg, rows, seq, logit_positions=seq) * (3 if grad else 1)
+    n_logits = seq if queries is None else queries
+    ours = bench_iteration.forward_flops(cfg, rows, seq, logit_positions=n_logits, queries=queries)
+    ours *= 3 if grad else 1
     assert ours == pytest.approx(xla, rel=0.03), (ours, xla)

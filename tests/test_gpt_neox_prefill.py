@@ -1,5 +1,6 @@
-"""The sampler's prefill fast path (``model(..., prefill=True)``) against the plain cached forward,
-for every decoder (GPT-NeoX parallel / sequential, Llama with GQA and llama3 rope)."""
+"""The last-layer shortcuts against the plain forward, for every decoder (GPT-NeoX parallel /
+sequential, Llama with GQA and llama3 rope): the sampler's prefill (``model(..., prefill=True)``)
+and ``queries_from`` (outputs only from a position on, as scoring and training use it)."""
 
 import jax
 import jax.numpy as jnp
@@ -48,3 +49,44 @@ def test_prefill_needs_a_cache():
     model = nnx.merge(*gpt_neox.init(cfg, jax.random.key(0)))
     with pytest.raises(ValueError, match="needs a cache"):
         model(jnp.ones((1, 3), jnp.int32), jnp.ones((1, 3)), prefill=True)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("q", [0, 3, 6])
+def test_queries_from_matches_the_full_forward_sliced(name, q):
+    graphdef, params = MODELS[name]()
+    model = nnx.merge(graphdef, params)
+    tokens = jax.random.randint(jax.random.key(2), (3, 7), 1, model.config.vocab_size)
+    # left-padded prompts of 4 + right-padded responses of 3 (a row with an empty response)
+    mask = jnp.array([[0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0, 0]])
+    ref = model(tokens, mask)
+    out = model(tokens, mask, queries_from=q)
+    assert out.hidden.shape == (3, 7 - q, model.config.hidden_size)
+    np.testing.assert_allclose(out.logits, ref.logits[:, q:], atol=1e-5)
+    np.testing.assert_allclose(out.values, ref.values[:, q:], atol=1e-5)
+    if q <= 3:  # every row's last real token is at position >= 3 (the last prompt slot)
+        np.testing.assert_allclose(out.scores, ref.scores, atol=1e-5)
+
+
+def test_queries_from_matches_through_a_gradient():
+    """The training loss's gradient with the shortcut equals the full forward's."""
+    graphdef, params = MODELS["neox-parallel"]()
+    tokens = jax.random.randint(jax.random.key(3), (2, 6), 1, 50)
+    mask = jnp.array([[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]])
+
+    def loss(p, q):
+        out = nnx.merge(graphdef, p)(tokens, mask, queries_from=q)
+        sl = slice(None) if q is not None else slice(2, None)
+        return jnp.sum(out.logits[:, sl] ** 2) * 1e-3 + jnp.sum(out.values[:, sl])
+
+    g_full = jax.grad(loss)(params, None)
+    g_fast = jax.grad(loss)(params, 2)
+    for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_fast)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [-1, 7, 2.0])
+def test_queries_from_out_of_range_is_refused(bad):
+    model = nnx.merge(*MODELS["neox-parallel"]())
+    with pytest.raises(ValueError, match="queries_from"):
+        model(jnp.ones((1, 7), jnp.int32), jnp.ones((1, 7)), queries_from=bad)

@@ -51,11 +51,14 @@ class PolicyWithCritic(nnx.Module):
         self.config = policy.config.replace(value_head=True)
 
     def __call__(
-        self, tokens, mask, *, cache=None, logits: bool = True, prefill: bool = False
+        self, tokens, mask, *, cache=None, logits: bool = True, prefill: bool = False,
+        queries_from: int | None = None,
     ) -> gpt_neox.ModelOutput:
-        out = self.policy(tokens, mask, cache=cache, logits=logits, prefill=prefill)
+        out = self.policy(tokens, mask, cache=cache, logits=logits, prefill=prefill,
+                          queries_from=queries_from)
         if cache is None:
-            out = out._replace(values=self.critic(tokens, mask, logits=False).values)
+            values = self.critic(tokens, mask, logits=False, queries_from=queries_from).values
+            out = out._replace(values=values)
         return out
 
     def logits(self, hidden):

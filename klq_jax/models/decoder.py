@@ -235,7 +235,11 @@ class Block(nnx.Module):
     parallel ``x + attn(n1(x)) + mlp(n2(x))`` (GPT-NeoX/Pythia).
 
     The network passes in its own norms, attention (called as
-    ``attention(h, cos, sin, attn_bias, cache_kv, cache_index, local=, last_only=)``) and MLP.
+    ``attention(h, cos, sin, attn_bias, cache_kv, cache_index, local=, queries_from=)``) and MLP.
+
+    ``queries_from`` (a static int or None): compute the layer's output only at positions
+    ``queries_from …  T-1`` (``[B, T - queries_from, D]``); the keys/values still cover every position.
+    Used for the last layer, whose outputs at earlier positions nobody reads.
     """
 
     def __init__(self, input_layernorm, attention, post_attention_layernorm, mlp, *, parallel: bool):
@@ -245,15 +249,15 @@ class Block(nnx.Module):
         self.attention = attention
         self.mlp = mlp
 
-    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, last_only=False):
-        if last_only:
-            attn_bias = attn_bias[:, :, -1:]
+    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, queries_from=None):
+        if queries_from is not None:
+            attn_bias = attn_bias[:, :, queries_from:]
         attn, new_kv = self.attention(
             self.input_layernorm(x), cos, sin, attn_bias, cache_kv, cache_index,
-            local=local, last_only=last_only,
+            local=local, queries_from=queries_from,
         )
-        if last_only:
-            x = x[:, -1:]
+        if queries_from is not None:
+            x = x[:, queries_from:]
         if self.parallel:
             x = x + attn + self.mlp(self.post_attention_layernorm(x))
         else:
@@ -316,7 +320,7 @@ class DecoderLM(nnx.Module):
     """Shared forward pass and heads of a decoder-only transformer.
 
     A subclass builds ``embed_in [V, D]``, ``layers`` (blocks called as
-    ``block(x, cos, sin, attn_bias, cache_kv, cache_index, local=, last_only=)``), a
+    ``block(x, cos, sin, attn_bias, cache_kv, cache_index, local=, queries_from=)``), a
     ``final_layer_norm`` and calls :meth:`_init_heads`; it defines :meth:`rotary` (positions →
     cos, sin).
     """
@@ -346,6 +350,7 @@ class DecoderLM(nnx.Module):
         cache: KVCache | None = None,
         logits: bool = True,
         prefill: bool = False,
+        queries_from: int | None = None,
     ) -> ModelOutput:
         """Run the network.
 
@@ -362,6 +367,13 @@ class DecoderLM(nnx.Module):
             **at the last position only**, so ``hidden``/``logits``/``values`` come back
             ``[B, 1, ...]`` (``scores`` reads that position). The cache gets the keys/values of
             every position, exactly as without ``prefill``.
+          queries_from: a static int ``q`` (``0 <= q < T``) or None: the outputs are wanted only at
+            positions ``q … T-1``. The last layer's attention output and MLP, the final norm and the
+            heads then run only there (every layer's keys/values still cover all ``T`` positions),
+            and ``hidden``/``logits``/``values`` come back ``[B, T - q, ...]``; the values equal
+            ``out[:, q:]`` of the full pass. Scoring and training a policy on prompt + response
+            want only the ``Tr + 1`` positions from the last prompt token on: this skips the last
+            layer's work on the rest of the prompt. ``prefill`` implies ``q = T - 1``.
 
         Returns:
           :class:`ModelOutput`.
@@ -376,6 +388,15 @@ class DecoderLM(nnx.Module):
             )
         B, T = tokens.shape
         mask_i = mask.astype(jnp.int32)
+        if prefill:
+            queries_from = T - 1
+        if queries_from is not None and not (
+            isinstance(queries_from, int) and 0 <= queries_from < T
+        ):
+            raise ValueError(
+                f"queries_from={queries_from!r} must be a Python int in [0, {T}) (the sequence length "
+                "is T), or None for outputs at every position."
+            )
         if prefill and cache is None:
             raise ValueError(
                 "prefill=True needs a cache (an empty one from init_cache): it writes the prompt's "
@@ -407,7 +428,7 @@ class DecoderLM(nnx.Module):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x, new_kv = layer(
                 x, cos, sin, attn_bias, kv, cache_index,
-                local=prefill, last_only=prefill and i == n_layers - 1,
+                local=prefill, queries_from=queries_from if i == n_layers - 1 else None,
             )
             if new_kv is not None:
                 new_k.append(new_kv[0])
@@ -427,7 +448,8 @@ class DecoderLM(nnx.Module):
             hidden=hidden,
             logits=self.logits(hidden) if (logits and c.lm_head) else None,
             values=self.values(hidden) if c.value_head else None,
-            scores=(self.scores(hidden, mask[:, -1:] if prefill else mask) if c.score_head else None),
+            scores=(self.scores(hidden, mask if queries_from is None else mask[:, queries_from:])
+                    if c.score_head else None),
             cache=new_cache,
         )
 

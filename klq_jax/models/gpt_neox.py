@@ -260,26 +260,28 @@ class Attention(nnx.Module):
         cache_index: Array | None,
         *,
         local: bool = False,
-        last_only: bool = False,
+        queries_from: int | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """x ``[B, T, D]`` → ``[B, T, D]``; ``attn_bias [B, 1, T, S]`` additive; cache ``[B, H, S, hd]``.
 
         ``local``: the new keys/values are written to the cache but the queries attend only to the
-        ``T`` new ones (an empty cache; ``attn_bias`` is then ``[B, 1, T, T]``). ``last_only``: only
-        the last query position is computed (output ``[B, 1, D]``; ``attn_bias [B, 1, 1, ·]``).
+        ``T`` new ones (an empty cache; ``attn_bias`` is then ``[B, 1, T, T]``). ``queries_from = q``:
+        only the query positions ``q … T-1`` are computed (output ``[B, T - q, D]``;
+        ``attn_bias [B, 1, T - q, ·]``); the keys/values still cover all ``T``.
         """
         c = self.config
         dt = x.dtype
         w = self.qkv_kernel[...].astype(dt)
         b = self.qkv_bias[...].astype(jnp.float32) if c.attention_bias else None
-        if last_only:
-            # Keys/values for every position (they go to the cache), the query only for the last.
+        if queries_from is not None:
+            # Keys/values for every position (attended to / cached), queries only from `queries_from` on.
+            qf = queries_from
             kv = jnp.einsum("btd,dkhe->btkhe", x, w[:, 1:], preferred_element_type=jnp.float32)
-            q = jnp.einsum("btd,dhe->bthe", x[:, -1:], w[:, 0], preferred_element_type=jnp.float32)
+            q = jnp.einsum("btd,dhe->bthe", x[:, qf:], w[:, 0], preferred_element_type=jnp.float32)
             if b is not None:
                 kv, q = kv + b[1:], q + b[0]
             k, v = kv[:, :, 0].astype(dt), kv[:, :, 1].astype(dt)
-            q = apply_rotary(q.astype(dt), cos[:, -1:], sin[:, -1:], c.rotary_dim)
+            q = apply_rotary(q.astype(dt), cos[:, qf:], sin[:, qf:], c.rotary_dim)
         else:
             qkv = jnp.einsum("btd,dkhe->btkhe", x, w, preferred_element_type=jnp.float32)
             if b is not None:
@@ -313,7 +315,7 @@ def _block(c: GPTNeoXConfig, rngs: nnx.Rngs) -> Block:
 class GPTNeoX(DecoderLM):
     """The GPT-NeoX network with optional LM, value and score heads (see the module docstring).
 
-    The forward pass (``model(tokens, mask, cache=, logits=, prefill=)``) and the heads are
+    The forward pass (``model(tokens, mask, cache=, logits=, prefill=, queries_from=)``) and the heads are
     :class:`klq_jax.models.decoder.DecoderLM`'s.
     """
 

@@ -207,15 +207,16 @@ class Attention(nnx.Module):
         self.out_kernel = nnx.Param(normal(rngs, (c.num_heads, c.head_dim, c.hidden_size), std, pd),
                                     axes=("heads", "head_dim", "embed"))
 
-    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, last_only=False):
-        """x ``[B, T, D]`` → ``[B, T, D]`` (``[B, 1, D]`` with ``last_only``); see ``decoder.Block``."""
+    def __call__(self, x, cos, sin, attn_bias, cache_kv, cache_index, *, local=False, queries_from=None):
+        """x ``[B, T, D]`` → ``[B, T, D]`` (``[B, T - queries_from, D]``); see ``decoder.Block``."""
         c = self.config
         dt = x.dtype
 
         def proj(h, w):
             return jnp.einsum("btd,dhe->bthe", h, w[...].astype(dt), preferred_element_type=jnp.float32).astype(dt)
 
-        xq, cq, sq = (x[:, -1:], cos[:, -1:], sin[:, -1:]) if last_only else (x, cos, sin)
+        qf = queries_from
+        xq, cq, sq = (x, cos, sin) if qf is None else (x[:, qf:], cos[:, qf:], sin[:, qf:])
         q = apply_rotary(proj(xq, self.q_kernel), cq, sq, c.head_dim)
         k = apply_rotary(proj(x, self.k_kernel), cos, sin, c.head_dim)
         v = proj(x, self.v_kernel)
