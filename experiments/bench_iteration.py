@@ -6,7 +6,8 @@ KLQ or PPO, a value head on the policy or TRL's separate critic), timed phase by
 
 * **sample**: :func:`klq_jax.sampling.sample` (prefill + KV-cache decode);
 * **score**: the scoring forwards of :func:`klq_jax.rollout.make_rollout` (``log π`` and ``V`` of
-  the policy, ``log π_b`` of the reference, ``R_φ`` of the reward model) and the rewards;
+  the policy, ``log π_b`` of the reference, ``R_φ`` of the reward model) and the rewards; with
+  ``--logp sampler`` (the CPU preset, as TRL) ``log π`` is the sampler's and only ``V`` is computed;
 * **targets**: the algorithm's fixed targets (GAE / λ-returns);
 * **update**: the jitted, donated update (epochs × minibatches × micro-batches of forward+backward
   and AdamW steps);
@@ -22,8 +23,9 @@ GEMM of the model's own shape (and the decode's bytes by the measured memory ban
 ``--peer trl`` runs TRL's ``PPOTrainer`` (trl 1.12, ``trl.experimental.ppo``; ``pip install -e
 .[bench]``) on the same random weights and shapes in the same process, its iterations interleaved
 with ours (one of ours runs in TRL's ``on_step_end`` callback, so background load hits both alike),
-and prints the ratio per phase. TRL's scoring takes ``log π`` from the generation's logits; its
-"targets" are the KL-shaped rewards + GAE + whitening; it does not checkpoint here.
+and prints the ratio per phase. TRL's scoring takes ``log π`` from the generation's logits (as ours
+with ``--logp sampler``); its "targets" are the KL-shaped rewards + GAE + whitening; it does not
+checkpoint (ours waits for its background write outside the timed phases).
 
 Usage::
 
@@ -53,15 +55,15 @@ PRESETS = {
     # The issue-17 CPU shape (TRL's layout: PPO with a separate critic initialised from the RM).
     "cpu": dict(model="pythia-70m", batch=16, prompt_len=64, new_tokens=32, temperature=0.7, epochs=4,
                 minibatches=1, micro_batch=None, score_micro_batch=None, algo="ppo", layout="critic",
-                dtype="float32", repeats=2),
+                logp="sampler", dtype="float32", repeats=2),
     # Seconds on CPU: the smoke test of this script.
     "tiny": dict(model="tiny", batch=4, prompt_len=8, new_tokens=4, temperature=0.7, epochs=2,
                  minibatches=1, micro_batch=None, score_micro_batch=None, algo="ppo", layout="critic",
-                 dtype="float32", repeats=1),
+                 logp="sampler", dtype="float32", repeats=1),
     # The paper's TL;DR shape on one accelerator: Pythia-1B policy, π_b and reward model, value head.
     "gpu": dict(model="pythia-1b", batch=192, prompt_len=512, new_tokens=53, temperature=0.7, epochs=4,
                 minibatches=1, micro_batch=48, score_micro_batch=48, algo="klq", layout="value-head",
-                dtype="bfloat16", repeats=2),
+                logp="forward", dtype="bfloat16", repeats=2),
 }
 
 PHASES = ("sample", "score", "targets", "update", "checkpoint")
@@ -93,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--algo", choices=["ppo", "klq"])
     p.add_argument("--layout", choices=["critic", "value-head"],
                    help="critic: TRL's separate value network from the reward model; value-head: the paper's")
+    p.add_argument("--logp", choices=["forward", "sampler"],
+                   help="θ_old's log π: recomputed by a scoring forward (exact; the GPU preset's) or the "
+                   "sampler's own log-probs (TrainConfig.logp_from_sampler; TRL's way, the CPU preset's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype")
     p.add_argument("--repeats", type=int, help="timed iterations after the compiling one")
     p.add_argument("--peer", choices=["none", "trl"], default="none",
@@ -273,7 +278,13 @@ def phase_work(args, policy_cfg, critic_cfg, rm_cfg) -> dict[str, dict]:
     # Scoring and training run the last layer from the last prompt token on (T + 1 positions).
     policy = forward_flops(policy_cfg, B, full, logit_positions=T, queries=T + 1)
     critic = forward_flops(critic_cfg, B, full, queries=T + 1) if critic_cfg is not None else 0.0
-    score = policy + critic + policy + forward_flops(rm_cfg, B, full, queries=T + 1)
+    # With --logp sampler the scoring pass of the policy computes only the values: the critic alone
+    # (no policy forward), or a value head's trunk without the unembedding.
+    if args.logp == "sampler":
+        own = 0.0 if critic_cfg is not None else forward_flops(policy_cfg, B, full, queries=T + 1)
+    else:
+        own = policy
+    score = own + critic + policy + forward_flops(rm_cfg, B, full, queries=T + 1)
     update = 3.0 * args.epochs * (policy + critic)
     return {"sample": sample, "score": {"flops": score}, "targets": {"flops": 0.0},
             "update": {"flops": update}, "checkpoint": {"flops": 0.0}}
@@ -391,6 +402,7 @@ class KlqIteration:
             micro_batch_size=args.micro_batch, epochs=args.epochs, total_episodes=args.batch * n_iter,
             max_new_tokens=args.new_tokens, temperature=args.temperature, omega=1.0,
             score_micro_batch_size=args.score_micro_batch, seed=args.seed, out_dir=workdir,
+            logp_from_sampler=args.logp == "sampler",
         )
         self.mesh = sharding.make_mesh(devices=jax.devices()[:1])  # one chip (or the whole CPU)
         optimizer, _ = make_optimizer(self.cfg.optim, self.cfg.num_iterations * self.cfg.steps_per_iteration,
@@ -422,6 +434,7 @@ class KlqIteration:
             self.gd, self.state.params, self.ref_gd, self.ref_params, self.reward_fn, ids, mask, key,
             self.sampling_cfg, omega=self.cfg.omega, micro_batch_size=self.cfg.score_micro_batch_size,
             timings=phase, fuse=False,  # phase by phase (training fuses them into one program)
+            logp_from_sampler=self.cfg.logp_from_sampler,
         )
         jax.block_until_ready(ro)
         t1 = time.perf_counter()
@@ -608,6 +621,7 @@ def main(argv=None):
     print(f"bench_iteration: {args.model} B={args.batch} prompt={args.prompt_len} new={args.new_tokens} "
           f"T={args.temperature} epochs={args.epochs}x{args.minibatches} minibatch(es), micro {args.micro_batch}, "
           f"{args.algo.upper()} with {'a separate critic' if args.layout == 'critic' else 'a value head'}, "
+          f"log π_old from the {'sampler' if args.logp == 'sampler' else 'scoring forward'}, "
           f"{args.dtype}; peer: {args.peer}", flush=True)
     print(f"  machine: {info['cpu']}, {info['cpu_count']} cores; jax {info['jax']} on {info['backend']} "
           f"({info['device']}); load {load_start:.2f}"
@@ -660,7 +674,7 @@ def main(argv=None):
     work = phase_work(args, pcfg, critic_cfg, rm_cfg)
     res = {"setup": {k: getattr(args, k) for k in ("model", "batch", "prompt_len", "new_tokens", "temperature",
                                                    "epochs", "minibatches", "micro_batch", "score_micro_batch",
-                                                   "algo", "layout", "dtype", "repeats", "peer")},
+                                                   "algo", "layout", "logp", "dtype", "repeats", "peer")},
            "machine": dict(info, load_start=load_start, load_end=load_end), "rates": rates,
            "klq": {}, "trl": {}, "ratio": {}, "checkpoint_finish_s": ckpt_finish, "peak_bytes": peak_mem}
 

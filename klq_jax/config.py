@@ -211,6 +211,9 @@ class TrainConfig:
       top_p: nucleus sampling mass (1.0: off).
       omega: ω, the penalty subtracted from R_φ when a response has no stop token.
       score_micro_batch_size: rows per scoring forward (None: the whole batch).
+      logp_from_sampler: take θ_old's log π from the sampler's own log-probs (TRL's way) instead
+        of a scoring forward of the policy: with a separate critic the policy's forward is skipped,
+        with a value head its unembedding. Equal up to float rounding; off by default (exact).
       seed: seeds the prompt order, the sampler and the minibatch shuffles.
       out_dir: run directory (metrics.jsonl, samples.jsonl, tb/, checkpoints/, config.json).
       save_every: checkpoint every this many iterations (and at the end).
@@ -251,6 +254,7 @@ class TrainConfig:
     top_p: float = 1.0
     omega: float = 1.0
     score_micro_batch_size: int | None = None
+    logp_from_sampler: bool = False
     seed: int = 0
     out_dir: str = "runs/default"
     save_every: int = 50

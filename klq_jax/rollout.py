@@ -117,23 +117,28 @@ def check_micro_batch_size(micro_batch_size):
 
 def response_logprobs_traced(
     graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask, temperature,
-    micro_batch_size=None, groups=1,
+    micro_batch_size=None, groups=1, with_logp=True,
 ):
     """The body of :func:`response_logprobs` (no checks), to trace inside a larger ``jit``;
-    ``groups``: see :func:`map_micro_batches`."""
+    ``groups``: see :func:`map_micro_batches`. ``with_logp=False``: only the values (``logp`` comes
+    back None): the unembedding is skipped, and a separate critic runs without the policy."""
     Tq = prompt_ids.shape[1]
     Tr = response_ids.shape[1]
 
     def forward(p_ids, p_mask, r_ids, r_mask):
         model = nnx.merge(graphdef, params)
+        if not with_logp:
+            model = model.value_network()
         tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
         mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
         # Outputs only from the last prompt token on (the last layer skips the rest of the prompt).
         out = model(tokens, mask, logits=False, queries_from=Tq - 1)
-        h = out.hidden[:, :Tr]  # the hidden state that predicts each response token
         real = r_mask != 0
-        logits = model.logits(h)
-        logp = jnp.where(real, token_logprobs(logits, r_ids.astype(jnp.int32), temperature=temperature), 0.0)
+        logp = None
+        if with_logp:
+            h = out.hidden[:, :Tr]  # the hidden state that predicts each response token
+            logits = model.logits(h)
+            logp = jnp.where(real, token_logprobs(logits, r_ids.astype(jnp.int32), temperature=temperature), 0.0)
         # V(s_t) from the model's own output: a head on the policy's body, or a separate critic
         # (klq_jax.models.critic.PolicyWithCritic) with its own trunk.
         values = None
@@ -251,16 +256,21 @@ def _check_scores(scores, rows: int):
 
 
 def _score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids, prompt_mask,
-           res, config, micro_batch_size, mesh):
-    """One forward of π and one of π_b over ``x ⧺ y`` (traced; rows stay sharded)."""
+           res, config, micro_batch_size, mesh, logp_from_sampler=False):
+    """One forward of π and one of π_b over ``x ⧺ y`` (traced; rows stay sharded).
+
+    ``logp_from_sampler``: ``log π`` is the sampler's own (``res.logprobs``) and the policy's
+    forward computes only the values (the critic alone, or the trunk without the unembedding)."""
     groups = 1 if mesh is None else sharding.data_parallel_size(mesh)
     policy_params = sharding.gather_fsdp(policy_params, mesh)  # gather weights, never the batch
     ref_params = sharding.gather_fsdp(ref_params, mesh)
     t = config.temperature
     logp, values = response_logprobs_traced(
         policy_graphdef, policy_params, prompt_ids, prompt_mask, res.tokens, res.mask, t,
-        micro_batch_size, groups,
+        micro_batch_size, groups, with_logp=not logp_from_sampler,
     )
+    if logp_from_sampler:
+        logp = jnp.where(res.mask != 0, res.logprobs, 0.0)
     ref_logp, _ = response_logprobs_traced(
         ref_graphdef, ref_params, prompt_ids, prompt_mask, res.tokens, res.mask, t,
         micro_batch_size, groups,
@@ -269,14 +279,14 @@ def _score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids,
 
 
 def _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids,
-                        prompt_mask, key, config, micro_batch_size, mesh):
+                        prompt_mask, key, config, micro_batch_size, mesh, logp_from_sampler):
     """Sample, then score (traced; rows stay sharded)."""
     prompt_ids, prompt_mask = sharding.constrain_batch((prompt_ids, prompt_mask), mesh)
     policy_params = sharding.gather_fsdp(policy_params, mesh)  # once, for sampling and scoring
     ref_params = sharding.gather_fsdp(ref_params, mesh)
     res = sample_traced(policy_graphdef, policy_params, prompt_ids, prompt_mask, key, config, mesh)
     return _score(policy_graphdef, policy_params, ref_graphdef, ref_params, prompt_ids, prompt_mask,
-                  res, config, micro_batch_size, mesh)
+                  res, config, micro_batch_size, mesh, logp_from_sampler)
 
 
 def _device_scores(reward, prompt_ids, prompt_mask, response_ids, response_mask, mesh):
@@ -301,15 +311,18 @@ def _assemble(scored, scores, omega, finish, mesh):
     return ro, (finish(ro) if finish is not None else None)
 
 
-_STATIC = ("policy_graphdef", "ref_graphdef", "config", "micro_batch_size", "mesh", "finish")
+_STATIC = ("policy_graphdef", "ref_graphdef", "config", "micro_batch_size", "mesh",
+           "logp_from_sampler", "finish")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _rollout_on_device(policy_graphdef, policy_params, ref_graphdef, ref_params, reward,
-                       prompt_ids, prompt_mask, key, omega, config, micro_batch_size, mesh, finish):
+                       prompt_ids, prompt_mask, key, omega, config, micro_batch_size, mesh,
+                       logp_from_sampler, finish):
     """Sample → score → R_φ → rewards → ``finish`` as ONE program (a :class:`DeviceReward`)."""
     scored = _generate_and_score(policy_graphdef, policy_params, ref_graphdef, ref_params,
-                                 prompt_ids, prompt_mask, key, config, micro_batch_size, mesh)
+                                 prompt_ids, prompt_mask, key, config, micro_batch_size, mesh,
+                                 logp_from_sampler)
     res = scored[2]
     scores = _device_scores(reward, scored[0], scored[1], res.tokens, res.mask, mesh)
     return _assemble(scored, scores, omega, finish, mesh)
@@ -337,6 +350,7 @@ def make_rollout(
     mesh=None,
     finish: Callable[[Rollout], Any] | None = None,
     fuse: bool = True,
+    logp_from_sampler: bool = False,
 ):
     """The experience phase of Algorithms 1-2: sample, score with π, π_b and R_φ, place rewards.
 
@@ -377,6 +391,12 @@ def make_rollout(
       fuse: run a :class:`~klq_jax.types.DeviceReward` rollout as one program (the fastest);
         ``False`` runs sample, score, reward and the rest as separate programs (the same results;
         to time the phases, e.g. ``experiments/bench_iteration.py``).
+      logp_from_sampler: take ``logp`` (θ_old's ``log π``) from the sampler's own log-probs, as
+        TRL does, instead of recomputing it with a forward over ``x ⧺ y``: the scoring forward
+        then computes only the values (a separate critic runs alone; a value head's trunk runs
+        without the unembedding). The two agree up to float rounding (the KV-cache decode and
+        the full forward round differently: ~1e-6 in float32, more in bf16), so the first
+        epoch's PPO ratio is 1 only up to that rounding. Default False: the exact recomputation.
 
     Returns:
       :class:`klq_jax.types.Rollout`, or ``(rollout, finish(rollout))`` when ``finish`` is given.
@@ -414,7 +434,8 @@ def make_rollout(
         prompt_ids, prompt_mask = jnp.asarray(prompt_ids), jnp.asarray(prompt_mask)
     omega = jnp.float32(omega)
     t0 = time.perf_counter()
-    common = dict(config=sampling_config, micro_batch_size=micro_batch_size, mesh=mesh)
+    common = dict(config=sampling_config, micro_batch_size=micro_batch_size, mesh=mesh,
+                  logp_from_sampler=bool(logp_from_sampler))
     if fuse and isinstance(reward_fn, DeviceReward):
         ro, out = _rollout_on_device(
             policy_graphdef, policy_params, ref_graphdef, ref_params, reward_fn, prompt_ids,

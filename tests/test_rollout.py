@@ -249,3 +249,44 @@ def test_make_rollout_checks_reward_fn_shape(policy, reference, rollout_and_eos)
             gd, p, rgd, rp, lambda pi, pm, ri, rm: rm, ro.prompt_ids, ro.prompt_mask,
             jax.random.key(0), cfg, micro_batch_size=3,
         )
+
+
+@pytest.mark.parametrize("layout", ["value-head", "critic"])
+def test_logp_from_sampler_skips_the_policy_forward_and_keeps_the_rest(policy, reference, reward_model,
+                                                                       rollout_and_eos, layout):
+    """``logp_from_sampler=True``: logp is the sampler's, values / ref_logp / rewards are the
+    recomputing rollout's (same key: same samples), and in the critic layout the policy's trunk
+    does not run while scoring (its parameters get no gradient through the values)."""
+    from klq_jax.models import critic as critic_lib
+
+    ro_ref, _, cfg = rollout_and_eos
+    _, _, gd, p = policy
+    _, _, rgd, rp = reference
+    _, _, mgd, mp = reward_model
+    if layout == "critic":
+        gd, p = critic_lib.with_critic_from_reward_model(gd, p, mgd, mp)
+    reward = functools.partial(reward_model_scores, mgd, mp)
+    args = (gd, p, rgd, rp, reward, ro_ref.prompt_ids, ro_ref.prompt_mask, jax.random.key(11), cfg)
+    exact = make_rollout(*args, omega=1.5, micro_batch_size=3)
+    fast = make_rollout(*args, omega=1.5, micro_batch_size=3, logp_from_sampler=True)
+    mask = np.asarray(fast.response_mask)
+    np.testing.assert_array_equal(np.asarray(fast.response_ids), np.asarray(exact.response_ids))
+    np.testing.assert_array_equal(np.asarray(fast.logp), np.asarray(fast.sample_logp) * (mask != 0))
+    np.testing.assert_allclose(np.asarray(fast.logp), np.asarray(exact.logp), atol=1e-4)
+    for name in ("values", "ref_logp", "rewards", "scores"):
+        np.testing.assert_allclose(np.asarray(getattr(fast, name)), np.asarray(getattr(exact, name)),
+                                   atol=1e-5, err_msg=name)
+    if layout == "critic":  # the scoring program reads no policy weight
+        from flax import nnx
+
+        from klq_jax import rollout as rollout_lib
+
+        def values_only(params):
+            _, v = rollout_lib.response_logprobs_traced(
+                gd, params, ro_ref.prompt_ids, ro_ref.prompt_mask, fast.response_ids,
+                fast.response_mask, 1.0, with_logp=False)
+            return v.sum()
+
+        grads = nnx.to_pure_dict(jax.grad(values_only)(p))
+        assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads["policy"]))
+        assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree_util.tree_leaves(grads["critic"]))

@@ -64,6 +64,10 @@ class PolicyWithCritic(nnx.Module):
     def logits(self, hidden):
         return self.policy.logits(hidden)
 
+    def value_network(self) -> gpt_neox.GPTNeoX:
+        """The critic: a forward of it alone gives the values (scoring without ``log π``)."""
+        return self.critic
+
     def values(self, hidden):
         raise ValueError(
             "PolicyWithCritic computes values with the critic's own trunk: read ModelOutput.values "

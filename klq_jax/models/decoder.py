@@ -455,6 +455,11 @@ class DecoderLM(nnx.Module):
 
     # -- heads ---------------------------------------------------------------------------------
 
+    def value_network(self) -> "DecoderLM":
+        """The module whose forward gives ``ModelOutput.values``: this one (a value head on the
+        trunk; :class:`klq_jax.models.critic.PolicyWithCritic` returns its separate critic)."""
+        return self
+
     def unembedding(self) -> Array:
         """The ``[D, V]`` unembedding matrix (``embed_in.T`` when tied)."""
         if not self.config.lm_head:

@@ -295,6 +295,7 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
             experiment.graphdef, params, ref_graphdef, ref_params, experiment.reward_fn,
             prompt_ids, prompt_mask, key, scfg, omega=cfg.omega,
             micro_batch_size=cfg.score_micro_batch_size, timings=timings, mesh=mesh, finish=finish,
+            logp_from_sampler=cfg.logp_from_sampler,
         )
 
     validator = _make_validator(cfg, experiment, run_rollout, sampling_config=sampling_cfg)
