@@ -251,13 +251,15 @@ def test_make_rollout_checks_reward_fn_shape(policy, reference, rollout_and_eos)
         )
 
 
-@pytest.mark.parametrize("layout", ["value-head", "critic"])
+@pytest.mark.parametrize("layout,fused", [("value-head", False), ("critic", False), ("critic", True)])
 def test_logp_from_sampler_skips_the_policy_forward_and_keeps_the_rest(policy, reference, reward_model,
-                                                                       rollout_and_eos, layout):
+                                                                       rollout_and_eos, layout, fused):
     """``logp_from_sampler=True``: logp is the sampler's, values / ref_logp / rewards are the
     recomputing rollout's (same key: same samples), and in the critic layout the policy's trunk
-    does not run while scoring (its parameters get no gradient through the values)."""
+    does not run while scoring (its parameters get no gradient through the values). ``fused``: a
+    device reward, so the whole rollout is one program (the training loop's path)."""
     from klq_jax.models import critic as critic_lib
+    from klq_jax.rewards import make_rm_reward_fn
 
     ro_ref, _, cfg = rollout_and_eos
     _, _, gd, p = policy
@@ -265,7 +267,7 @@ def test_logp_from_sampler_skips_the_policy_forward_and_keeps_the_rest(policy, r
     _, _, mgd, mp = reward_model
     if layout == "critic":
         gd, p = critic_lib.with_critic_from_reward_model(gd, p, mgd, mp)
-    reward = functools.partial(reward_model_scores, mgd, mp)
+    reward = make_rm_reward_fn(mgd, mp) if fused else functools.partial(reward_model_scores, mgd, mp)
     args = (gd, p, rgd, rp, reward, ro_ref.prompt_ids, ro_ref.prompt_mask, jax.random.key(11), cfg)
     exact = make_rollout(*args, omega=1.5, micro_batch_size=3)
     fast = make_rollout(*args, omega=1.5, micro_batch_size=3, logp_from_sampler=True)
