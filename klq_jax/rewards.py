@@ -57,6 +57,7 @@ import numpy as np
 from flax import nnx
 
 from klq_jax import rollout
+from klq_jax.sampling import _concrete
 from klq_jax.types import DeviceReward
 
 Array = jax.Array
@@ -90,8 +91,8 @@ def _reward_model_scores_traced(graphdef, params, prompt_ids, prompt_mask, respo
         tokens = jnp.concatenate([p_ids, r_ids], axis=1).astype(jnp.int32)
         mask = jnp.concatenate([p_mask.astype(bool), r_mask != 0], axis=1)
         # The last real token is at or after the last prompt slot (left-padded prompts): the last
-        # layer runs only from there on.
-        out = model(tokens, mask, logits=False, queries_from=p_ids.shape[1] - 1)
+        # layer runs only from there on (a row that ends before it scores NaN).
+        out = model(tokens, mask, logits=False, queries_from=max(p_ids.shape[1] - 1, 0))
         return out.scores.astype(jnp.float32)
 
     return rollout.map_micro_batches(
@@ -156,6 +157,7 @@ def reward_model_scores(
     """
     rollout.check_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask, "reward_model_scores")
     rollout.check_micro_batch_size(micro_batch_size)
+    _check_ends_after_prompt(prompt_mask, response_mask)
     if not nnx.merge(graphdef, params).config.score_head:
         raise ValueError(
             "reward_model_scores needs a reward model with a score head (GPTNeoXConfig(score_head=True), "
@@ -164,6 +166,20 @@ def reward_model_scores(
     return _reward_model_scores(
         graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask, micro_batch_size
     )
+
+
+def _check_ends_after_prompt(prompt_mask, response_mask) -> None:
+    """Refuse rows whose ``x ⧺ y`` ends before the last prompt slot (scored from that slot on)."""
+    if not (_concrete(prompt_mask) and _concrete(response_mask)) or np.shape(prompt_mask)[1] == 0:
+        return
+    pm, rm = np.asarray(prompt_mask) != 0, np.asarray(response_mask) != 0
+    bad = pm.any(axis=1) & ~pm[:, -1] & ~rm.any(axis=1)
+    if bad.any():
+        rows = np.nonzero(bad)[0].tolist()
+        raise ValueError(
+            f"reward_model_scores: rows {rows[:10]} have an empty response and padding in the last "
+            "prompt slot; the score is read from that slot on, so left-pad the prompts (pad at the start)."
+        )
 
 
 def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_size: int | None = None) -> DeviceReward:
@@ -180,7 +196,9 @@ def make_rm_reward_fn(graphdef: nnx.GraphDef, params: nnx.State, *, micro_batch_
     Returns:
       a :class:`klq_jax.types.DeviceReward` (the rollout fuses it into its compiled program);
       calling it, ``reward_fn(prompt_ids [B, Tq], prompt_mask [B, Tq], response_ids [B, Tr],
-      response_mask [B, Tr]) -> [B]`` float32, scores a batch directly.
+      response_mask [B, Tr]) -> [B]`` float32, scores a batch directly. Prompts left-padded: the
+      score is computed from the last prompt slot on, so a row that ends before it (an empty
+      response after a right-padded prompt) scores NaN (:func:`reward_model_scores` refuses it).
 
     Example: see the module docstring.
     """

@@ -68,6 +68,19 @@ def test_queries_from_matches_the_full_forward_sliced(name, q):
         np.testing.assert_allclose(out.scores, ref.scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", list(MODELS))
+def test_queries_from_score_of_a_row_that_ends_before_q_is_nan(name):
+    """A row whose last real token is before ``q`` has no score computed: NaN, not a padding slot's
+    score; an all-padding row (a micro-batch's filler) stays finite."""
+    model = nnx.merge(*MODELS[name]())
+    tokens = jax.random.randint(jax.random.key(4), (3, 6), 1, model.config.vocab_size)
+    mask = jnp.array([[1, 1, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0], [0, 1, 1, 1, 1, 0]])
+    out = model(tokens, mask, queries_from=3)
+    ref = model(tokens, mask)
+    assert np.isnan(float(out.scores[0])) and np.isfinite(float(out.scores[1]))
+    np.testing.assert_allclose(out.scores[2], ref.scores[2], atol=1e-5)
+
+
 def test_queries_from_matches_through_a_gradient():
     """The training loss's gradient with the shortcut equals the full forward's."""
     graphdef, params = MODELS["neox-parallel"]()

@@ -44,6 +44,25 @@ def test_same_tokenizer_scores_equal_unpadded_sequences():
     assert np.std(got) > 1e-3
 
 
+def test_same_tokenizer_rows_that_end_before_the_last_prompt_slot():
+    """The score is computed from the last prompt slot on (``queries_from``): a row whose x ⧺ y ends
+    earlier (a right-padded prompt with an empty response) is refused by name, and a DeviceReward
+    called on one gives NaN rather than a padding slot's score; an empty prompt (Tq = 0) scores the
+    response alone."""
+    gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(lm_head=False, score_head=True), jax.random.key(3))
+    pids, pmask = np.array([[5, 6, 0], [0, 5, 6]]), np.array([[1, 1, 0], [0, 1, 1]])
+    rids, rmask = np.zeros((2, 2), np.int32), np.zeros((2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"rows \[0\].*left-pad"):
+        rewards.reward_model_scores(gd, p, pids, pmask, rids, rmask)
+    got = np.asarray(rewards.make_rm_reward_fn(gd, p)(pids, pmask, rids, rmask))
+    ref = float(gpt_neox.apply(gd, p, jnp.array([[5, 6]]), jnp.ones((1, 2))).scores[0])
+    assert np.isnan(got[0]) and abs(got[1] - ref) <= 1e-5
+    resp, rm = np.array([[5, 6], [7, 0]]), np.array([[1.0, 1.0], [1.0, 0.0]])
+    got = np.asarray(rewards.reward_model_scores(gd, p, np.zeros((2, 0), np.int32), np.zeros((2, 0)), resp, rm))
+    assert abs(got[0] - ref) <= 1e-5
+    assert abs(got[1] - float(gpt_neox.apply(gd, p, jnp.array([[7]]), jnp.ones((1, 1))).scores[0])) <= 1e-5
+
+
 def test_same_tokenizer_needs_score_head():
     gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(), jax.random.key(0))
     with pytest.raises(ValueError, match="score head"):

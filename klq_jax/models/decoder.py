@@ -371,9 +371,12 @@ class DecoderLM(nnx.Module):
             positions ``q … T-1``. The last layer's attention output and MLP, the final norm and the
             heads then run only there (every layer's keys/values still cover all ``T`` positions),
             and ``hidden``/``logits``/``values`` come back ``[B, T - q, ...]``; the values equal
-            ``out[:, q:]`` of the full pass. Scoring and training a policy on prompt + response
-            want only the ``Tr + 1`` positions from the last prompt token on: this skips the last
-            layer's work on the rest of the prompt. ``prefill`` implies ``q = T - 1``.
+            ``out[:, q:]`` of the full pass. ``scores`` are the full pass's for every row whose last
+            real token is at ``q`` or later (left-padded prompts + right-padded responses with
+            ``q`` = the last prompt slot), NaN for a row that ends before ``q`` (not computed).
+            Scoring and training a policy on prompt + response want only the ``Tr + 1`` positions
+            from the last prompt token on: this skips the last layer's work on the rest of the
+            prompt. ``prefill`` implies ``q = T - 1``.
 
         Returns:
           :class:`ModelOutput`.
@@ -448,10 +451,18 @@ class DecoderLM(nnx.Module):
             hidden=hidden,
             logits=self.logits(hidden) if (logits and c.lm_head) else None,
             values=self.values(hidden) if c.value_head else None,
-            scores=(self.scores(hidden, mask if queries_from is None else mask[:, queries_from:])
-                    if c.score_head else None),
+            scores=self._scores_from(hidden, mask, queries_from) if c.score_head else None,
             cache=new_cache,
         )
+
+    def _scores_from(self, hidden: Array, mask: Array, queries_from: int | None) -> Array:
+        """The score head at each row's last real token, of ``hidden`` from position ``queries_from``
+        on: NaN for a row whose last real token is before it (its score was not computed)."""
+        if queries_from is None:
+            return self.scores(hidden, mask)
+        seen = mask[:, queries_from:]
+        ended_before = mask.any(axis=1) & ~seen.any(axis=1)
+        return jnp.where(ended_before, jnp.nan, self.scores(hidden, seen))
 
     # -- heads ---------------------------------------------------------------------------------
 
