@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -112,9 +113,12 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    for k in ("batch", "prompt_len", "new_tokens", "epochs", "minibatches", "repeats"):
-        if getattr(args, k) < 1:
+    for k in ("batch", "prompt_len", "new_tokens", "epochs", "minibatches", "repeats", "micro_batch",
+              "score_micro_batch"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
+    if not (math.isfinite(args.temperature) and args.temperature > 0):
+        p.error(f"--temperature must be a finite number > 0, got {args.temperature}")
     if args.batch % args.minibatches:
         p.error(f"--batch {args.batch} must be a multiple of --minibatches {args.minibatches}")
     mb = args.batch // args.minibatches
@@ -727,9 +731,12 @@ def main(argv=None):
               + (f"{peak_mem / 2**30:.1f} GiB" if peak_mem else "n/a"))
     write = summarise(klq.times, "write")
     res["klq"]["checkpoint_write"] = write
-    print(f"checkpoint: the loop waits {res['klq']['checkpoint']['best']:.3f}s per save; the background write then "
-          f"takes {write['best']:.3f}s (waited for outside the iteration's time; train() saves every 50 "
-          f"iterations by default); load {load_start:.2f} -> {load_end:.2f}")
+    if args.no_checkpoint:
+        print(f"checkpoint: not measured (--no-checkpoint); load {load_start:.2f} -> {load_end:.2f}")
+    else:
+        print(f"checkpoint: the loop waits {res['klq']['checkpoint']['best']:.3f}s per save; the background "
+              f"write then takes {write['best']:.3f}s (waited for outside the iteration's time; train() saves "
+              f"every 50 iterations by default); load {load_start:.2f} -> {load_end:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=float)

@@ -62,3 +62,16 @@ def test_forward_flops_match_xla_cost_analysis(grad, queries):
     ours = bench_iteration.forward_flops(cfg, rows, seq, logit_positions=n_logits, queries=queries)
     ours *= 3 if grad else 1
     assert ours == pytest.approx(xla, rel=0.03), (ours, xla)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--micro-batch", "0"], "--micro-batch must be >= 1"),
+    (["--micro-batch", "-1"], "--micro-batch must be >= 1"),
+    (["--score-micro-batch", "0"], "--score-micro-batch must be >= 1"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0"),
+])
+def test_bad_arguments_are_refused_before_any_work(bad, message, capsys):
+    with pytest.raises(SystemExit):
+        bench_iteration.parse_args(["--tiny", *bad])
+    assert message in capsys.readouterr().err
