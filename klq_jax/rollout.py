@@ -200,6 +200,11 @@ def response_logprobs(
       ((1, 2), (1, 2), 0.0)
     """
     check_prompt_response(prompt_ids, prompt_mask, response_ids, response_mask, "response_logprobs")
+    if jnp.shape(prompt_ids)[1] == 0:
+        raise ValueError(
+            "response_logprobs: the prompts are empty (Tq = 0); the first response token is predicted "
+            "at the last prompt slot, so pass prompts of at least one (left-padded) token."
+        )
     check_micro_batch_size(micro_batch_size)
     return _response_logprobs(
         graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,

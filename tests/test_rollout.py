@@ -292,3 +292,12 @@ def test_logp_from_sampler_skips_the_policy_forward_and_keeps_the_rest(policy, r
         grads = nnx.to_pure_dict(jax.grad(values_only)(p))
         assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads["policy"]))
         assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree_util.tree_leaves(grads["critic"]))
+
+
+def test_response_logprobs_needs_a_prompt_token():
+    """log π of the first response token is read at the last prompt slot: an empty prompt (Tq = 0)
+    is refused by name (not with the model's internal ``queries_from`` range error)."""
+    gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(value_head=True), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"response_logprobs: .*Tq = 0"):
+        response_logprobs(gd, p, jnp.zeros((1, 0), jnp.int32), jnp.zeros((1, 0)), jnp.array([[7, 0]]),
+                          jnp.array([[1.0, 0.0]]))
