@@ -447,12 +447,8 @@ class KlqIteration:
         self.state, metrics = self.update(self.state, sharding.shard_batch(batch, self.mesh))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         t3 = time.perf_counter()
-        if "sample" not in phase:  # the fused rollout (sample -> score -> reward in one program)
-            # is timed as a whole: "sample" holds all of it, "score" only the host reward step.
-            phase["sample"] = phase.pop("rollout") - phase.get("reward", 0.0)
-            phase["score"] = phase.pop("reward", 0.0)
-        else:  # score: everything after sampling (π/critic and π_b forwards, R_φ, the rewards), as TRL's
-            phase["score"] = (t1 - t0) - phase["sample"]
+        # score: everything after sampling (π/critic and π_b forwards, R_φ, the rewards), as TRL's
+        phase["score"] = (t1 - t0) - phase["sample"]
         phase.update(targets=t2 - t1, update=t3 - t2, checkpoint=0.0, iteration=t3 - t0)
         phase["write"] = 0.0
         if self.ckpt is not None:  # as train() saves: asynchronously (the loop waits only for the copy)
