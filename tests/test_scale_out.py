@@ -148,7 +148,8 @@ def test_ppo_with_separate_critic_iteration_equals_single_device(tmp_path, rm_di
             assert h1[0][k] == pytest.approx(h2[0][k], abs=1e-5), k
 
 
-def test_compiled_rollout_gathers_weights_never_the_batch():
+@pytest.mark.parametrize("logp_from_sampler", [False, True])
+def test_compiled_rollout_gathers_weights_never_the_batch(logp_from_sampler):
     """In the compiled rollout on 4×2, the only all-gathers are of weights (parameter shapes), no
     all-to-all moves rows between devices, and the only all-reduce is the decode loop's
     "every row has stopped" flag: each device decodes only its own rows."""
@@ -165,7 +166,7 @@ def test_compiled_rollout_gathers_weights_never_the_batch():
     hlo = rollout._rollout_on_device.lower(
         gd, sh, gd, sh, rollout_reward, p_ids, p_mask, jax.random.key(0), np.float32(1.0),
         config=SamplingConfig(max_new_tokens=T_MAX, stop_token_ids=(3,)), micro_batch_size=None,
-        mesh=mesh, finish=None,
+        mesh=mesh, logp_from_sampler=logp_from_sampler, finish=None,
     ).compile().as_text()
     param_shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(params)}
     gathered = re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\{[0-9,]*\} all-gather\(", hlo)
