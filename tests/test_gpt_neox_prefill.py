@@ -103,3 +103,16 @@ def test_queries_from_out_of_range_is_refused(bad):
     model = nnx.merge(*MODELS["neox-parallel"]())
     with pytest.raises(ValueError, match="queries_from"):
         model(jnp.ones((1, 7), jnp.int32), jnp.ones((1, 7)), queries_from=bad)
+
+
+def test_prefill_with_another_queries_from_is_refused():
+    """``prefill`` computes the last position only: an explicit other ``queries_from`` is a conflict,
+    not silently overridden."""
+    graphdef, params = MODELS["neox-parallel"]()
+    model = nnx.merge(graphdef, params)
+    cache = gpt_neox.init_cache(model.config, 1, 8)
+    tokens, mask = jnp.ones((1, 4), jnp.int32), jnp.ones((1, 4))
+    with pytest.raises(ValueError, match="prefill.*queries_from=1"):
+        model(tokens, mask, cache=cache, prefill=True, queries_from=1)
+    out = model(tokens, mask, cache=cache, prefill=True, queries_from=3)  # the same thing: allowed
+    assert out.hidden.shape[1] == 1

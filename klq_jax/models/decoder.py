@@ -392,6 +392,11 @@ class DecoderLM(nnx.Module):
         B, T = tokens.shape
         mask_i = mask.astype(jnp.int32)
         if prefill:
+            if queries_from not in (None, T - 1):
+                raise ValueError(
+                    f"prefill=True computes the last position only (queries_from={T - 1}); got "
+                    f"queries_from={queries_from!r}. Drop one of the two."
+                )
             queries_from = T - 1
         if queries_from is not None and not (
             isinstance(queries_from, int) and 0 <= queries_from < T
