@@ -261,3 +261,28 @@ def test_bfloat16_compute_runs_and_starts_at_zero_kl(tmp_path):
     assert all(np.isfinite(v) for v in rec.values())
     leaves = jax.tree_util.tree_leaves(res.state.params)
     assert all(x.dtype == jnp.float32 for x in leaves)  # parameters stay float32
+
+
+def test_logp_from_sampler_reaches_every_rollout_of_a_run(tmp_path, monkeypatch):
+    """TrainConfig.logp_from_sampler: the training rollouts and the validation ones (eval_every)
+    take θ_old's log π from the sampler (logp equals the sampler's log-probs on real tokens)."""
+    from klq_jax import rollout
+
+    cfg = _tiny_cfg("ppo", tmp_path, total_episodes=16, save_every=100, logp_from_sampler=True, eval_every=1)
+    exp = tasks.build_experiment(cfg.task, batch_size=cfg.rollouts_per_batch, seed=cfg.seed,
+                                 validation_prompts=cfg.eval_prompts)
+    seen, real = [], rollout.make_rollout
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        ro = out[0] if isinstance(out, tuple) else out
+        real_tokens = np.asarray(ro.response_mask) != 0
+        seen.append((np.asarray(ro.logp), np.where(real_tokens, np.asarray(ro.sample_logp), 0.0)))
+        return out
+
+    monkeypatch.setattr(rollout, "make_rollout", spy)
+    res = train.train(cfg, exp, mesh=_one_device())
+    assert len(res.history) == 1 and any(k.startswith("eval/") for k in res.history[0])
+    assert len(seen) >= 2  # the training rollout and at least one validation rollout
+    for logp, sampler_logp in seen:
+        np.testing.assert_array_equal(logp, sampler_logp)
