@@ -14,3 +14,12 @@ os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Modules holding a test marked ``slow`` run first (each module's tests stay together and in
+    order, so module-scoped fixtures are built once per worker): with ``-n 2`` the long tests then
+    start at once on both workers and the many short ones fill in at the end, instead of two long
+    tests landing last on one worker."""
+    slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow)  # stable: the order within a group stays

@@ -37,7 +37,9 @@ def _launch(n_proc: int, devices: int, out_dir, *extra, pause_after: int | None 
     for i in range(n_proc):
         env = dict(os.environ)
         env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]),
+                   # the killed and resumed runs load the programs the first 2-process run compiled
+                   **testing.compile_cache_env(os.path.join(os.path.dirname(out_dir), "jax-cache")))
         if n_proc > 1:
             env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(n_proc),
                        JAX_PROCESS_ID=str(i))

@@ -42,13 +42,8 @@ def _cmd(out_dir, *extra):
 
 def _env(cache_dir, **extra):
     env = dict(os.environ)
-    env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
-        JAX_PLATFORMS="cpu",
-        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-    )
+    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+               **testing.compile_cache_env(cache_dir))
     env.pop("KLQ_PHASE_HOLD", None)
     env.update(extra)
     return env

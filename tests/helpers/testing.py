@@ -281,6 +281,17 @@ def tiny_klq_state_target(sharding=None):
     return target
 
 
+def compile_cache_env(cache_dir) -> dict[str, str]:
+    """Environment variables that give a subprocess JAX's persistent compilation cache in
+    ``cache_dir``, storing every program (no minimum compile time or size): the processes of one
+    test that run the same programs then compile them once."""
+    return dict(
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+
+
 def metrics_without_timings(out_dir) -> list[dict]:
     """The rows of a run's ``metrics.jsonl``, without the wall-clock timing fields."""
     import json
