@@ -14,6 +14,9 @@ os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# The tests' own programs use that cache too, from the first compile on: the many tests that build
+# the same tiny runs (each train() traces new closures) load what an earlier test compiled.
+jax.config.update("jax_compilation_cache_dir", os.environ["KLQ_COMPILE_CACHE_DIR"])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -26,6 +26,7 @@ def _png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.slow
 def test_demo_writes_its_files(demo_run):
     out, result = demo_run
     # metrics.jsonl: both algorithms, every iteration, exact evaluations at a few of them.
@@ -95,6 +96,7 @@ def test_demo_cli_rejects_bad_arguments(capsys):
 
 
 
+@pytest.mark.slow
 def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(tmp_path):
     """The demo used to rmtree <out>/klq before training it, whoever was writing there."""
     from klq_jax.errors import RunLockedError

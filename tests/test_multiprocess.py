@@ -13,6 +13,7 @@ import time
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from klq_jax.checkpoint import Checkpointer
@@ -74,6 +75,7 @@ def _final_params(out_dir):
     return nnx.to_pure_dict(jax.device_get(state.params)), meta
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_resume_after_sigkill(tmp_path):
     one, two, killed = tmp_path / "one", tmp_path / "two", tmp_path / "killed"
     _wait(_launch(1, 4, one))

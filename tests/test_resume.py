@@ -20,6 +20,7 @@ import threading
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from klq_jax.checkpoint import Checkpointer
@@ -157,6 +158,7 @@ def _scalars(out_dir):
 
 
 
+@pytest.mark.slow
 def test_ten_sigkills_then_resume_match_an_uninterrupted_run(tmp_path):
     cache = tmp_path / "jax-cache"
     killed, clean = tmp_path / "killed", tmp_path / "clean"

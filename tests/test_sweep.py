@@ -52,6 +52,7 @@ def test_plan_runs_grid_over_config_fields():
             sweep.plan_runs(SweepConfig(preset="tiny-klq", taus=(0.1,)), owned)
 
 
+@pytest.mark.slow
 def test_pareto_and_table_use_validation_metrics(tmp_path, mesh):
     cfg = SweepConfig(preset="tiny-klq", taus=(0.05, 0.5), algos=("klq", "ppo"), out_dir=str(tmp_path))
     overrides = ["--total-episodes", "32", "--eval-every", "1", *FAST]
@@ -84,6 +85,7 @@ def test_pareto_and_table_use_validation_metrics(tmp_path, mesh):
     assert [r["eval/score"] for r in again] == [r["eval/score"] for r in rows]
 
 
+@pytest.mark.slow
 def test_run_safety(tmp_path, mesh, capsys):
     overrides = ["--total-episodes", "16", *FAST]
     # Two distinct τ that print alike get two directories; an equal value written twice runs once.
