@@ -550,15 +550,30 @@ class HTTPJudge:
             first.setdefault(k, i)
         results: dict[str, Verdict] = {}
         pool = futures.ThreadPoolExecutor(max_workers=self.concurrency)
+        # At most ``concurrency`` requests are sent ahead of the answers handled here: a request is
+        # submitted when an answer arrives, so an interrupt stops the sending at the same point
+        # however fast the threads run (a pool given every request at once raced ahead).
+        todo = iter(first.items())
+        jobs: dict = {}
+
+        def send_next():
+            for k, i in todo:
+                jobs[pool.submit(self._one, messages_list[i])] = k
+                return
+
         try:
-            jobs = {pool.submit(self._one, messages_list[i]): k for k, i in first.items()}
-            for job in futures.as_completed(jobs):
-                k = jobs[job]
-                results[k] = job.result()
-                if on_result is not None:
-                    for i, kk in enumerate(keys):
-                        if kk == k:
-                            on_result(i, results[k])
+            for _ in range(self.concurrency):
+                send_next()
+            while jobs:
+                done, _ = futures.wait(jobs, return_when=futures.FIRST_COMPLETED)
+                for job in done:
+                    k = jobs.pop(job)
+                    results[k] = job.result()
+                    send_next()
+                    if on_result is not None:
+                        for i, kk in enumerate(keys):
+                            if kk == k:
+                                on_result(i, results[k])
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
