@@ -469,6 +469,24 @@ def test_tensorboard_purge_leaves_every_step_once(tmp_path):
         ("score", 1, 1.0), ("score", 2, 2.0), ("score", 3, 3.0), ("score", 4, 14.0), ("score", 5, 15.0)]
 
 
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+    """tensorboardX's package imports torch when installed (seconds of every trainer's start-up): the
+    run's writer and reader do not, and torch still imports normally afterwards."""
+    code = (
+        "import sys\n"
+        "from klq_jax.train import run_dir\n"
+        "w = run_dir.TensorBoardWriter(sys.argv[1]); w.scalar('score', 2.5, 7); w.text('s', 'x', 7); w.close()\n"
+        "assert run_dir.read_tensorboard_scalars(sys.argv[1]) == [('score', 7, 2.5)]\n"
+        "assert run_dir.purge_tensorboard(sys.argv[1], 7) == 0\n"
+        "print('torch' in sys.modules)\n"
+        "import torch\n"
+        "print(float(torch.ones(2).sum()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tb")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "2.0"]
+
+
 # ------------------------------------------------------------------------------------------
 # Typed errors
 # ------------------------------------------------------------------------------------------

@@ -542,6 +542,25 @@ def check_resume_models(saved: dict | None, current: dict, *, where: str, rtol: 
 # ------------------------------------------------------------------------------------------
 
 
+def _tensorboardx():
+    """The ``tensorboardX`` package, imported without torch.
+
+    Its ``__init__`` imports its ``SummaryWriter``, which imports torch when torch is installed (seconds
+    of start-up, for type hints of torch tensors); this module writes only numpy scalars and text, so
+    torch is hidden during that import (unless already imported). Nothing else changes: a later
+    ``import torch`` works as usual."""
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX allows
+        try:
+            import tensorboardX  # noqa: F401
+        finally:
+            if sys.modules.get("torch", 0) is None:
+                del sys.modules["torch"]
+    import tensorboardX
+
+    return tensorboardX
+
+
 def _event_files(logdir: str) -> list[str]:
     if not os.path.isdir(logdir):
         return []
@@ -551,6 +570,7 @@ def _event_files(logdir: str) -> list[str]:
 
 def _masked_crc(data: bytes) -> int:
     """TFRecord's masked CRC-32C."""
+    _tensorboardx()
     from tensorboardX.crc32c import crc32c
 
     crc = crc32c(data)
@@ -586,6 +606,7 @@ def _frame(data: bytes) -> bytes:
 
 def read_tensorboard_scalars(logdir: str) -> list[tuple[str, int, float]]:
     """Every scalar ``(tag, step, value)`` in the event files of ``logdir``, in file order."""
+    _tensorboardx()
     from tensorboardX.proto import event_pb2
 
     out = []
@@ -601,6 +622,7 @@ def read_tensorboard_scalars(logdir: str) -> list[tuple[str, int, float]]:
 def purge_tensorboard(logdir: str, max_step: int) -> int:
     """Rewrite (atomically, file by file) the event files of ``logdir`` without the events of steps
     after ``max_step`` and without a cut-off tail. Returns the number of events dropped."""
+    _tensorboardx()
     from tensorboardX.proto import event_pb2
 
     dropped = 0
@@ -621,6 +643,7 @@ class TensorBoardWriter:
     before it returns, so a checkpoint taken after a flush never outlives its events."""
 
     def __init__(self, logdir: str):
+        _tensorboardx()
         from tensorboardX.event_file_writer import EventsWriter
 
         os.makedirs(logdir, exist_ok=True)
