@@ -17,9 +17,9 @@ from experiments import cli
 RST = re.compile(r"``|:(class|func|mod|meth|attr|data|exc|obj|ref):`")
 
 
-def _klq(*args, cwd, env=None, timeout=600):
+def _klq(*args, cwd, env=None):
     return subprocess.run([sys.executable, "-m", "experiments", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=timeout)
+                          text=True, cwd=cwd, env=env)
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -224,7 +224,7 @@ def test_help_into_a_closed_pipe_is_quiet(tmp_path, args):
     os.close(read_end)
     try:
         out = subprocess.run([sys.executable, "-m", "experiments", *args], stdout=write_end,
-                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, timeout=600)
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     finally:
         os.close(write_end)
     assert (out.returncode, out.stderr) == (0, ""), (args, out.returncode, out.stderr[-2000:])

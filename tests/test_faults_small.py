@@ -19,7 +19,7 @@ from tests.helpers import testing
 def _klq(*args, cwd, devices=1):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     return subprocess.run([sys.executable, "-m", "experiments", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
+                          text=True, cwd=cwd, env=env)
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_tiny_klq_starts_on_8_devices_and_a_misfit_names_what_to_set(tmp_path):
         proc.kill()
         proc.wait()
     out = subprocess.run(cmd + ["--micro-batch-size", "2", "--out-dir", "run2"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True)
     lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("klq-phase")]
     assert out.returncode == 2 and len(lines) == 1, out.stderr[-3000:]
     assert "micro_batch_size=2 must be a multiple of the 8" in lines[0] and "--micro-batch-size" in lines[0]

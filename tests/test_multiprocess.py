@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -21,9 +22,6 @@ from tests.helpers import testing
 
 ITERS = 2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Generous bound on waiting for an event (a file appearing, a process ending): never a pass/fail
-# criterion on speed, only a guard against hanging forever if something broke.
-BOUND_S = 1800
 
 
 def _free_port() -> int:
@@ -55,14 +53,28 @@ def _launch(n_proc: int, devices: int, out_dir, *extra, pause_after: int | None 
 
 
 def _wait(procs):
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=BOUND_S)
-        except subprocess.TimeoutExpired:
+    """Wait for every process to end (no deadline: a loaded machine is slow, not wrong). The first
+    one to fail fails the test and the others are killed (they would wait on it in a collective)."""
+    errs = {}
+
+    def drain(p):
+        errs[p.pid] = p.stderr.read()
+
+    readers = [threading.Thread(target=drain, args=(p,), daemon=True) for p in procs]
+    for r in readers:
+        r.start()
+    while any(p.poll() is None for p in procs):
+        failed = [p for p in procs if p.poll() not in (None, 0)]
+        if failed:
             for q in procs:
                 q.kill()
-            raise AssertionError(f"a training process did not end within {BOUND_S} s")
-        assert p.returncode == 0, err.decode()[-3000:]
+            break
+        time.sleep(0.2)
+    for p, r in zip(procs, readers):
+        p.wait()
+        r.join()
+    for p in sorted(procs, key=lambda p: p.returncode == -signal.SIGKILL):  # the failed one first
+        assert p.returncode == 0, errs[p.pid].decode()[-3000:]
 
 
 def _final_params(out_dir):
@@ -104,11 +116,9 @@ def test_two_processes_equal_one_and_resume_after_sigkill(tmp_path):
 
     # SIGKILL both processes once checkpoint 1 is complete, then --resume in both.
     procs = _launch(2, 2, killed, pause_after=1)
-    t0 = time.monotonic()
-    while not all((killed / f"paused.{p}").exists() for p in (0, 1)):
+    while not all((killed / f"paused.{p}").exists() for p in (0, 1)):  # no deadline: the event
         for p in procs:
             assert p.poll() is None, p.stderr.read().decode()[-3000:]
-        assert time.monotonic() - t0 < BOUND_S, "the processes never reached checkpoint 1"
         time.sleep(0.2)
     for p in procs:
         os.kill(p.pid, signal.SIGKILL)
