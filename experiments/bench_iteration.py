@@ -466,11 +466,9 @@ class KlqIteration:
               + f"; background write {phase['write']:.3f}s (not in the iteration); load {load():.1f}", flush=True)
         return phase
 
-    def close(self) -> float:
-        t = time.perf_counter()
+    def close(self) -> None:
         if self.ckpt is not None:
             self.ckpt.close()
-        return time.perf_counter() - t
 
 
 # --------------------------------------------------------------------------------------------
@@ -664,7 +662,7 @@ def main(argv=None):
         else:
             for _ in range(args.repeats + 1):
                 klq.step()
-        ckpt_finish = klq.close()
+        klq.close()
         peak_mem = None
         stats = jax.devices()[0].memory_stats() if hasattr(jax.devices()[0], "memory_stats") else None
         if stats:
@@ -678,7 +676,7 @@ def main(argv=None):
                                                    "epochs", "minibatches", "micro_batch", "score_micro_batch",
                                                    "algo", "layout", "logp", "dtype", "repeats", "peer")},
            "machine": dict(info, load_start=load_start, load_end=load_end), "rates": rates,
-           "klq": {}, "trl": {}, "ratio": {}, "checkpoint_finish_s": ckpt_finish, "peak_bytes": peak_mem}
+           "klq": {}, "trl": {}, "ratio": {}, "peak_bytes": peak_mem}
 
     gemm, bw = rates["jax_gemm"], rates["mem_bw"]
     print(f"\nphase       klq_jax best / median   compile    GFLOP   roofline   fraction"
@@ -725,6 +723,8 @@ def main(argv=None):
         print(f"update MFU: " + (f"{mfu:.1%} of {peak / 1e12:.0f} TFLOP/s bf16 ({kind})" if mfu else
                                  f"unknown peak for {kind}") + f"; peak memory "
               + (f"{peak_mem / 2**30:.1f} GiB" if peak_mem else "n/a"))
+    from klq_jax.config import TrainConfig
+
     write = summarise(klq.times, "write")
     res["klq"]["checkpoint_write"] = write
     if args.no_checkpoint:
@@ -732,7 +732,7 @@ def main(argv=None):
     else:
         print(f"checkpoint: the loop waits {res['klq']['checkpoint']['best']:.3f}s per save; the background "
               f"write then takes {write['best']:.3f}s (waited for outside the iteration's time; train() saves "
-              f"every 50 iterations by default); load {load_start:.2f} -> {load_end:.2f}")
+              f"every {TrainConfig.save_every} iterations by default); load {load_start:.2f} -> {load_end:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2, default=float)
