@@ -14,6 +14,9 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu_check}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# python3: the interpreter name every install has (a bare "python" is missing on some GPU images);
+# PYTHON=/path/to/venv/bin/python overrides it.
+PY="${PYTHON:-python3}"
 if [ "${1:-}" = "--tiny" ]; then
   SAMPLING=(--model pythia-14m --batch 2 --prompt-len 8 --new-tokens 4 --repeats 1)
   ITERATION=(--tiny --epochs 1 --repeats 1)
@@ -21,10 +24,10 @@ else
   SAMPLING=(--gpu-paper --repeats 3)
   ITERATION=(--gpu --repeats 2 --no-checkpoint)
 fi
-python -c "import jax; print('devices:', jax.devices())"
-timeout 240 python experiments/bench_sampling.py "${SAMPLING[@]}" --json "$OUT/sampling.json"
-timeout 300 python experiments/bench_iteration.py "${ITERATION[@]}" --json "$OUT/iteration.json"
-python - "$OUT/sampling.json" "$OUT/iteration.json" <<'EOF'
+"$PY" -c "import jax; print('devices:', jax.devices())"
+timeout 240 "$PY" experiments/bench_sampling.py "${SAMPLING[@]}" --json "$OUT/sampling.json"
+timeout 300 "$PY" experiments/bench_iteration.py "${ITERATION[@]}" --json "$OUT/iteration.json"
+"$PY" - "$OUT/sampling.json" "$OUT/iteration.json" <<'EOF'
 import json, sys
 s, it = (json.load(open(p)) for p in sys.argv[1:3])
 ratio = s["ratio"]["end_to_end_best"]
