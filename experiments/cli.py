@@ -137,14 +137,57 @@ def _one_line(err: BaseException) -> str:
     return msg
 
 
-@contextlib.contextmanager
-def _config_checks_fail_in_one_line():
-    """While tyro parses: a config's own check failing (its ``__post_init__`` raising a
-    ValueError of ours, e.g. ``--temperature 0``) leaves tyro as that error, which :func:`run`
-    prints in one line like any other, instead of tyro's boxed "Value error".
+class UsageError(ValueError):
+    """The command line itself is wrong (an unknown option, a value of the wrong type, a missing
+    argument): :func:`run` prints it in one line that names the ``--help`` to read."""
 
-    tyro reports such a failure through its (private, versioned) parse-error hook, called inside
-    the ``except`` that caught our error; a tyro without the hook keeps its own box.
+
+def _arg_name(arg) -> str:
+    """How the user writes a tyro argument: its flag(s), or a positional's metavar."""
+    if arg.is_positional():
+        return str(arg.lowered.metavar or arg.display_name())
+    return "/".join(arg.lowered.name_or_flags)
+
+
+def _parse_error_line(event, errors) -> str | None:
+    """One line for a tyro parse-error event: what was wrong and which ``--help`` to read; None
+    for an event this tyro has that we do not know (tyro's own message then stands)."""
+    if isinstance(event, errors.UnrecognizedArgs):
+        s = "s" if len(event.tokens) > 1 else ""
+        what = f"unrecognized argument{s}: {' '.join(event.tokens)}"
+    elif isinstance(event, errors.InstantiationFailure):
+        message = " ".join(str(event.message).split())
+        what = f"bad value for {_arg_name(event.argument)}: {message}" if event.argument else message
+    elif isinstance(event, errors.BadValue):
+        name = _arg_name(event.argument)
+        if event.reason == "too_few_values":
+            what = f"{name} needs a value ({event.argument.lowered.metavar or 'VALUE'})"
+        else:
+            what = f"{name} takes no value (got {event.offending_value!r})"
+    elif isinstance(event, errors.InvalidChoice):
+        what = (f"invalid value {event.value!r} for {_arg_name(event.argument)}: "
+                f"choose one of {', '.join(map(str, event.choices))}")
+    elif isinstance(event, errors.MissingArgs):
+        what = "missing " + ", ".join(_arg_name(a.arg) for a in event.missing_arguments)
+    elif isinstance(event, errors.MissingSubcommand):
+        what = "name one of " + ", ".join(event.subcommand_spec.parser_from_name)
+    else:
+        return None
+    progs = event._help_progs() if hasattr(event, "_help_progs") else event.prog
+    prog = progs if isinstance(progs, str) else (progs[0] if progs else event.prog)
+    return f"{what} (see {prog} --help)"
+
+
+@contextlib.contextmanager
+def _parse_errors_in_one_line():
+    """While tyro parses: a command line tyro rejects raises :class:`UsageError` (one line naming
+    the ``--help`` to read) instead of tyro's boxed message, and a config's own check failing (its
+    ``__post_init__`` raising a ValueError of ours, e.g. ``--temperature 0``) leaves tyro as that
+    error; :func:`run` prints either in one line.
+
+    tyro reports a rejected command line through its (private, versioned) parse-error hook, called
+    just before it prints its box; a tyro without the hook, or an event this code does not know,
+    keeps tyro's own message.
     """
     try:
         from tyro import _errors as tyro_errors
@@ -154,16 +197,21 @@ def _config_checks_fail_in_one_line():
         yield
         return
 
-    def reraise_ours(event) -> None:
-        if not isinstance(event, failure):
-            return  # unknown flags, missing values, ...: tyro's own message
-        err = sys.exc_info()[1]
-        while err is not None and not (isinstance(err, ValueError) and _is_ours(err)):
-            err = err.__cause__ or err.__context__
-        if err is not None:
-            raise err
+    def one_line(event) -> None:
+        if isinstance(event, failure):
+            err = sys.exc_info()[1]
+            while err is not None and not (isinstance(err, ValueError) and _is_ours(err)):
+                err = err.__cause__ or err.__context__
+            if err is not None:
+                raise err
+        try:
+            line = _parse_error_line(event, tyro_errors)
+        except Exception:  # noqa: BLE001 - a tyro whose events changed: its own message stands
+            return
+        if line is not None:
+            raise UsageError(line) from None
 
-    with on_parse_error(reraise_ours):
+    with on_parse_error(one_line):
         yield
 
 
@@ -180,7 +228,7 @@ def run(name: str, argv: list[str]) -> int:
         module = importlib.import_module(COMMANDS[name][0])
         if not no_cache and not any(a in ("-h", "--help") for a in argv):
             enable_compile_cache()
-        with _config_checks_fail_in_one_line():
+        with _parse_errors_in_one_line():
             rc = module.main(argv)
     except SystemExit:
         raise
@@ -197,7 +245,8 @@ def run(name: str, argv: list[str]) -> int:
             if not debug:
                 print(f"{prog}: error: {_one_line(err)}", file=sys.stderr)
             return 1
-        print(f"{prog}: error: {_one_line(err)} (--debug shows the traceback)", file=sys.stderr)
+        hint = "" if isinstance(err, UsageError) else " (--debug shows the traceback)"
+        print(f"{prog}: error: {_one_line(err)}{hint}", file=sys.stderr)
         return 2
     return rc if isinstance(rc, int) else 0
 

@@ -58,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     if recorded is not None and (not argv or argv[0].startswith("-")):
         # No preset named: the recorded config is the starting point.
         return tyro.cli(RunConfig, default=recorded, args=argv, prog=PROG, description=description)
+    asks_help = any(a in ("-h", "--help") or a.startswith("--tyro") for a in argv)
+    if recorded is None and argv and argv[0] not in presets.PRESETS and not asks_help:
+        names = ", ".join(presets.PRESETS)
+        if argv[0].startswith("-"):
+            raise cli.UsageError(f"name a preset before the options: klq train PRESET {' '.join(argv)} "
+                                 f"(PRESET: one of {names}; see klq train --help)")
+        raise cli.UsageError(f"unknown preset {argv[0]!r}: name one of {names} (see klq train --help)")
     more = " Also --config FILE, --debug, --no-compile-cache (see klq train --help)."
     configs = {name: (describe(cfg) + more, cfg) for name, cfg in presets.PRESETS.items()}
     if recorded is not None and argv[0] in configs:

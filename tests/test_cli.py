@@ -269,3 +269,30 @@ def test_config_checks_fail_at_parse_time_in_one_line(tmp_path, args, needle):
     line = _one_error_line(out, f"klq {args[0]}")
     assert out.returncode == 2 and needle in line, line
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train", "tiny-klq", "--epochs", "abc"], ["bad value for --epochs", "'abc'", "see klq train --help"]),
+    (["train", "tiny-klq", "--no-such-flag"], ["unrecognized argument: --no-such-flag", "see klq train --help"]),
+    (["train", "tiny-klq", "--epochs"], ["--epochs needs a value", "see klq train tiny-klq --help"]),
+    (["train", "--epochs", "abc"], ["name a preset before the options", "tiny-klq", "see klq train --help"]),
+    (["train", "no-such-preset"], ["unknown preset 'no-such-preset'", "tiny-klq"]),
+    (["train"], ["name one of", "tiny-klq", "see klq train --help"]),
+    (["demo", "--seed", "x"], ["bad value for --seed", "'x'", "see klq demo --help"]),
+    (["sweep"], ["missing PRESET", "see klq sweep --help"]),
+    (["convert"], ["name one of hf-to-flax, flax-to-hf", "see klq convert --help"]),
+    (["convert", "hf-to-flax", "a"], ["missing DST", "see klq convert hf-to-flax --help"]),
+    (["convert", "hf-to-flax", "a", "b", "--dtype", "int8"],
+     ["invalid value 'int8' for --dtype: choose one of float32, bfloat16, float16"]),
+])
+def test_a_rejected_command_line_is_one_plain_line_naming_the_help(tmp_path, args, needles):
+    # tyro's own parse errors (an unknown flag, a value of the wrong type, a missing argument) are
+    # one plain line like our errors: no box, no traceback, status 2, and which --help to read.
+    out = _klq(*args, cwd=tmp_path)
+    line = _one_error_line(out, f"klq {args[0]}")
+    assert out.returncode == 2, out.returncode
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert not re.search("[╭╮╰╯│─]", out.stderr), out.stderr
+    assert "--debug" not in line  # nothing to debug in a mistyped command line
+    assert os.listdir(tmp_path) == []
