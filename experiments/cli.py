@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging
 import os
 import select
 import sys
@@ -111,6 +112,37 @@ def enable_compile_cache(path: str | None = None) -> str:
     if "jax" in sys.modules:
         sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
     return path
+
+
+# Libraries that print their log lines through a handler of their own on their package logger.
+_SELF_PRINTING_LOGGERS = ("huggingface_hub", "datasets", "transformers")
+
+
+class _NoTorchNotice(logging.Filter):
+    """Drops transformers' "PyTorch was not found. Models won't be available ..." notice: our
+    commands use transformers for tokenizers, configs and files only, never its PyTorch models."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("PyTorch was not found.")
+
+
+_NO_TORCH_NOTICE = _NoTorchNotice()
+
+
+def quiet_library_logs() -> None:
+    """Each library log line printed once, and no notice that torch is missing.
+
+    ``huggingface_hub`` and ``datasets`` print their lines with a handler on their package logger
+    and still pass them on to the root logger; once something configures the root logger, every
+    such line prints twice. absl does that at its first log call (orbax logs through absl at every
+    checkpoint save: ``logging.basicConfig()`` when the root has no handler). Their loggers stop
+    passing lines on (what their ``disable_propagation()`` does, set here without importing them;
+    transformers' is off already, unless ``$CI`` is set). Nothing is imported, so ``--help`` stays
+    fast; calling it again changes nothing.
+    """
+    for name in _SELF_PRINTING_LOGGERS:
+        logging.getLogger(name).propagate = False
+    logging.getLogger("transformers").addFilter(_NO_TORCH_NOTICE)  # the notice's own logger
 
 
 def _is_ours(err: BaseException) -> bool:
@@ -224,6 +256,7 @@ def run(name: str, argv: list[str]) -> int:
     debug, argv = pop_flag(argv, "--debug")
     no_cache, argv = pop_flag(argv, "--no-compile-cache")
     prog = f"klq {name}"
+    quiet_library_logs()
     try:
         module = importlib.import_module(COMMANDS[name][0])
         if not no_cache and not any(a in ("-h", "--help") for a in argv):

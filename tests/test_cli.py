@@ -296,3 +296,33 @@ def test_a_rejected_command_line_is_one_plain_line_naming_the_help(tmp_path, arg
     assert not re.search("[╭╮╰╯│─]", out.stderr), out.stderr
     assert "--debug" not in line  # nothing to debug in a mistyped command line
     assert os.listdir(tmp_path) == []
+
+
+def test_library_log_lines_print_once_and_no_torch_notice(tmp_path):
+    """orbax's first log call through absl configures the root logger (absl's ``basicConfig``), after
+    which huggingface_hub's and datasets' lines, printed by their own handlers and passed on to the
+    root, printed twice. And in a venv without torch, importing transformers printed "PyTorch was not
+    found..." at every start. Each line now prints once, the notice not at all, real warnings stay."""
+    (tmp_path / "probe_cmd.py").write_text(
+        "import logging\n"
+        "from absl import logging as absl_logging\n"
+        "def main(argv):\n"
+        "    absl_logging.warning('line of absl')  # what orbax does at a checkpoint save\n"
+        "    import datasets, huggingface_hub, transformers\n"
+        "    for name in ('huggingface_hub.file_download', 'datasets.load', 'transformers.modeling_utils'):\n"
+        "        logging.getLogger(name).warning('line of %s', name)\n"
+        "    return 0\n"
+    )
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None  # as in a venv without torch\n"
+        "from experiments import cli\n"
+        "cli.COMMANDS['probe'] = ('probe_cmd', 'a command that logs through each library')\n"
+        "sys.exit(cli.main(['probe']))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CI"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("absl", "huggingface_hub.file_download", "datasets.load", "transformers.modeling_utils"):
+        assert out.stderr.count(f"line of {name}") == 1, (name, out.stderr)
+    assert "PyTorch was not found" not in out.stderr, out.stderr
