@@ -175,6 +175,37 @@ def test_overwrite_swaps_atomically_and_restores_when_the_swap_fails(tmp_path, t
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+@pytest.mark.parametrize("exchange", ["as-the-filesystem-allows", "without-exchange"])
+def test_overwrite_of_a_dst_symlink_replaces_the_link_and_leaves_no_debris(tmp_path, tiny_src, monkeypatch, exchange):
+    """DST a symlink to an unrelated directory: --overwrite puts the new output in the link's place,
+    leaves no .DST.tmp-*/.old-* link behind, and never touches the directory the link pointed to."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("unrelated, keep me")
+    (other / "sub").mkdir()
+    (other / "sub" / "data.bin").write_bytes(b"\x00" * 64)
+    before = _snapshot(other)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "out").symlink_to(other, target_is_directory=True)
+    stale = work / f".out.tmp-{_dead_pid()}-0123abcd"  # what an earlier version left: a link to `other`
+    stale.symlink_to(other, target_is_directory=True)
+    if exchange == "without-exchange":
+        monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+    assert _cli("hf-to-flax", tiny_src, work / "out") == 2  # a non-empty DST without --overwrite
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, work / "out") == 0
+    assert sorted(os.listdir(work)) == ["out"]
+    assert not (work / "out").is_symlink() and (work / "out" / "klq_config.json").is_file()
+    assert _snapshot(other) == before and sorted(os.listdir(other)) == ["notes.txt", "sub"]
+
+
+def test_a_broken_symlink_dst_is_refused_in_one_line(tmp_path, tiny_src, capsys):
+    (tmp_path / "out").symlink_to(tmp_path / "gone", target_is_directory=True)
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, tmp_path / "out") == 2
+    assert "is a broken symlink; choose another output path" in capsys.readouterr().err
+    assert (tmp_path / "out").is_symlink() and sorted(os.listdir(tmp_path)) == ["out"]
+
+
 # ------------------------------------------------------------------------------------------------
 # A tokenizer larger than the embedding
 # ------------------------------------------------------------------------------------------------

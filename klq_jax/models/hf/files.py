@@ -20,6 +20,7 @@ Nothing here knows an architecture; :mod:`klq_jax.models.hf.convert` maps names 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -433,12 +434,23 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """Delete ``path``: a symlink (or file) itself, never what it points to; a directory with all
+    it holds. What cannot be deleted stays (a later :func:`clean_stale` tries again)."""
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def clean_stale(path: Path) -> list[str]:
     """Remove leftovers of killed writers of ``path``; restore a set-aside old copy if ``path`` is gone.
 
     Leftovers are the hidden siblings ``.<name>.tmp-<pid>-*`` (a half-written output) and
     ``.<name>.old-<pid>-*`` (the previous output, set aside during an overwrite) whose process no
-    longer runs. Returns what was done, one line each.
+    longer runs; one that is a symlink (a DST that was a link, replaced) is unlinked, its target
+    left alone. Returns what was done, one line each.
     """
     done = []
     parent = path.parent
@@ -453,7 +465,7 @@ def clean_stale(path: Path) -> list[str]:
             os.rename(entry, path)
             done.append(f"restored {path} from {entry.name}")
         else:
-            shutil.rmtree(entry, ignore_errors=True)
+            _remove(entry)
             done.append(f"removed {entry}")
     return done
 
@@ -462,7 +474,9 @@ class AtomicDir:
     """Write into a temporary sibling directory; swap it into ``path`` when complete, delete on error.
 
     ``path`` is whole at every instant: before the swap it is the old directory (or absent), after
-    it the new one. With ``overwrite=False`` a non-empty ``path`` is refused.
+    it the new one. With ``overwrite=False`` a non-empty ``path`` is refused. A ``path`` that is a
+    symlink to a directory is replaced as a link: the new directory takes its place, the directory
+    it pointed to is not touched.
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool):
@@ -471,8 +485,9 @@ class AtomicDir:
 
     def __enter__(self) -> Path:
         clean_stale(self.path)
-        if self.path.exists() and not self.path.is_dir():
-            raise ConversionError(f"{self.path} exists and is not a directory; choose another output path.")
+        if os.path.lexists(self.path) and not self.path.is_dir():
+            what = "a broken symlink" if self.path.is_symlink() else "not a directory"
+            raise ConversionError(f"{self.path} exists and is {what}; choose another output path.")
         if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
             raise ConversionError(
                 f"{self.path} exists and is not empty; choose a new output directory or pass "
@@ -498,11 +513,11 @@ class AtomicDir:
         return False
 
     def _swap(self):
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             os.rename(self.tmp, self.path)
             return
-        if _exchange(self.tmp, self.path):  # self.tmp now holds the old directory
-            shutil.rmtree(self.tmp, ignore_errors=True)
+        if _exchange(self.tmp, self.path):  # self.tmp now holds the old directory (or link)
+            _remove(self.tmp)
             return
         # No atomic exchange here: set the old one aside, move the new one in, restore on failure.
         # A kill between the two renames leaves .<name>.old-<pid>-*; clean_stale restores it.
@@ -513,4 +528,4 @@ class AtomicDir:
         except BaseException:
             os.rename(old, self.path)
             raise
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
