@@ -23,6 +23,8 @@ import select
 import sys
 import traceback
 
+from klq_jax import without_torch
+
 COMMANDS = {
     "train": ("experiments.train", "train KLQ or PPO from a preset (klq train PRESET --help)"),
     "sweep": ("experiments.sweep", "train over a grid (τ, λ, lr, ...) and plot validation reward against KL"),
@@ -322,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     as any Unix tool: no message, status 0 after help, else :data:`EXIT_STDOUT_CLOSED` (an error's
     own status stays).
     """
+    if argv is None:
+        _a_klq_process()
     argv = list(sys.argv[1:] if argv is None else argv)
     closed_rc = 0 if not argv or any(a in ("-h", "--help") for a in argv) else EXIT_STDOUT_CLOSED
     try:
@@ -348,8 +352,20 @@ def _main(argv: list[str]) -> int:
     return run(name, rest)
 
 
+def _a_klq_process() -> None:
+    """Settings for a process that is one klq command (the console scripts, ``python -m
+    experiments``), not for a caller of :func:`main` or :func:`run` in its own process.
+
+    No klq command uses transformers' PyTorch models (only its tokenizers, configs and files): its
+    first import skips torch's (:func:`klq_jax.without_torch.transformers_without_torch`), seconds
+    of every run's start or export and of every conversion where torch is installed.
+    """
+    without_torch.transformers_without_torch()
+
+
 def klq_convert() -> int:
     """The ``klq-convert`` script: the same as ``klq convert``."""
+    _a_klq_process()
     return main(["convert", *sys.argv[1:]])
 
 

@@ -326,3 +326,59 @@ def test_library_log_lines_print_once_and_no_torch_notice(tmp_path):
     for name in ("absl", "huggingface_hub.file_download", "datasets.load", "transformers.modeling_utils"):
         assert out.stderr.count(f"line of {name}") == 1, (name, out.stderr)
     assert "PyTorch was not found" not in out.stderr, out.stderr
+
+
+def test_a_klq_process_uses_transformers_without_importing_torch(tmp_path):
+    """A klq process imports transformers with torch hidden (no klq command uses its PyTorch models;
+    importing torch takes seconds): a conversion both ways then imports no torch, writes the same
+    files as a process with torch imported, and a pytorch_model.bin is still read (torch.load)."""
+    import torch
+
+    from tests.helpers import testing
+
+    model = testing.tiny_hf_gpt_neox(tmp_path / "st", seed=3)
+    (tmp_path / "bin").mkdir()
+    shutil.copy(tmp_path / "st" / "config.json", tmp_path / "bin" / "config.json")
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    code = (
+        "import sys\n"
+        "if sys.argv[1] == 'torch-first':\n"
+        "    import torch\n"
+        "from experiments import cli\n"
+        "out = sys.argv[2]\n"
+        "def klq(*args):\n"
+        "    sys.argv = ['klq', 'convert', *args]\n"
+        "    assert cli.main() == 0\n"
+        "klq('hf-to-flax', 'st', out + '/flax')\n"
+        "klq('flax-to-hf', out + '/flax', out + '/hf')\n"
+        "print('torch imported:', 'torch' in sys.modules)\n"
+        "klq('hf-to-flax', 'bin', out + '/flax-bin')\n"
+    )
+    outs = {}
+    for how in ("klq-process", "torch-first"):
+        out = subprocess.run([sys.executable, "-c", code, how, how], capture_output=True, text=True, cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "PyTorch was not found" not in out.stderr, out.stderr
+        outs[how] = out.stdout
+    assert "torch imported: False" in outs["klq-process"], outs
+    assert "torch imported: True" in outs["torch-first"], outs
+    new, ref = tmp_path / "klq-process", tmp_path / "torch-first"
+    for d in ("flax", "hf", "flax-bin"):
+        assert _snapshot(new / d) == _snapshot(ref / d), d
+    assert _snapshot(new / "flax-bin")["params.safetensors"] == _snapshot(new / "flax")["params.safetensors"]
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= set(_snapshot(new / "hf"))
+
+
+def _snapshot(d):
+    """Each file of ``d``: its bytes, or for a safetensors file (whose header lists its metadata in
+    no fixed order) the metadata and each tensor's dtype, shape and bytes."""
+    from safetensors import safe_open
+
+    def content(p):
+        if p.suffix != ".safetensors":
+            return p.read_bytes()
+        with safe_open(p, "np") as f:
+            tensors = {k: (str(f.get_tensor(k).dtype), f.get_tensor(k).shape, f.get_tensor(k).tobytes()) for k in f.keys()}
+            return f.metadata(), tensors
+
+    return {p.relative_to(d).as_posix(): content(p) for p in sorted(d.rglob("*")) if p.is_file()}

@@ -547,16 +547,12 @@ def _tensorboardx():
 
     Its ``__init__`` imports its ``SummaryWriter``, which imports torch when torch is installed (seconds
     of start-up, for type hints of torch tensors); this module writes only numpy scalars and text, so
-    torch is hidden during that import (unless already imported). Nothing else changes: a later
-    ``import torch`` works as usual."""
-    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
-        sys.modules["torch"] = None  # makes `import torch` raise ImportError, which tensorboardX allows
-        try:
-            import tensorboardX  # noqa: F401
-        finally:
-            if sys.modules.get("torch", 0) is None:
-                del sys.modules["torch"]
-    import tensorboardX
+    torch is hidden during that import (:func:`klq_jax.without_torch.hidden`, unless already
+    imported). Nothing else changes: a later ``import torch`` works as usual."""
+    from klq_jax import without_torch
+
+    with without_torch.hidden():  # an ImportError of torch, which tensorboardX allows
+        import tensorboardX
 
     return tensorboardX
 
