@@ -16,7 +16,9 @@ Hierarchy::
     │   ├── RunLockedError                    another live process writes the run directory
     │   ├── RunExistsError                    the directory holds a run and neither --resume nor
     │   │                                     --overwrite was given
-    │   └── NoCheckpointError                 --resume found no checkpoint to continue from
+    │   ├── NoCheckpointError                 --resume found no checkpoint to continue from
+    │   └── ForeignFilesError                 files klq did not write are where it would delete
+    │                                         or replace its own (--overwrite, klq demo)
     ├── CheckpointError (OSError)             no checkpoint restores / a checkpoint cannot be written
     ├── DataError (ValueError)                a dataset file or row cannot be used
     ├── SourceNotFoundError (FileNotFoundError)  models/datasets that are neither local nor
@@ -43,6 +45,7 @@ __all__ = [
     "RunLockedError",
     "RunExistsError",
     "NoCheckpointError",
+    "ForeignFilesError",
     "CheckpointError",
     "DataError",
     "SourceNotFoundError",
@@ -84,6 +87,11 @@ class RunExistsError(RunDirError):
 
 class NoCheckpointError(RunDirError, FileNotFoundError):
     """``--resume`` found no checkpoint (and starting fresh was not allowed)."""
+
+
+class ForeignFilesError(RunDirError):
+    """A directory holds files klq did not write under the names it would delete or replace
+    (``--overwrite`` of ``klq train``, ``klq demo``); they are named, and nothing was touched."""
 
 
 class CheckpointError(KLQError, OSError):

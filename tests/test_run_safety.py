@@ -160,6 +160,54 @@ def test_overwrite_deletes_the_run_files_only(finished, tmp_path):
         _cfg(run, resume=True, overwrite=True)
 
 
+def test_overwrite_refuses_files_the_trainer_did_not_write(finished, tmp_path, capsys):
+    """--overwrite used to delete any config.json/eval/policy/... in --out-dir, whoever wrote them:
+    here a Hugging Face model's directory, and a run with a user's files under the trainer's names."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from experiments import cli
+
+    model = tmp_path / "model"
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32)).save_pretrained(model)
+    (model / "eval").mkdir()
+    (model / "eval" / "scores.csv").write_text("task,score\n")
+    before, entries = _snapshot(model), sorted(os.listdir(model))
+    capsys.readouterr()
+    with pytest.raises(errors.ForeignFilesError, match=r"config.json \(not a klq training config\); "
+                                                       r"eval \(holds scores.csv, .*Nothing was deleted"):
+        run_dir.RunDir.open(str(model), resume=False, overwrite=True)
+    assert _snapshot(model) == before and sorted(os.listdir(model)) == entries  # no lock left
+    # `klq train --overwrite`: one line, exit 2, before any model is loaded
+    assert cli.run("train", ["tiny-klq", "--out-dir", str(model), "--overwrite", "--no-compile-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("klq train: error: --overwrite deletes only") and "\n" not in err, err
+    assert "config.json (not a klq training config)" in err
+    assert _snapshot(model) == before
+
+    # A finished run where a user keeps files of theirs under the trainer's names: each is named.
+    run = _copy(finished, tmp_path)
+    (run / "checkpoints" / "best").mkdir()
+    (run / "tb" / "README").write_text("my notes")
+    shutil.rmtree(run / "policy")
+    os.symlink(model, run / "policy")
+    (run / "samples.jsonl").write_text("prompt,response\n")
+    before = _snapshot(run)
+    with pytest.raises(errors.ForeignFilesError) as e:
+        run_dir.RunDir.open(str(run), resume=False, overwrite=True)
+    for part in ("checkpoints (holds best, not only numbered checkpoints)", "policy (a symbolic link)",
+                 "samples.jsonl (not a log of training iterations)", "tb (holds README"):
+        assert part in str(e.value), str(e.value)
+    assert "config.json" not in str(e.value) and "metrics.jsonl" not in str(e.value)
+    assert _snapshot(run) == before and os.path.islink(run / "policy")
+    # The trainer's export needs the trainer's config.json beside it.
+    other = tmp_path / "other"
+    shutil.copytree(finished / "policy", other / "policy")
+    with pytest.raises(errors.ForeignFilesError, match=r"policy \(no klq training config.json beside it\)"):
+        run_dir.preflight(str(other), resume=False, overwrite=True)
+    assert os.path.isdir(other / "policy")
+
+
 def test_an_unwritable_out_dir_is_one_clear_error(tmp_path):
     afile = tmp_path / "file.txt"
     afile.write_text("x")

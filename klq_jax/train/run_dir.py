@@ -8,8 +8,12 @@ Rules (README "Run directories"):
   stale lock file from a dead process is taken over (and said so).
 * **Starting.** A directory that already holds a run (``config.json``, ``metrics.jsonl``,
   ``checkpoints/``, ``policy/``, …) refuses to start a new one, naming what it found, unless
-  ``resume`` (continue it) or ``overwrite`` (delete those run files first) is set. ``resume`` with
-  no checkpoint is an error unless ``allow_fresh`` is set.
+  ``resume`` (continue it) or ``overwrite`` (delete those run files first) is set. ``overwrite``
+  deletes only what is recognisably the trainer's (:func:`foreign_run_entries`: a ``config.json``
+  that parses as a training config, numbered checkpoints, event files, …); anything else under those
+  names (an ``--out-dir`` pointed at a Hugging Face model directory, whose ``config.json`` is the
+  model's) is refused by name and nothing is deleted. ``resume`` with no checkpoint is an error
+  unless ``allow_fresh`` is set.
 * **Resuming.** The checkpoint records the config; a resumed run compares it field by field with
   the new one. Only :data:`RESUMABLE_FIELDS` (logging, progress, cadence of saves/samples, where
   the run lives, mesh layout) may differ; any other difference is refused by name.
@@ -26,18 +30,21 @@ process stop (sleep) at the first marker ``NAME`` whose iteration is ``>= K``, t
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import struct
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from klq_jax.errors import (
+    ForeignFilesError,
     NoCheckpointError,
     ResumeConfigError,
     RunDirError,
@@ -273,7 +280,138 @@ def describe_run(out_dir: str) -> list[str]:
     return found
 
 
-def _remove_leftovers(out_dir: str) -> None:
+# ------------------------------------------------------------------------------------------
+# What is ours: what --overwrite (and klq demo) may delete or replace
+# ------------------------------------------------------------------------------------------
+
+# Fields every config.json the trainer writes has (besides others, e.g. klq train's ``task``).
+TRAIN_CONFIG_KEYS = frozenset({"algo", "optim", "rollouts_per_batch", "total_episodes", "out_dir"})
+
+
+def recorded_config(path: str, cls: type, required=frozenset()):
+    """The config ``cls`` recorded in the JSON file ``path`` (a run's or a demo's ``config.json``),
+    or None when the file is not one: unreadable, not a JSON object, without one of the
+    ``required`` fields, or with a value ``cls`` refuses. Fields that ``cls`` does not have (a
+    subclass's, such as klq train's ``task``) are left out.
+
+    Example::
+
+        >>> import tempfile, os
+        >>> from klq_jax.config import TrainConfig
+        >>> p = os.path.join(tempfile.mkdtemp(), "config.json")
+        >>> atomic_write(p, json.dumps(config_to_json(TrainConfig(seed=3))))
+        >>> recorded_config(p, TrainConfig, TRAIN_CONFIG_KEYS).seed
+        3
+        >>> atomic_write(p, '{"model_type": "gpt_neox", "hidden_size": 64}')  # a model's config
+        >>> recorded_config(p, TrainConfig, TRAIN_CONFIG_KEYS) is None
+        True
+    """
+    from klq_jax.config import from_dict
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not set(required) <= set(data):
+        return None
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    try:
+        return from_dict(cls, {k: v for k, v in data.items() if k in known}, where=path)
+    except (ValueError, TypeError):
+        return None
+
+
+def _train_config(path: str) -> str | None:
+    from klq_jax.config import TrainConfig
+
+    if not os.path.isfile(path):
+        return "not a file"
+    return None if recorded_config(path, TrainConfig, TRAIN_CONFIG_KEYS) is not None else "not a klq training config"
+
+
+def _iteration_log(path: str) -> str | None:
+    """metrics.jsonl / samples.jsonl: empty, or a first line that is a JSON object with ``iteration``."""
+    if not os.path.isfile(path):
+        return "not a file"
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        ok = not first or "iteration" in json.loads(first)
+    except (ValueError, TypeError):
+        ok = False
+    return None if ok else "not a log of training iterations"
+
+
+def _dir_of(pattern: str, what: str) -> Callable[[str], str | None]:
+    """A check: a directory whose entries all match ``pattern`` (or are our temp files/trash)."""
+    rx = re.compile(pattern)
+
+    def check(path: str) -> str | None:
+        if not os.path.isdir(path):
+            return "not a directory"
+        other = sorted(n for n in os.listdir(path)
+                       if not (rx.search(n) or n.startswith(TMP_PREFIX) or n == TRASH_NAME))
+        return f"holds {other[0]}, not only {what}" if other else None
+
+    return check
+
+
+def _export(path: str) -> str | None:
+    """policy/: a directory beside the trainer's config.json (the export of that run)."""
+    if not os.path.isdir(path):
+        return "not a directory"
+    if os.listdir(path) and _train_config(os.path.join(os.path.dirname(path), "config.json")) is not None:
+        return "no klq training config.json beside it"
+    return None
+
+
+# How each entry of RUN_ENTRIES is recognised as the trainer's (None) or not (the reason).
+RUN_ENTRY_CHECKS: dict[str, Callable[[str], str | None]] = {
+    "config.json": _train_config,
+    "metrics.jsonl": _iteration_log,
+    "samples.jsonl": _iteration_log,
+    "tb": _dir_of(r"tfevents", "TensorBoard event files"),
+    "checkpoints": _dir_of(r"^\d+($|\.)", "numbered checkpoints"),
+    "skipped_checkpoints": _dir_of(r"^\d+($|\.)", "numbered checkpoints"),
+    "policy": _export,
+    "eval": _dir_of(r"\.jsonl$", "the validation's completions"),
+}
+assert set(RUN_ENTRY_CHECKS) == set(RUN_ENTRIES)
+
+
+def foreign_entries(path: str, checks: Mapping[str, Callable[[str], str | None]], *, only_these: bool = False,
+                    ignore: Callable[[str], bool] | None = None, writer: str = "klq") -> list[str]:
+    """``"NAME (why)"`` for each entry of the directory ``path`` that klq did not write there, and
+    so must neither delete nor replace: an entry named in ``checks`` whose check (called with its
+    path) gives a reason, or that is a symbolic link (klq writes none); with ``only_these``, every
+    entry not named in ``checks`` too (except the lock, our temp files and trash, and the names
+    ``ignore`` accepts). Empty when ``path`` is not a directory."""
+    if not os.path.isdir(path):
+        return []
+    found = []
+    for name in sorted(os.listdir(path)):
+        if name in (LOCK_NAME, TRASH_NAME) or name.startswith(TMP_PREFIX) or (ignore and ignore(name)):
+            continue
+        p = os.path.join(path, name)
+        if name not in checks:
+            if only_these:
+                found.append(f"{name} (not written by {writer})")
+            continue
+        why = "a symbolic link" if os.path.islink(p) else checks[name](p)
+        if why:
+            found.append(f"{name} ({why})")
+    return found
+
+
+def foreign_run_entries(out_dir: str) -> list[str]:
+    """The entries of :data:`RUN_ENTRIES` in ``out_dir`` that are not recognisably the trainer's
+    (``"NAME (why)"``): what ``overwrite`` refuses to delete. Example: the ``config.json`` of a
+    Hugging Face model directory, which is not a training config."""
+    return foreign_entries(out_dir, RUN_ENTRY_CHECKS)
+
+
+def remove_leftovers(out_dir: str) -> None:
     """Temp files and trash of dead processes (we hold the lock, so no live writer owns them)."""
     for root in (out_dir, os.path.join(out_dir, "tb"), os.path.join(out_dir, "eval")):
         if not os.path.isdir(root):
@@ -303,14 +441,9 @@ def holds_no_result(path: str, also_ours: tuple[str, ...] = ()) -> bool:
     return not _has_checkpoint(path)
 
 
-def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool = False) -> None:
-    """The run-directory checks of :meth:`RunDir.open` that need no lock: call it before loading
-    models so that a refused start fails fast. Raises what :meth:`RunDir.open` would."""
-    if resume and overwrite:
-        from klq_jax.errors import ConfigError
-
-        raise ConfigError("resume and overwrite exclude each other: --resume continues the run in "
-                          "out_dir, --overwrite deletes it; pass one of them.")
+def refuse_live_holder(out_dir: str) -> None:
+    """Raise :class:`RunLockedError` if a live process on this host holds ``out_dir``'s lock (a
+    check without taking the lock, to fail fast; :class:`RunLock` is the real one)."""
     lock = os.path.join(out_dir, LOCK_NAME)
     info = _read_lock_info(lock) if os.path.exists(lock) else {}
     if info and info.get("host") == socket.gethostname() and info.get("pid") != os.getpid():
@@ -330,6 +463,17 @@ def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool 
                     ) from None
                 finally:
                     os.close(fd)
+
+
+def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool = False) -> None:
+    """The run-directory checks of :meth:`RunDir.open` that need no lock: call it before loading
+    models so that a refused start fails fast. Raises what :meth:`RunDir.open` would."""
+    if resume and overwrite:
+        from klq_jax.errors import ConfigError
+
+        raise ConfigError("resume and overwrite exclude each other: --resume continues the run in "
+                          "out_dir, --overwrite deletes it; pass one of them.")
+    refuse_live_holder(out_dir)
     if resume and not allow_fresh and not _has_checkpoint(out_dir):
         found = describe_run(out_dir)
         raise NoCheckpointError(
@@ -345,6 +489,46 @@ def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool 
                 f"{out_dir} already holds a run ({', '.join(found)}). Continue it with --resume, "
                 "delete it and start again with --overwrite, or choose another --out-dir."
             )
+    if overwrite:
+        foreign = foreign_run_entries(out_dir)
+        if foreign:
+            raise ForeignFilesError(
+                f"--overwrite deletes only a previous run's files, and {out_dir} holds some that klq "
+                f"train did not write: {'; '.join(foreign)}. Nothing was deleted: move them away "
+                "yourself, or choose another --out-dir."
+            )
+
+
+def claim(out_dir: str, check: Callable[[str], None]) -> tuple[RunLock, bool]:
+    """Take the directory ``out_dir`` for one writer: ``check(out_dir)`` (raising refuses), create
+    the directory, lock it (:class:`RunLock`; a dead holder's stale lock is taken over), remove the
+    leftovers of dead processes, and ``check`` again under the lock (another writer may have
+    started in between). Returns the lock (the caller releases it) and whether the directory was
+    created. Used by :meth:`RunDir.open` and ``klq demo``.
+
+    Raises:
+      RunDirError: ``out_dir`` cannot be created or is not a directory; RunLockedError: a live
+      process holds it; whatever ``check`` raises.
+    """
+    check(out_dir)
+    created = not os.path.lexists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise RunDirError(
+            f"Cannot create the run directory {out_dir} ({type(err).__name__}: "
+            f"{err.strerror or err}); choose a writable --out-dir."
+        ) from err
+    if not os.path.isdir(out_dir):
+        raise RunDirError(f"--out-dir {out_dir} is not a directory; choose another --out-dir.")
+    lock = RunLock.acquire(out_dir)
+    try:
+        remove_leftovers(out_dir)
+        check(out_dir)
+    except BaseException:
+        lock.release()
+        raise
+    return lock, created
 
 
 def _has_checkpoint(out_dir: str) -> bool:
@@ -369,28 +553,16 @@ class RunDir:
         Raises:
           RunDirError: unwritable; RunLockedError: another live run holds it; RunExistsError: it
           holds a run and neither ``resume`` nor ``overwrite`` is set; NoCheckpointError:
-          ``resume`` without a checkpoint (and not ``allow_fresh``); ConfigError: both flags.
+          ``resume`` without a checkpoint (and not ``allow_fresh``); ForeignFilesError:
+          ``overwrite`` would delete entries the trainer did not write; ConfigError: both flags.
         """
         out_dir = os.path.abspath(out_dir)
         if not owner:  # process 0 checks and owns the directory; the others see its lock and files
             return cls(out_dir, None)
-        preflight(out_dir, resume=resume, overwrite=overwrite, allow_fresh=allow_fresh)
-        created = not os.path.lexists(out_dir)
+        lock, created = claim(out_dir, lambda d: preflight(d, resume=resume, overwrite=overwrite,
+                                                           allow_fresh=allow_fresh))
         try:
-            os.makedirs(out_dir, exist_ok=True)
-        except OSError as err:
-            raise RunDirError(
-                f"Cannot create the run directory {out_dir} ({type(err).__name__}: "
-                f"{err.strerror or err}); choose a writable --out-dir."
-            ) from err
-        if not os.path.isdir(out_dir):
-            raise RunDirError(f"--out-dir {out_dir} is not a directory; choose another --out-dir.")
-        lock = RunLock.acquire(out_dir)
-        try:
-            _remove_leftovers(out_dir)
-            # Checked again under the lock: another run may have started since the preflight.
-            preflight(out_dir, resume=resume, overwrite=overwrite, allow_fresh=allow_fresh)
-            if overwrite:
+            if overwrite:  # the preflight under the lock found nothing but the trainer's entries
                 found = describe_run(out_dir)
                 if found:
                     logger.warning("--overwrite: deleting the run in %s (%s)", out_dir, ", ".join(found))
