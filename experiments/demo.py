@@ -19,6 +19,13 @@ End to end on a 2-core CPU in a couple of minutes, with no network:
 
 ``--quick`` shortens every phase (about a minute; used by the tests).
 
+The demo owns ``--out-dir`` while it runs (``.klq-run.lock``, as a training run) and writes nothing
+before it holds it: a second demo on the same directory is refused. The directory must be new,
+empty, or a previous demo's (its ``config.json`` is a demo config and it holds nothing but the
+entries the demo writes, :data:`DEMO_ENTRIES`); otherwise the demo refuses, naming the files it did
+not write, unless ``--overwrite`` lets it replace its entries (other files stay). A previous demo's
+runs ``klq/`` and ``ppo/`` are replaced; a live one is never touched.
+
 Example::
 
     >>> from experiments import demo
@@ -39,7 +46,15 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DemoConfig", "run", "main", "format_summary"]
+__all__ = ["DemoConfig", "DEMO_ENTRIES", "check_out_dir", "run", "main", "format_summary"]
+
+# What the demo writes in its out_dir (besides its lock): a directory holding nothing else, with the
+# demo's config.json, is a previous demo's, which a rerun replaces without --overwrite.
+DEMO_ENTRIES = ("config.json", "sft-hf", "klq", "ppo", "metrics.jsonl", "training_curves.png", "samples.md",
+                "summary.md")
+_DEMO_DIRS = ("sft-hf", "klq", "ppo")
+# Fields every recorded demo config.json has.
+_DEMO_CONFIG_KEYS = frozenset({"out_dir", "seed", "tau", "sft_steps", "iterations", "rollouts_per_batch"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +74,10 @@ class DemoConfig:
       eval_every: exact evaluation every this many iterations (and at the end).
       samples_per_prompt: responses shown per prompt and policy in samples.md.
       progress: progress bars.
+      overwrite: use an out_dir that holds files a demo did not write (a previous demo's directory
+        needs no flag): the demo's entries there (config.json, sft-hf/, klq/, ppo/, metrics.jsonl,
+        training_curves.png, samples.md, summary.md) are replaced, other files stay. The runs klq/
+        and ppo/ are still replaced only if the trainer wrote them. Not taken from --config.
     """
 
     out_dir: str = "runs/demo"
@@ -73,6 +92,7 @@ class DemoConfig:
     eval_every: int = 10
     samples_per_prompt: int = 4
     progress: bool = True
+    overwrite: bool = False
 
     def __post_init__(self):
         p = [f"{n}={getattr(self, n)} must be >= 1" for n in
@@ -97,8 +117,67 @@ def _exact_fields(e: dict) -> dict:
     return {f"exact/{k}": float(e[k]) for k in ("J", "reward", "kl_to_ref", "kl_to_opt")}
 
 
+def check_out_dir(out_dir: str, *, overwrite: bool = False) -> None:
+    """Refuse an ``out_dir`` the demo may not write in (see the module docstring): one holding
+    files a demo did not write (unless ``overwrite``), or a run ``klq/``/``ppo/`` that is live or
+    holds files the trainer did not write (``klq train --overwrite``'s rule, whatever ``overwrite``).
+
+    Raises:
+      ForeignFilesError: the files named; RunLockedError: a live run in ``klq/`` or ``ppo/``.
+    """
+    from klq_jax.errors import ForeignFilesError
+    from klq_jax.models.hf.files import is_leftover
+    from klq_jax.train import run_dir
+
+    if not overwrite:
+        cfg_path = os.path.join(out_dir, "config.json")
+        previous = run_dir.recorded_config(cfg_path, DemoConfig, _DEMO_CONFIG_KEYS)
+        if previous is not None and not os.path.islink(cfg_path):  # a previous demo's: its entries only
+            def a_dir(p):
+                return None if os.path.isdir(p) else "not a directory"
+
+            def a_file(p):
+                return None if os.path.isfile(p) else "not a file"
+
+            checks = {n: a_dir if n in _DEMO_DIRS else a_file for n in DEMO_ENTRIES}
+        else:  # no previous demo here: whatever is there is someone else's
+            checks = {"config.json": lambda p: "not a klq demo config"}
+        foreign = run_dir.foreign_entries(out_dir, checks, only_these=True, writer="klq demo",
+                                          ignore=lambda n: any(is_leftover(n, d) for d in _DEMO_DIRS))
+        if foreign:
+            raise ForeignFilesError(
+                f"{out_dir} holds files that klq demo did not write: {'; '.join(foreign[:8])}"
+                + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+                + ". The demo writes " + ", ".join(n + "/" if n in _DEMO_DIRS else n for n in DEMO_ENTRIES)
+                + " there: choose a new or empty --out-dir (or a previous demo's), or pass --overwrite "
+                "to replace those entries (other files stay)."
+            )
+    for algo in ("klq", "ppo"):  # their runs are replaced with the trainer's --overwrite
+        run_dir.preflight(os.path.join(out_dir, algo), resume=False, overwrite=True)
+
+
 def run(cfg: DemoConfig) -> dict:
-    """Run the demo (see the module docstring). Returns paths, timings and the summary rows."""
+    """Run the demo (see the module docstring). Returns paths, timings and the summary rows.
+
+    ``cfg.out_dir`` is checked (:func:`check_out_dir`) and locked before anything is written, and
+    stays locked until the demo ends.
+
+    Raises:
+      RunLockedError: another demo (or run) uses the directory; ForeignFilesError: it holds files
+      the demo did not write (see ``DemoConfig.overwrite``); RunDirError: it cannot be written.
+    """
+    from klq_jax.train import run_dir
+
+    lock, _ = run_dir.claim(os.path.abspath(cfg.out_dir),
+                            lambda d: check_out_dir(d, overwrite=cfg.overwrite))
+    try:
+        return _run(cfg, Path(cfg.out_dir))
+    finally:
+        lock.release()
+
+
+def _run(cfg: DemoConfig, out: Path) -> dict:
+    """The demo in ``out``, which :func:`run` holds."""
     import jax
 
     from klq_jax import evaluate, sampling, sharding, train
@@ -107,12 +186,11 @@ def run(cfg: DemoConfig) -> dict:
     from experiments import synthetic as syn
     from klq_jax.models import hf
     from experiments.plots import plot_training_curves
+    from klq_jax.train.run_dir import atomic_write
 
     t0 = time.perf_counter()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     # The demo's own settings: ``klq demo --config <out_dir>/config.json`` runs it again.
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    atomic_write(str(out / "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     lang = syn.SyntheticLanguage()
     task = syn.SyntheticTask(lang, tau=cfg.tau, omega=cfg.omega, temperature=1.0)  # the runs' temperature
     say = print
@@ -366,7 +444,8 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     quick, argv = cli.pop_flag(argv, "--quick")
     config_path, argv = cli.pop_option(argv, "--config")
     if config_path:
-        default = cli.load_config(DemoConfig, config_path)
+        # A recorded overwrite=true never carries over: only this command line sets it.
+        default = dataclasses.replace(cli.load_config(DemoConfig, config_path), overwrite=False)
     else:
         default = DemoConfig.quick() if quick else DemoConfig()
     description = (

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import demo
 from experiments import synthetic as syn
+from klq_jax import errors
+from klq_jax.train import run_dir
+from tests.helpers import testing
 
 
 @pytest.fixture(scope="module")
@@ -96,25 +106,145 @@ def test_demo_cli_rejects_bad_arguments(capsys):
 
 
 
-@pytest.mark.slow
-def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(tmp_path):
-    """The demo used to rmtree <out>/klq before training it, whoever was writing there."""
-    from klq_jax.errors import RunLockedError
-    from klq_jax.train import run_dir
+# ------------------------------------------------------------------------------------------
+# The out_dir: locked before anything is written; nothing a user wrote is replaced without --overwrite
+# ------------------------------------------------------------------------------------------
 
-    live = tmp_path / "klq"
-    live.mkdir()
-    (live / "metrics.jsonl").write_text('{"iteration": 1}\n')
-    lock = run_dir.RunLock.acquire(str(live))  # another process trains there
+TINY = dict(sft_steps=1, iterations=1, rollouts_per_batch=8, epochs=1, eval_every=1, samples_per_prompt=0,
+            progress=False)
+TINY_ARGS = ["--sft-steps", "1", "--iterations", "1", "--rollouts-per-batch", "8", "--epochs", "1",
+             "--eval-every", "1", "--samples-per-prompt", "0", "--no-progress"]
+
+
+def _tiny(out, **kw) -> demo.DemoConfig:
+    return demo.DemoConfig(out_dir=str(out), **{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    """A previous demo's directory (tiny settings); tests work on copies of it."""
+    out = tmp_path_factory.mktemp("tiny") / "demo"
+    demo.run(_tiny(out))
+    return out
+
+
+def _copy(src, tmp_path):
+    return Path(shutil.copytree(src, tmp_path / "demo", symlinks=True))
+
+
+def _demo_cli(*args) -> int:
+    """``klq demo ARGS`` in process: the exit status (2 and one line on stderr for our errors)."""
+    from experiments import cli
+
+    return cli.run("demo", ["--no-compile-cache", *map(str, args)])
+
+
+@contextlib.contextmanager
+def _held_by_another_process(path):
+    """``path`` locked by another process (as a live demo or training run holds it) until the block
+    ends; the process then exits without releasing it, leaving a dead holder's stale lock file."""
+    code = ("import sys; from klq_jax.train import run_dir; run_dir.RunLock.acquire(sys.argv[1]); "
+            "print('locked', file=sys.stderr, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        cfg = demo.DemoConfig(out_dir=str(tmp_path), sft_steps=1, iterations=1, rollouts_per_batch=8,
-                              epochs=1, eval_every=1, samples_per_prompt=0, progress=False)
-        with pytest.raises(RunLockedError, match="in use by another training run"):
-            demo.run(cfg)
-        assert (live / "metrics.jsonl").read_text() == '{"iteration": 1}\n'
+        testing.wait_for_stderr_line(proc, "locked")
+        yield proc.pid
     finally:
-        lock.release()
-    # not live: the rerun replaces the previous run there
-    demo.run(cfg)
-    assert [json.loads(l)["iteration"] for l in (live / "metrics.jsonl").read_text().splitlines()] == [1]
-    assert not (live / run_dir.LOCK_NAME).exists()
+        proc.stdin.close()
+        proc.wait()
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("klq demo: error: "), err
+    return err[0]
+
+
+@pytest.mark.slow
+def test_a_second_demo_on_a_live_demos_directory_writes_nothing(tiny_demo, tmp_path, capsys):
+    """A second demo on the same --out-dir used to rewrite config.json and sft-hf/ before the
+    lock of its klq/ run refused it."""
+    out = _copy(tiny_demo, tmp_path)
+    with _held_by_another_process(out) as pid:  # the first demo, still running
+        before = testing.snapshot(out)
+        with pytest.raises(errors.RunLockedError, match=f"in use by .*pid {pid} on host"):
+            demo.run(_tiny(out, seed=1))
+        capsys.readouterr()
+        assert _demo_cli("--out-dir", out, "--seed", "1", *TINY_ARGS) == 2
+        assert f"is in use by another training run (pid {pid}" in _one_error_line(capsys)
+        assert testing.snapshot(out) == before  # config.json, sft-hf/, klq/, ppo/, ... byte for byte
+
+
+def test_a_demo_refuses_a_directory_holding_a_users_files(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"learning_rate": 0.1, "my": "settings"}\n')
+    (mine / "sft-hf").mkdir()
+    (mine / "sft-hf" / "weights.bin").write_bytes(b"mine")
+    before = testing.snapshot(mine)
+    with pytest.raises(errors.ForeignFilesError,
+                       match=r"config.json \(not a klq demo config\); sft-hf \(not written by klq demo\)\. "
+                             r".*--overwrite"):
+        demo.run(_tiny(mine))
+    assert testing.snapshot(mine) == before and sorted(os.listdir(mine)) == ["config.json", "sft-hf"]
+    capsys.readouterr()
+    assert _demo_cli("--out-dir", mine, *TINY_ARGS) == 2
+    assert "config.json (not a klq demo config)" in _one_error_line(capsys)
+    assert testing.snapshot(mine) == before
+
+    # Files under the demo's names without a demo's config.json are someone else's too.
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(errors.ForeignFilesError, match=r"metrics.jsonl \(not written by klq demo\)"):
+        demo.run(_tiny(logs))
+    assert (logs / "metrics.jsonl").read_text() == '{"step": 1}\n' and os.listdir(logs) == ["metrics.jsonl"]
+    # A demo's config.json, with a file the demo does not write beside it.
+    (mine / "config.json").write_text(json.dumps(dataclasses.asdict(_tiny(mine))))
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(errors.ForeignFilesError, match=r"holds files that klq demo did not write: notes.txt "
+                                                        r"\(not written by klq demo\)\."):
+        demo.run(_tiny(mine))
+    assert (mine / "sft-hf" / "weights.bin").read_bytes() == b"mine"
+
+
+@pytest.mark.slow
+def test_overwrite_lets_the_demo_replace_its_entries_and_keeps_the_rest(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}\n')
+    (mine / "notes.txt").write_text("mine")
+    demo.main(["--out-dir", str(mine), "--overwrite", *TINY_ARGS])
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert json.loads((mine / "config.json").read_text())["sft_steps"] == 1
+    assert (mine / "sft-hf" / "model.safetensors").is_file() and (mine / "ppo" / "policy").is_dir()
+    # --overwrite is not taken from a recorded config; without it notes.txt is still in the way.
+    assert demo.parse_args(["--config", str(mine / "config.json")]).overwrite is False
+    with pytest.raises(errors.ForeignFilesError, match=r"did not write: notes.txt \(not written by klq demo\)\."):
+        demo.run(_tiny(mine))
+
+
+@pytest.mark.slow
+def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(tiny_demo, tmp_path):
+    """The demo used to rmtree <out>/klq before training it, whoever was writing there."""
+    out = _copy(tiny_demo, tmp_path)
+    with _held_by_another_process(out / "klq") as pid:  # another process trains there
+        before = testing.snapshot(out)
+        with pytest.raises(errors.RunLockedError, match=f"klq is in use by another training run \\(pid {pid}"):
+            demo.run(_tiny(out, seed=1))
+        assert testing.snapshot(out) == before  # refused before anything was written
+    # Both that run and an earlier demo died holding their locks: their stale locks are taken over.
+    # The rerun replaces the previous demo's files and runs, without any flag.
+    with _held_by_another_process(out):
+        pass
+    assert json.loads((out / run_dir.LOCK_NAME).read_text())["pid"] != os.getpid()
+    assert json.loads((out / "klq" / "config.json").read_text())["seed"] == 0
+    demo.run(_tiny(out, seed=1))
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    for algo in ("klq", "ppo"):
+        assert json.loads((out / algo / "config.json").read_text())["seed"] == 1
+        assert [json.loads(l)["iteration"] for l in (out / algo / "metrics.jsonl").read_text().splitlines()] == [1]
+        assert not (out / algo / run_dir.LOCK_NAME).exists()
+    assert not (out / run_dir.LOCK_NAME).exists()
+    assert sorted(os.listdir(out)) == sorted(demo.DEMO_ENTRIES)

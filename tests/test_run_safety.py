@@ -58,14 +58,7 @@ def _copy(finished, tmp_path, name="run"):
     return dst
 
 
-def _snapshot(d):
-    """Every file under ``d`` with its bytes (what 'the data is preserved' means)."""
-    out = {}
-    for root, _, files in os.walk(d):
-        for f in files:
-            p = os.path.join(root, f)
-            out[os.path.relpath(p, d)] = open(p, "rb").read()
-    return out
+_snapshot = testing.snapshot
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,13 +156,10 @@ def test_overwrite_deletes_the_run_files_only(finished, tmp_path):
 def test_overwrite_refuses_files_the_trainer_did_not_write(finished, tmp_path, capsys):
     """--overwrite used to delete any config.json/eval/policy/... in --out-dir, whoever wrote them:
     here a Hugging Face model's directory, and a run with a user's files under the trainer's names."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
     from experiments import cli
 
     model = tmp_path / "model"
-    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32)).save_pretrained(model)
+    testing.tiny_hf_gpt_neox(model)
     (model / "eval").mkdir()
     (model / "eval" / "scores.csv").write_text("task,score\n")
     before, entries = _snapshot(model), sorted(os.listdir(model))

@@ -11,6 +11,7 @@ Stable names (other tests import them):
 * :func:`position_ids` — ``max(cumsum(mask) - 1, 0)``, the positions our model uses (pass them to HF).
 * :func:`hf_forward` — run a torch HF model on a (left-padded) numpy batch, return float32 numpy.
 * :data:`TINY_HF_CONFIG` — the default tiny HF config values.
+* :func:`snapshot` — every file under a directory with its bytes (to assert nothing changed).
 
 Example::
 
@@ -301,3 +302,15 @@ def metrics_without_timings(out_dir) -> list[dict]:
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def snapshot(d) -> dict[str, bytes]:
+    """Every file under the directory ``d`` (relative path → bytes): what "the data is preserved"
+    means in the run-safety tests. Symbolic links to directories are not followed."""
+    out = {}
+    for root, _, files in os.walk(d):
+        for f in files:
+            p = os.path.join(root, f)
+            with open(p, "rb") as fh:
+                out[os.path.relpath(p, d)] = fh.read()
+    return out

@@ -444,6 +444,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _leftover_match(name: str, of: str):
+    return re.match(rf"^\.{re.escape(of)}\.(tmp|old)-(\d+)-[0-9a-f]+$", name)
+
+
+def is_leftover(name: str, of: str) -> bool:
+    """Whether ``name`` is a sibling :class:`AtomicDir` writes beside the directory named ``of``
+    (``.<of>.tmp-<pid>-*`` or ``.<of>.old-<pid>-*``; :func:`clean_stale` removes dead ones)."""
+    return _leftover_match(name, of) is not None
+
+
 def clean_stale(path: Path) -> list[str]:
     """Remove leftovers of killed writers of ``path``; restore a set-aside old copy if ``path`` is gone.
 
@@ -456,9 +466,8 @@ def clean_stale(path: Path) -> list[str]:
     parent = path.parent
     if not parent.is_dir():
         return done
-    pat = re.compile(rf"^\.{re.escape(path.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
     for entry in sorted(parent.iterdir()):
-        m = pat.match(entry.name)
+        m = _leftover_match(entry.name, path.name)
         if not m or pid_alive(int(m.group(2))):
             continue
         if m.group(1) == "old" and not os.path.lexists(path):
