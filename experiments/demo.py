@@ -76,7 +76,8 @@ class DemoConfig:
       progress: progress bars.
       overwrite: use an out_dir that holds files a demo did not write (a previous demo's directory
         needs no flag): the demo's entries there (config.json, sft-hf/, klq/, ppo/, metrics.jsonl,
-        training_curves.png, samples.md, summary.md) are replaced, other files stay. The runs klq/
+        training_curves.png, samples.md, summary.md) are replaced, other files stay; an entry that
+        is a symbolic link is replaced by the demo's own (its target untouched). The runs klq/
         and ppo/ are still replaced only if the trainer wrote them. Not taken from --config.
     """
 
@@ -153,7 +154,8 @@ def check_out_dir(out_dir: str, *, overwrite: bool = False) -> None:
                 "to replace those entries (other files stay)."
             )
     for algo in ("klq", "ppo"):  # their runs are replaced with the trainer's --overwrite
-        run_dir.preflight(os.path.join(out_dir, algo), resume=False, overwrite=True)
+        if not os.path.islink(os.path.join(out_dir, algo)):  # a link (overwrite only) is replaced, see run()
+            run_dir.preflight(os.path.join(out_dir, algo), resume=False, overwrite=True)
 
 
 def run(cfg: DemoConfig) -> dict:
@@ -171,6 +173,10 @@ def run(cfg: DemoConfig) -> dict:
     lock, _ = run_dir.claim(os.path.abspath(cfg.out_dir),
                             lambda d: check_out_dir(d, overwrite=cfg.overwrite))
     try:
+        if cfg.overwrite:  # an entry that is a symbolic link is replaced, never written through
+            for name in DEMO_ENTRIES:
+                if os.path.islink(os.path.join(lock.out_dir, name)):
+                    os.unlink(os.path.join(lock.out_dir, name))
         return _run(cfg, Path(cfg.out_dir))
     finally:
         lock.release()

@@ -226,6 +226,28 @@ def test_overwrite_lets_the_demo_replace_its_entries_and_keeps_the_rest(tmp_path
 
 
 @pytest.mark.slow
+def test_overwrite_replaces_a_symlinked_entry_and_writes_nothing_through_it(tmp_path):
+    """--overwrite used to write metrics.jsonl, summary.md, ... through a symbolic link into the
+    file it points to, and train klq/ in the directory a link pointed to, outside --out-dir."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "runs").mkdir(parents=True)
+    (elsewhere / "log.jsonl").write_text('{"iteration": 0, "mine": 1}\n')
+    (elsewhere / "summary.md").write_text("my summary")
+    (elsewhere / "runs" / "notes.txt").write_text("mine")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    for name, target in (("metrics.jsonl", "log.jsonl"), ("summary.md", "summary.md"), ("klq", "runs")):
+        (mine / name).symlink_to(elsewhere / target)
+    before = testing.snapshot(elsewhere)
+    demo.run(_tiny(mine, overwrite=True))
+    assert testing.snapshot(elsewhere) == before
+    for name in ("metrics.jsonl", "summary.md", "klq"):
+        assert not (mine / name).is_symlink()
+    assert json.loads((mine / "metrics.jsonl").read_text().splitlines()[0])["algo"] == "klq"
+    assert (mine / "klq" / "policy").is_dir()
+
+
+@pytest.mark.slow
 def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(tiny_demo, tmp_path):
     """The demo used to rmtree <out>/klq before training it, whoever was writing there."""
     out = _copy(tiny_demo, tmp_path)
