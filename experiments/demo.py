@@ -141,6 +141,7 @@ def check_out_dir(out_dir: str, *, overwrite: bool = False) -> None:
                 return None if os.path.isfile(p) else "not a file"
 
             checks = {n: a_dir if n in _DEMO_DIRS else a_file for n in DEMO_ENTRIES}
+            checks["sft-hf"] = run_dir.hf_export_dir  # replaced whole: nothing but the demo's export in it
         else:  # no previous demo here: whatever is there is someone else's
             checks = {"config.json": lambda p: "not a klq demo config"}
         foreign = run_dir.foreign_entries(out_dir, checks, only_these=True, writer="klq demo",

@@ -209,6 +209,22 @@ def test_a_demo_refuses_a_directory_holding_a_users_files(tmp_path, capsys):
     assert (mine / "sft-hf" / "weights.bin").read_bytes() == b"mine"
 
 
+def test_a_previous_demos_sft_hf_holding_a_users_file_is_refused(tmp_path):
+    """A rerun on a previous demo's directory used to replace sft-hf/ whole, with a file a user
+    added to it (a model card), without any flag."""
+    out = tmp_path / "demo"
+    (out / "sft-hf").mkdir(parents=True)
+    run_dir.atomic_write(str(out / "config.json"), json.dumps(dataclasses.asdict(_tiny(out))))
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+        (out / "sft-hf" / name).write_text("{}")
+    demo.check_out_dir(str(out))  # the demo's export: a rerun replaces it
+    (out / "sft-hf" / "README.md").write_text("my model card")
+    with pytest.raises(errors.ForeignFilesError, match=r"sft-hf \(holds README.md, not only the files of a "
+                                                       r"Hugging Face export\)"):
+        demo.check_out_dir(str(out))
+    demo.check_out_dir(str(out), overwrite=True)  # the explicit flag
+
+
 @pytest.mark.slow
 def test_overwrite_lets_the_demo_replace_its_entries_and_keeps_the_rest(tmp_path):
     mine = tmp_path / "mine"

@@ -198,6 +198,20 @@ def test_overwrite_refuses_files_the_trainer_did_not_write(finished, tmp_path, c
     assert os.path.isdir(other / "policy")
 
 
+def test_overwrite_refuses_a_users_file_inside_the_export(finished, tmp_path):
+    """--overwrite used to delete policy/ whole, with a file a user added to it (a model card)."""
+    run = _copy(finished, tmp_path)
+    (run / "policy" / "README.md").write_text("my model card")
+    before = _snapshot(run)
+    with pytest.raises(errors.ForeignFilesError, match=r"policy \(holds README.md, not only the files of a "
+                                                       r"Hugging Face export\)"):
+        run_dir.RunDir.open(str(run), resume=False, overwrite=True)
+    assert _snapshot(run) == before
+    (run / "policy" / "README.md").unlink()  # the export's own files only: deleted
+    with run_dir.RunDir.open(str(run), resume=False, overwrite=True):
+        assert not (run / "policy").exists()
+
+
 def test_an_unwritable_out_dir_is_one_clear_error(tmp_path):
     afile = tmp_path / "file.txt"
     afile.write_text("x")

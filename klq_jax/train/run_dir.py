@@ -51,7 +51,7 @@ from klq_jax.errors import (
     RunExistsError,
     RunLockedError,
 )
-from klq_jax.models.hf.files import pid_alive
+from klq_jax.models.hf.files import SAVE_HF_FILES, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -357,13 +357,17 @@ def _dir_of(pattern: str, what: str) -> Callable[[str], str | None]:
     return check
 
 
+# A directory holding only what save_hf writes (a policy/ export, the demo's sft-hf/).
+hf_export_dir = _dir_of(SAVE_HF_FILES, "the files of a Hugging Face export")
+
+
 def _export(path: str) -> str | None:
-    """policy/: a directory beside the trainer's config.json (the export of that run)."""
+    """policy/: a directory of export files beside the trainer's config.json (the export of that run)."""
     if not os.path.isdir(path):
         return "not a directory"
     if os.listdir(path) and _train_config(os.path.join(os.path.dirname(path), "config.json")) is not None:
         return "no klq training config.json beside it"
-    return None
+    return hf_export_dir(path)
 
 
 # How each entry of RUN_ENTRIES is recognised as the trainer's (None) or not (the reason).

@@ -52,6 +52,12 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+# The names of the files :func:`klq_jax.models.hf.save_hf` writes in its directory: config.json, the
+# weights (model/value_head, single or shards + index) and the tokenizer files it copies. A
+# directory holding another name holds a file someone else put there.
+SAVE_HF_FILES = (r"^(config\.json|(model|value_head)(-\d+-of-\d+)?\.safetensors|(model|value_head)\.safetensors"
+                 r"\.index\.json|" + "|".join(re.escape(n) for n in TOKENIZER_FILES) + ")$")
+
 
 class ConversionError(ValueError):
     """A checkpoint or config that cannot be converted; the message says which file and what to do."""
