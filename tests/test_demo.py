@@ -204,7 +204,7 @@ def test_a_demo_refuses_a_directory_holding_a_users_files(tmp_path, capsys):
     (mine / "config.json").write_text(json.dumps(dataclasses.asdict(_tiny(mine))))
     (mine / "notes.txt").write_text("mine")
     with pytest.raises(errors.ForeignFilesError, match=r"holds files that klq demo did not write: notes.txt "
-                                                        r"\(not written by klq demo\)\."):
+                                                        r"\(not written by klq demo\); sft-hf \(holds weights.bin"):
         demo.run(_tiny(mine))
     assert (mine / "sft-hf" / "weights.bin").read_bytes() == b"mine"
 
