@@ -204,6 +204,12 @@ def test_a_broken_symlink_dst_is_refused_in_one_line(tmp_path, tiny_src, capsys)
     assert _cli("hf-to-flax", "--overwrite", tiny_src, tmp_path / "out") == 2
     assert "is a broken symlink; choose another output path" in capsys.readouterr().err
     assert (tmp_path / "out").is_symlink() and sorted(os.listdir(tmp_path)) == ["out"]
+    # A link to a file is no broken link (it used to be called one): a DST that is not a directory.
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "to-file").symlink_to(tmp_path / "notes.txt")
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, tmp_path / "to-file") == 2
+    assert "to-file exists and is not a directory; choose another output path" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "to-file").is_symlink()
 
 
 # ------------------------------------------------------------------------------------------------

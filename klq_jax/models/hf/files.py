@@ -501,7 +501,7 @@ class AtomicDir:
     def __enter__(self) -> Path:
         clean_stale(self.path)
         if os.path.lexists(self.path) and not self.path.is_dir():
-            what = "a broken symlink" if self.path.is_symlink() else "not a directory"
+            what = "a broken symlink" if not os.path.exists(self.path) else "not a directory"
             raise ConversionError(f"{self.path} exists and is {what}; choose another output path.")
         if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
             raise ConversionError(
