@@ -212,6 +212,20 @@ def test_a_broken_symlink_dst_is_refused_in_one_line(tmp_path, tiny_src, capsys)
     assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "to-file").is_symlink()
 
 
+def test_a_dst_of_dot_or_dotdot_is_refused_in_one_line(tmp_path, tiny_src, capsys, monkeypatch):
+    """DST "." or ".." (even with --overwrite) used to fail with "[Errno 16] Device or resource busy"."""
+    here = tmp_path / "a" / "here"
+    here.mkdir(parents=True)
+    (here / "mine.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    for dst in (".", "..", ""):
+        capsys.readouterr()
+        assert _cli("hf-to-flax", "--overwrite", tiny_src, dst) == 2
+        err = capsys.readouterr().err.strip()
+        assert "is the current directory or a parent of it; name the output directory" in err and "\n" not in err
+    assert sorted(os.listdir(here)) == ["mine.txt"] and os.listdir(tmp_path / "a") == ["here"]
+
+
 # ------------------------------------------------------------------------------------------------
 # A tokenizer larger than the embedding
 # ------------------------------------------------------------------------------------------------

@@ -499,6 +499,9 @@ class AtomicDir:
         self.overwrite = overwrite
 
     def __enter__(self) -> Path:
+        if self.path.name in ("", ".."):  # "." or "..": a directory that cannot be renamed or replaced
+            raise ConversionError(f"{self.path} is the current directory or a parent of it; name the output "
+                                  "directory itself (e.g. ../NAME).")
         clean_stale(self.path)
         if os.path.lexists(self.path) and not self.path.is_dir():
             what = "a broken symlink" if not os.path.exists(self.path) else "not a directory"
