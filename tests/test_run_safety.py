@@ -199,7 +199,8 @@ def test_overwrite_refuses_files_the_trainer_did_not_write(finished, tmp_path, c
 
 
 def test_overwrite_refuses_a_users_file_inside_the_export(finished, tmp_path):
-    """--overwrite used to delete policy/ whole, with a file a user added to it (a model card)."""
+    """--overwrite used to delete policy/ (and eval/) whole, with a file a user added to it (a model
+    card, their own scores)."""
     run = _copy(finished, tmp_path)
     (run / "policy" / "README.md").write_text("my model card")
     before = _snapshot(run)
@@ -208,6 +209,12 @@ def test_overwrite_refuses_a_users_file_inside_the_export(finished, tmp_path):
         run_dir.RunDir.open(str(run), resume=False, overwrite=True)
     assert _snapshot(run) == before
     (run / "policy" / "README.md").unlink()  # the export's own files only: deleted
+    (run / "eval").mkdir()  # eval/ likewise: the validation writes completions.jsonl there, nothing else
+    (run / "eval" / "completions.jsonl").write_text('{"iteration": 1}\n')
+    (run / "eval" / "my_scores.jsonl").write_text("mine")
+    with pytest.raises(errors.ForeignFilesError, match=r"eval \(holds my_scores.jsonl, not only the validation"):
+        run_dir.RunDir.open(str(run), resume=False, overwrite=True)
+    (run / "eval" / "my_scores.jsonl").unlink()
     with run_dir.RunDir.open(str(run), resume=False, overwrite=True):
         assert not (run / "policy").exists()
 

@@ -379,7 +379,7 @@ RUN_ENTRY_CHECKS: dict[str, Callable[[str], str | None]] = {
     "checkpoints": _dir_of(r"^\d+($|\.)", "numbered checkpoints"),
     "skipped_checkpoints": _dir_of(r"^\d+($|\.)", "numbered checkpoints"),
     "policy": _export,
-    "eval": _dir_of(r"\.jsonl$", "the validation's completions"),
+    "eval": _dir_of(r"^completions\.jsonl$", "the validation's completions.jsonl"),
 }
 assert set(RUN_ENTRY_CHECKS) == set(RUN_ENTRIES)
 
