@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import tempfile
@@ -98,9 +99,10 @@ class DemoConfig:
     def __post_init__(self):
         p = [f"{n}={getattr(self, n)} must be >= 1" for n in
              ("sft_steps", "iterations", "rollouts_per_batch", "epochs", "eval_every") if getattr(self, n) < 1]
-        p += [f"{n}={getattr(self, n)} must be > 0" for n in ("tau", "learning_rate") if getattr(self, n) <= 0]
-        if self.omega < 0:
-            p.append(f"omega={self.omega} must be >= 0")
+        p += [f"{n}={getattr(self, n)} must be a finite number > 0" for n in ("tau", "learning_rate")
+              if not (math.isfinite(getattr(self, n)) and getattr(self, n) > 0)]
+        if not (math.isfinite(self.omega) and self.omega >= 0):
+            p.append(f"omega={self.omega} must be a finite number >= 0")
         if self.samples_per_prompt < 0:
             p.append(f"samples_per_prompt={self.samples_per_prompt} must be >= 0")
         if p:

@@ -96,16 +96,16 @@ class AlgoConfig:
         problems = []
         if self.name not in ALGORITHMS_NAMES:
             problems.append(f"name={self.name!r} is not one of {ALGORITHMS_NAMES}")
-        if self.tau < 0:
-            problems.append(f"tau={self.tau} must be >= 0")
+        if not (math.isfinite(self.tau) and self.tau >= 0):  # NaN fails every comparison: test the good case
+            problems.append(f"tau={self.tau} must be a finite number >= 0")
         if not 0.0 <= self.gamma <= 1.0:
             problems.append(f"gamma={self.gamma} must be in [0, 1]")
         if not 0.0 <= self.lam <= 1.0:
             problems.append(f"lam={self.lam} must be in [0, 1]")
         if not 0.0 < self.alpha <= 1.0:
             problems.append(f"alpha={self.alpha} must be in (0, 1]")
-        if self.clip_eps <= 0:
-            problems.append(f"clip_eps={self.clip_eps} must be > 0")
+        if not (math.isfinite(self.clip_eps) and self.clip_eps > 0):
+            problems.append(f"clip_eps={self.clip_eps} must be a finite number > 0")
         if not isinstance(self.whiten_groups, int) or self.whiten_groups < 1:
             problems.append(f"whiten_groups={self.whiten_groups!r} must be an integer >= 1")
         if self.value_target not in ("trl", "mc"):
@@ -155,8 +155,8 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self):
-        if self.learning_rate <= 0:
-            raise ConfigError(f"OptimConfig.learning_rate={self.learning_rate} must be > 0")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ConfigError(f"OptimConfig.learning_rate={self.learning_rate} must be a finite number > 0")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(
                 f"OptimConfig.schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'"
@@ -165,8 +165,8 @@ class OptimConfig:
             raise ConfigError(
                 f"OptimConfig.lr_schedule_unit={self.lr_schedule_unit!r} must be 'step' or 'iteration'"
             )
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ConfigError(f"OptimConfig.max_grad_norm={self.max_grad_norm} must be > 0 or None")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ConfigError(f"OptimConfig.max_grad_norm={self.max_grad_norm} must be a finite number > 0 or None")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,8 +298,8 @@ class TrainConfig:
             p.append("resume and overwrite exclude each other (--resume continues the run in out_dir, "
                      "--overwrite deletes it)")
         p += sampling_problems(self.temperature, self.top_k, self.top_p)
-        if self.omega < 0:
-            p.append(f"omega={self.omega} must be >= 0")
+        if not (math.isfinite(self.omega) and self.omega >= 0):
+            p.append(f"omega={self.omega} must be a finite number >= 0")
         if self.eval_every < 0:
             p.append(f"eval_every={self.eval_every} must be >= 0 (0: no validation)")
         if self.eval_prompts < 1:

@@ -34,6 +34,7 @@ token included), exactly what :func:`klq_jax.sampling.sample` returns.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Any, Callable
 
@@ -423,8 +424,9 @@ def make_rollout(
       >>> float(ro.rewards.sum()), float(jnp.abs(ro.logp - ro.ref_logp).max())
       (4.0, 0.0)
     """
-    if not omega >= 0:
-        raise ValueError(f"make_rollout: omega={omega} must be >= 0 (the missing-stop-token penalty).")
+    if not (math.isfinite(omega) and omega >= 0):
+        raise ValueError(f"make_rollout: omega={omega} must be a finite number >= 0 (the missing-stop-token "
+                         "penalty).")
     if omega > 0 and not sampling_config.stop_token_ids:
         raise ValueError(
             f"make_rollout: omega={omega} penalises responses without a stop token, but "

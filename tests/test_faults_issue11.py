@@ -58,7 +58,7 @@ def test_empty_stop_tokens_with_omega_is_an_error(tiny_policy):
         rollout.make_rollout(*args, omega=1.0)
     ro = rollout.make_rollout(*args, omega=0.0)  # defined: no penalty without a stop token
     assert float(ro.rewards.sum()) == 2.0
-    with pytest.raises(ValueError, match="omega=-1.0 must be >= 0"):
+    with pytest.raises(ValueError, match="omega=-1.0 must be a finite number >= 0"):
         rollout.make_rollout(*args, omega=-1.0)
 
 

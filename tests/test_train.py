@@ -186,7 +186,7 @@ def test_cli_overrides_and_clear_errors(capsys):
     assert "nope" in str(err.value) and "tiny-klq" in str(err.value)  # the unknown preset and the known ones
     for args, needle in [
         (["--minibatch-size", "5"], "must be a multiple of minibatch_size=5"),
-        (["--algo.tau", "-1"], "tau=-1.0 must be >= 0"),
+        (["--algo.tau", "-1"], "tau=-1.0 must be a finite number >= 0"),
         (["--no-such-field", "1"], "--no-such-field"),
     ]:
         with pytest.raises(SystemExit) as err:
