@@ -106,6 +106,7 @@ def parse_args(argv=None):
     p.add_argument("--no-checkpoint", action="store_true", help="skip the checkpoint phase")
     p.add_argument("--seed", type=int, default=0)
     benchenv.add_isa_argument(p)
+    benchenv.add_malloc_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     args.isa_env = benchenv.cap_isa(args.isa)  # before jax/torch are imported
@@ -614,6 +615,7 @@ def summarise(iters: list[dict], key: str) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
+    args.malloc = benchenv.set_malloc(args.malloc)  # before jax starts its threads
     import jax
 
     info = machine_info()
@@ -626,7 +628,8 @@ def main(argv=None):
     print(f"  machine: {info['cpu']}, {info['cpu_count']} cores; jax {info['jax']} on {info['backend']} "
           f"({info['device']}); load {load_start:.2f}"
           + (f"; XLA_FLAGS={info['xla_flags']}" if info["xla_flags"] else "")
-          + (f"; torch ISA {info['torch_isa']}" if info.get("torch_isa") else ""), flush=True)
+          + (f"; torch ISA {info['torch_isa']}" if info.get("torch_isa") else "")
+          + f"; malloc {args.malloc}", flush=True)
 
     # The machine's rates, measured on a GEMM of the model's own shape.
     cfg = _model_config(args)
@@ -674,7 +677,7 @@ def main(argv=None):
     work = phase_work(args, pcfg, critic_cfg, rm_cfg)
     res = {"setup": {k: getattr(args, k) for k in ("model", "batch", "prompt_len", "new_tokens", "temperature",
                                                    "epochs", "minibatches", "micro_batch", "score_micro_batch",
-                                                   "algo", "layout", "logp", "dtype", "repeats", "peer")},
+                                                   "algo", "layout", "logp", "dtype", "repeats", "peer", "isa", "malloc")},
            "machine": dict(info, load_start=load_start, load_end=load_end), "rates": rates,
            "klq": {}, "trl": {}, "ratio": {}, "peak_bytes": peak_mem}
 

@@ -61,6 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="time only the JAX sampler")
     p.add_argument("--seed", type=int, default=0)
     benchenv.add_isa_argument(p)
+    benchenv.add_malloc_argument(p)
     p.add_argument("--json", metavar="PATH", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     args.isa_env = benchenv.cap_isa(args.isa)  # before jax/torch are imported
@@ -102,6 +103,7 @@ def median(xs):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.malloc = benchenv.set_malloc(args.malloc)  # before jax starts its threads
     import jax
     import jax.numpy as jnp
     import torch
@@ -113,7 +115,8 @@ def main(argv=None):
     print(f"bench_sampling: {args.model} B={B} prompt={Tq} new={T} dtype={args.dtype} "
           f"{'greedy' if args.greedy else 'sampling (T=1, full vocab)'}; jax {jax.__version__} on "
           f"{jax.devices()[0].platform}, torch {torch.__version__} (torch ISA {torch.backends.cpu.get_cpu_capability()}"
-          f"{'; XLA_FLAGS=' + os.environ['XLA_FLAGS'] if os.environ.get('XLA_FLAGS') else ''})", flush=True)
+          f"{'; XLA_FLAGS=' + os.environ['XLA_FLAGS'] if os.environ.get('XLA_FLAGS') else ''}); "
+          f"malloc {args.malloc}", flush=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as workdir:
         config, graphdef, params, hf_model, device = build_models(args, workdir)
@@ -200,7 +203,7 @@ def main(argv=None):
         }
     res["setup"] = {
         "model": args.model, "batch": B, "prompt_len": Tq, "new_tokens": T, "dtype": args.dtype,
-        "greedy": args.greedy, "repeats": args.repeats, "isa": args.isa, "jax": jax.__version__,
+        "greedy": args.greedy, "repeats": args.repeats, "isa": args.isa, "malloc": args.malloc, "jax": jax.__version__,
         "jax_backend": jax.devices()[0].platform, "jax_device": str(jax.devices()[0].device_kind),
         "torch": torch.__version__, "torch_device": device, "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),

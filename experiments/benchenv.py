@@ -29,6 +29,35 @@ def add_isa_argument(parser) -> None:
                         "AVX-512 one; see experiments/benchenv.py)")
 
 
+MALLOCS = ("retain", "default")
+
+
+def add_malloc_argument(parser) -> None:
+    """Add ``--malloc {retain,default}`` to a benchmark's parser (apply it with :func:`set_malloc`
+    right after parsing, before jax or torch is imported): ``retain`` is what the ``klq`` command
+    runs with (:func:`klq_jax.hostmem.retain_freed_memory`), ``default`` glibc's own settings."""
+    parser.add_argument("--malloc", choices=list(MALLOCS), default="retain",
+                        help="retain: glibc keeps freed memory for reuse, as the klq command sets it "
+                        "(klq_jax/hostmem.py; both libraries of a --peer run share it); default: glibc's own")
+
+
+def set_malloc(malloc: str) -> str:
+    """Apply ``--malloc`` (the benchmarks call it first thing in ``main``); returns what holds, for
+    the benchmark's output: ``"retain"``, ``"default"``, or ``"default (retain not applied: ...)"``
+    where jax or torch was imported first (their threads may have their own arenas by then) or
+    the C library is not glibc."""
+    if malloc not in MALLOCS:
+        raise ValueError(f"--malloc {malloc!r}: choose one of {', '.join(MALLOCS)}")
+    if malloc == "default":
+        return "default"
+    loaded = [m for m in ("jax", "torch") if m in sys.modules]
+    if loaded:
+        return f"default (retain not applied: {' and '.join(loaded)} imported first)"
+    from klq_jax import hostmem
+
+    return "retain" if hostmem.retain_freed_memory() else "default (retain not applied: no glibc)"
+
+
 def cap_isa(isa: str) -> dict[str, str]:
     """Set the environment so JAX and torch use at most ``isa``; returns what it set.
 

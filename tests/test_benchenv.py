@@ -41,3 +41,14 @@ def test_cap_refuses_once_jax_is_loaded_and_unknown_names():
         benchenv.cap_isa("avx2")
     with pytest.raises(ValueError, match="choose one of native, avx2"):
         benchenv.cap_isa("sse")
+
+
+def test_malloc_choice_is_checked_and_comes_before_jax():
+    import jax  # noqa: F401 - imported here, as in any test process: too late for the setting
+
+    assert benchenv.set_malloc("default") == "default"  # glibc's own settings: nothing to do
+    # too late to apply: the benchmark's output says so instead of claiming it
+    late = benchenv.set_malloc("retain")
+    assert late.startswith("default (retain not applied: jax") and late.endswith("imported first)"), late
+    with pytest.raises(ValueError, match="choose one of retain, default"):
+        benchenv.set_malloc("jemalloc")
