@@ -258,15 +258,9 @@ def test_a_closed_stdout_outside_help_stops_with_the_sigpipe_status(monkeypatch)
     (["train", "tiny-klq", "--top-k", "-1"], "top_k=-1 must be an integer >= 0"),
     (["train", "tiny-klq", "--algo.tau", "-1"], "tau=-1.0 must be a finite number >= 0"),
     (["train", "tiny-klq", "--algo.tau", "nan"], "tau=nan must be a finite number >= 0"),  # NaN compares False
-    (["train", "tiny-klq", "--omega", "inf"], "omega=inf must be a finite number >= 0"),
-    (["train", "tiny-klq", "--algo.clip-eps", "nan"], "clip_eps=nan must be a finite number > 0"),
     (["train", "tiny-klq", "--optim.learning-rate", "0"], "learning_rate=0.0 must be a finite number > 0"),
-    (["train", "tiny-klq", "--optim.learning-rate", "nan"], "learning_rate=nan must be a finite number > 0"),
-    (["train", "tiny-klq", "--optim.max-grad-norm", "nan"], "max_grad_norm=nan must be a finite number > 0"),
     (["train", "tiny-klq", "--task.dtype", "float8"], "dtype='float8'"),
     (["demo", "--tau", "-1"], "tau=-1.0 must be a finite number > 0"),
-    (["demo", "--tau", "nan"], "tau=nan must be a finite number > 0"),
-    (["demo", "--omega", "nan"], "omega=nan must be a finite number >= 0"),
     (["sweep", "tiny-klq", "--taus", "-1"], "tau=-1.0 must be a finite number >= 0"),
 ])
 def test_config_checks_fail_at_parse_time_in_one_line(tmp_path, args, needle):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,8 @@ import pytest
 
 from experiments import presets, tasks
 from klq_jax import sharding, train
+from experiments.demo import DemoConfig
+from klq_jax.config import AlgoConfig, OptimConfig, TrainConfig
 from tests.helpers import testing
 
 
@@ -157,3 +160,18 @@ def test_every_model_config_checks_both_dtypes_and_its_sizes_alike():
         vocab = "vocab_size"
         with pytest.raises(ValueError, match=rf"^Invalid {name}: {vocab}=0 must be positive"):
             tiny(**{vocab: 0})
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: AlgoConfig(tau=float("nan")), "tau=nan must be a finite number >= 0"),
+    (lambda: AlgoConfig(clip_eps=float("nan")), "clip_eps=nan must be a finite number > 0"),
+    (lambda: OptimConfig(learning_rate=float("inf")), "learning_rate=inf must be a finite number > 0"),
+    (lambda: OptimConfig(max_grad_norm=float("nan")), "max_grad_norm=nan must be a finite number > 0"),
+    (lambda: TrainConfig(omega=float("inf")), "omega=inf must be a finite number >= 0"),
+    (lambda: DemoConfig(tau=float("nan")), "tau=nan must be a finite number > 0"),
+    (lambda: DemoConfig(omega=float("nan")), "omega=nan must be a finite number >= 0"),
+])
+def test_nan_and_infinity_are_refused_by_name(make, message):
+    # NaN compares False with everything: a check written as `x < 0` let it through to iteration 1.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
