@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -718,6 +719,7 @@ def check_resume_models(saved: dict | None, current: dict, *, where: str, rtol: 
 # ------------------------------------------------------------------------------------------
 
 
+@functools.cache  # once: every event frame's CRC asks for it, and torch is hidden only the first time
 def _tensorboardx():
     """The ``tensorboardX`` package, imported without torch.
 
