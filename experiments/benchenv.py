@@ -29,6 +29,11 @@ def add_isa_argument(parser) -> None:
                         "AVX-512 one; see experiments/benchenv.py)")
 
 
+def _imported_frameworks() -> list[str]:
+    """Which of jax and torch this process has imported: a setting read when they load comes too late."""
+    return [m for m in ("jax", "torch") if m in sys.modules]
+
+
 MALLOCS = ("retain", "default")
 
 
@@ -50,7 +55,7 @@ def set_malloc(malloc: str) -> str:
         raise ValueError(f"--malloc {malloc!r}: choose one of {', '.join(MALLOCS)}")
     if malloc == "default":
         return "default"
-    loaded = [m for m in ("jax", "torch") if m in sys.modules]
+    loaded = _imported_frameworks()
     if loaded:
         return f"default (retain not applied: {' and '.join(loaded)} imported first)"
     from klq_jax import hostmem
@@ -68,7 +73,7 @@ def cap_isa(isa: str) -> dict[str, str]:
         raise ValueError(f"--isa {isa!r}: choose one of {', '.join(ISAS)}")
     if isa == "native":
         return {}
-    loaded = [m for m in ("jax", "torch") if m in sys.modules]
+    loaded = _imported_frameworks()
     if loaded:
         raise RuntimeError(f"--isa {isa} must be set before {' and '.join(loaded)} is imported")
     xla = os.environ.get("XLA_FLAGS", "")
