@@ -5,13 +5,18 @@ A checkpoint at iteration ``k`` (directory ``<run>/checkpoints/<k>/``) holds:
 * ``state``: the :class:`klq_jax.train.TrainState` pytree — policy (+ value) parameters, optimizer
   state, optimizer step, the raw PRNG key data — saved sharded as it lives on the devices, and
   restored straight into the target shardings (``StandardRestore`` with abstract arrays).
-* ``meta``: JSON — the iteration, the prompt iterator's position, the full config.
+* ``meta``: JSON — the iteration, the prompt iterator's position, the full config, and
+  ``checksums``: one exact integer per array leaf (:func:`array_checksums`, format
+  :data:`CHECKSUM_FORMAT`), computed on the devices when the checkpoint is saved.
 
 Orbax writes each step into a temporary directory and renames it when complete, so a run killed at
 any moment (even with SIGKILL) resumes from its last *complete* checkpoint; :meth:`Checkpointer.save`
 refuses a state with NaN/inf leaves, so a diverged run never overwrites a good checkpoint.
 :meth:`Checkpointer.restore_newest` restores the newest checkpoint that restores, skipping (and
-moving aside, into ``<run>/skipped_checkpoints/``) damaged ones with the reason for each.
+moving aside, into ``<run>/skipped_checkpoints/``) damaged ones with the reason for each —
+structural damage (missing or truncated files) and silent damage alike: arrays that still decode
+but whose bits changed (a flipped bit, a chunk overwritten) no longer match their checksums.
+Checkpoints written before checksums existed (no ``checksums`` in their meta) restore unverified.
 """
 
 from __future__ import annotations
@@ -117,13 +122,18 @@ class Checkpointer:
         background thread; the next :meth:`save`, :meth:`restore` or :meth:`close` waits for it,
         and the step only becomes :meth:`latest_step` once complete.
 
+        The meta written is ``meta`` plus ``"checksums"``: ``{"format": CHECKSUM_FORMAT, "leaves":
+        array_checksums(state)}``, computed with the finiteness check in one jitted program on the
+        devices (before the arrays may be donated); :meth:`restore` verifies them.
+
         Raises:
           NonFiniteError: if any floating leaf of ``state`` holds NaN/inf (nothing is written).
           CheckpointError: the checkpoint could not be written (disk full, permissions), or a
             checkpoint ``>= step`` already exists (orbax would silently skip it).
         """
         self.finish_pending()  # the previous asynchronous save: its failure is reported first
-        bad = nonfinite_leaves(state)
+        bad, checksums = _nonfinite_and_checksums(state)
+        meta = {**meta, "checksums": {"format": CHECKSUM_FORMAT, "leaves": checksums}}
         if bad:
             raise NonFiniteError(
                 f"Refusing to write checkpoint {step}: non-finite values in {bad[:5]}"
@@ -176,8 +186,23 @@ class Checkpointer:
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict]:
         """Restore checkpoint ``step`` (default: latest) into the structure/shardings of ``target``.
 
-        ``target`` may hold concrete arrays or ``jax.ShapeDtypeStruct``\\ s with shardings.
+        ``target`` may hold concrete arrays or ``jax.ShapeDtypeStruct``\\ s with shardings. The
+        restored arrays are checked against the checksums in the meta (when it has them).
+
+        Raises:
+          NoCheckpointError: there is no checkpoint.
+          CheckpointError: the restored arrays do not match their checksums (silent damage).
         """
+        state, meta, step = self._restore_unverified(step, target)
+        problem = _checksum_problem(state, meta)
+        if problem:
+            raise CheckpointError(
+                f"Checkpoint {step} in {self.directory} is damaged: {problem}. Resume from an older "
+                "checkpoint (--resume skips this one and moves it aside), or restore a backup of it."
+            )
+        return state, meta
+
+    def _restore_unverified(self, step: int | None, target: Any) -> tuple[Any, dict, int]:
         self.finish_pending()  # an asynchronous save still being written
         if step is None:
             step = self.latest_step()
@@ -193,7 +218,7 @@ class Checkpointer:
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()
             ),
         )
-        return restored.state, restored.meta
+        return restored.state, restored.meta, step
 
     def read_meta(self, step: int) -> dict:
         """The JSON ``meta`` of checkpoint ``step`` alone (no arrays are read)."""
@@ -210,7 +235,7 @@ class Checkpointer:
         """Restore the newest checkpoint that restores: ``(step, state, meta, skipped)``.
 
         Damaged checkpoints (missing ``state/`` or its ``_METADATA``, unreadable ``meta``, a
-        truncated data file, …) are skipped, newest first; each is logged with its reason, listed in
+        truncated data file, arrays that do not match their checksums, …) are skipped, newest first; each is logged with its reason, listed in
         ``skipped`` as ``(step, reason)`` and moved into ``skipped_dir`` (default
         ``<directory>/../skipped_checkpoints``) so that the run's next checkpoints can be written.
 
@@ -253,12 +278,15 @@ class Checkpointer:
                     _check_same_arrays(step, saved, _leaf_specs(target))
             if reason is None:
                 try:
-                    state, meta = self.restore(step, target)
+                    state, meta, _ = self._restore_unverified(step, target)
                 except Exception as err:
                     reason = f"state does not restore ({_one_line(err, 160)})"
                 else:
-                    self._move_aside([s for s, _ in skipped], skipped_dir)
-                    return step, state, meta, skipped
+                    reason = _checksum_problem(state, meta)
+                    if reason is None:
+                        self._move_aside([s for s, _ in skipped], skipped_dir)
+                        return step, state, meta, skipped
+                    del state  # free the damaged arrays before the next candidate is read
             logger.warning("Skipping checkpoint %d in %s: %s", step, self.directory, reason)
             skipped.append((step, reason))
         raise CheckpointError(
@@ -315,6 +343,26 @@ def _meta_problem(step: int, meta: Any, required: Mapping[str, type]) -> str | N
     return None
 
 
+def _checksum_problem(state: Any, meta: dict) -> str | None:
+    """Why the restored ``state`` does not match the checksums in its ``meta``, or None (also for a
+    meta written before checksums existed, or by a future format, which cannot be verified)."""
+    if not isinstance(meta, dict) or "checksums" not in meta:
+        return None
+    saved = meta["checksums"]
+    if not isinstance(saved, dict) or not isinstance(saved.get("leaves"), dict):
+        return "meta's 'checksums' is not a {format, leaves} object"
+    if saved.get("format") != CHECKSUM_FORMAT:
+        logger.warning("Checkpoint checksums of format %r are not verified (this version knows %r)",
+                       saved.get("format"), CHECKSUM_FORMAT)
+        return None
+    now = array_checksums(state)
+    bad = [name for name, value in saved["leaves"].items() if now.get(name) != value]
+    if not bad:
+        return None
+    return ("array data do not match their checksums: " + ", ".join(bad[:3])
+            + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+
+
 def _path_names(path) -> tuple[str, ...]:
     out = []
     for k in path:
@@ -361,6 +409,48 @@ def _check_same_arrays(step: int, saved: dict, current: dict) -> None:
         )
 
 
+CHECKSUM_FORMAT = "klq-bits-u32-sum+oddweighted-sum/1"
+"""The checksum scheme of :func:`array_checksums`; a checkpoint's meta names it, so that a later
+scheme is recognised (and an unknown one is left unverified rather than called damage)."""
+
+
+def array_checksums(tree: Any) -> dict[str, int]:
+    """``{leaf name: checksum}`` of the array leaves of ``tree``: exact, computed on the devices.
+
+    Each leaf's bits (float32 → uint32, bf16/f16 → uint16, int8/bool → uint8, uint32 as is; a 64-bit
+    leaf as two uint32 words per element) are widened to uint32 ``b_i`` (``i``: the row-major index
+    of the word) and summed with wraparound: ``s1 = Σ b_i``, ``s2 = Σ b_i·(2i+1)`` (mod 2³²); the
+    checksum is ``s1·2³² + s2``. The weights are odd, so any single flipped bit changes ``s2``; they
+    depend on the position, so moved elements show too. Wrapping integer sums are associative, so
+    the value is the same whatever the sharding, mesh or number of processes. A leaf of more than
+    2³² words repeats the weights every 2³² words (the index wraps); that weakens nothing for
+    single-bit flips. One jitted reduction over every leaf and one small transfer.
+
+    The name of a leaf is its key path joined with ``/`` (``params/…/kernel``), without a trailing
+    ``value`` (an ``nnx.Variable``'s), as in the checkpoint's shape check.
+    """
+    return _nonfinite_and_checksums(tree)[1]
+
+
+def _leaf_name(path) -> str:
+    names = _path_names(path)
+    if names and names[-1] == "value":
+        names = names[:-1]
+    return "/".join(names)
+
+
+def _nonfinite_and_checksums(tree: Any) -> tuple[list[str], dict[str, int]]:
+    """(:func:`nonfinite_leaves`, :func:`array_checksums`) of ``tree`` from one jitted program."""
+    flat = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(leaf, "dtype") and hasattr(leaf, "shape")]
+    if not flat:
+        return [], {}
+    finite, sums = jax.device_get(_finite_and_checksums([leaf for _, leaf in flat]))
+    bad = [jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not ok]
+    checksums = {_leaf_name(path): (int(s1) << 32) | int(s2) for (path, _), (s1, s2) in zip(flat, sums)}
+    return bad, checksums
+
+
 def nonfinite_leaves(tree: Any) -> list[str]:
     """Key paths of floating-point leaves of ``tree`` that contain NaN or inf.
 
@@ -397,7 +487,51 @@ def _abs_and_square_sums(leaves: list) -> jax.Array:
     return jax.numpy.stack([jax.numpy.stack([jax.numpy.abs(x).sum(), jax.numpy.square(x).sum()]) for x in f])
 
 
+def _leaf_finite(x) -> jax.Array:
+    """``[]`` bool: ``x`` holds no NaN/inf (True for a non-floating ``x``)."""
+    if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+        return jax.numpy.isfinite(x).all()
+    return jax.numpy.ones((), bool)
+
+
 @jax.jit
 def _all_finite(leaves: list) -> jax.Array:
     """``[n]`` bool: leaf ``i`` holds only finite values."""
-    return jax.numpy.stack([jax.numpy.isfinite(x).all() for x in leaves])
+    return jax.numpy.stack([_leaf_finite(x) for x in leaves])
+
+
+@jax.jit
+def _finite_and_checksums(leaves: list) -> tuple[jax.Array, jax.Array]:
+    """``([n] bool, [n, 2] uint32)``: leaf ``i`` is finite; its ``(s1, s2)`` (:func:`array_checksums`)."""
+    return (jax.numpy.stack([_leaf_finite(x) for x in leaves]),
+            jax.numpy.stack([_leaf_checksum(x) for x in leaves]))
+
+
+def _leaf_words(x) -> jax.Array:
+    """The bits of ``x`` as unsigned ints of its width (``x.shape``; ``x.shape + (2,)`` for a
+    64-bit or complex dtype: two words per element)."""
+    jnp = jax.numpy
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([x.real, x.imag], axis=-1)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint8)
+    bits = jax.dtypes.itemsize_bits(x.dtype)
+    if bits < 8:  # int4, float4, …: widened exactly (an injective map keeps every change visible)
+        x = x.astype(jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating)
+                     else jnp.int8 if jnp.issubdtype(x.dtype, jnp.signedinteger) else jnp.uint8)
+        bits = jax.dtypes.itemsize_bits(x.dtype)
+    return jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16}.get(bits, jnp.uint32))
+
+
+def _leaf_checksum(x) -> jax.Array:
+    """``[2]`` uint32 ``(Σ b_i, Σ b_i·(2i+1))`` mod 2³² over the words ``b`` of ``x`` (row-major
+    index ``i`` mod 2³², built from per-axis iotas so that no sharded axis is reshaped)."""
+    jnp = jax.numpy
+    words = _leaf_words(x).astype(jnp.uint32)
+    index = jnp.zeros(words.shape, jnp.uint32)
+    for axis, size in enumerate(words.shape):
+        index = index * jnp.uint32(size % 2**32) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
+    weights = 2 * index + 1
+    return jnp.stack([words.sum(dtype=jnp.uint32), (words * weights).sum(dtype=jnp.uint32)])
