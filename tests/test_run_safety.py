@@ -354,6 +354,8 @@ def _damage(kind, step_dir):
     elif kind == "zeroed manifest":
         p = step_dir / "state" / "manifest.ocdbt"
         p.write_bytes(b"\0" * len(p.read_bytes()))
+    elif kind == "flipped bit in an array":  # still decodes: only the checksums show it
+        testing.flip_one_bit_in_checkpoint(step_dir, prefix="params.")
 
 
 def _target(cfg):
@@ -371,6 +373,7 @@ def _target(cfg):
     ("zeroed manifest", "does not restore|unreadable state metadata"),
     ("meta without prompts", "meta has no valid 'prompts'"),
     ("meta iteration not an int", "meta's iteration is '2', not 2"),
+    ("flipped bit in an array", r"^array data do not match their checksums: params/\S+$"),
 ])
 def test_restore_falls_back_past_a_damaged_newest_checkpoint(finished, tmp_path, kind, reason, caplog):
     run = _copy(finished, tmp_path)

@@ -314,3 +314,34 @@ def snapshot(d) -> dict[str, bytes]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, d)] = fh.read()
     return out
+
+
+def flip_one_bit_in_checkpoint(step_dir, prefix: str = "params.") -> tuple[str, np.ndarray, np.ndarray]:
+    """Flip the lowest bit of one element of one floating array saved in the orbax checkpoint
+    ``step_dir`` (``<checkpoints>/<step>``): the first array whose name starts with ``prefix``.
+
+    Orbax stores each array as a zstd-compressed zarr chunk inside an OCDBT database
+    (``state/manifest.ocdbt`` + ``state/**/d/*`` data files); flipping a bit of the compressed bytes
+    would mostly make the chunk undecodable (structural damage, caught already). This rewrites the
+    chunk through tensorstore itself, with one value changed: the file set then holds a valid,
+    decodable array that differs from the saved one by one bit — the silent damage a checksum must
+    catch. Returns ``(orbax array name, before, after)``.
+    """
+    import tensorstore as ts
+
+    base = "file://" + os.path.join(os.fspath(step_dir), "state") + "/"
+    kv = ts.KvStore.open({"driver": "ocdbt", "base": base}).result()
+    names = sorted(k.decode()[: -len("/.zarray")] for k in kv.list().result() if k.endswith(b"/.zarray"))
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        arr = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": name + "/"}}).result()
+        if arr.dtype.numpy_dtype.kind != "f" and "bfloat16" not in str(arr.dtype):
+            continue
+        before = arr.read().result()
+        after = before.copy()
+        words = after.reshape(-1).view(f"uint{8 * after.dtype.itemsize}")
+        words[words.size // 2] ^= 1
+        arr.write(after).result()
+        return name, before, after
+    raise AssertionError(f"no floating array named {prefix}* in {step_dir}: {names}")
