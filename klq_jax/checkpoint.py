@@ -235,9 +235,10 @@ class Checkpointer:
         """Restore the newest checkpoint that restores: ``(step, state, meta, skipped)``.
 
         Damaged checkpoints (missing ``state/`` or its ``_METADATA``, unreadable ``meta``, a
-        truncated data file, arrays that do not match their checksums, …) are skipped, newest first; each is logged with its reason, listed in
-        ``skipped`` as ``(step, reason)`` and moved into ``skipped_dir`` (default
-        ``<directory>/../skipped_checkpoints``) so that the run's next checkpoints can be written.
+        truncated data file, arrays that do not match their checksums, …) are skipped, newest
+        first; each is logged with its reason, listed in ``skipped`` as ``(step, reason)`` and moved
+        into ``skipped_dir`` (default ``<directory>/../skipped_checkpoints``) so that the run's next
+        checkpoints can be written.
 
         Args:
           target: the train state (concrete or abstract arrays with shardings).
