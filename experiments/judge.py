@@ -12,6 +12,12 @@ every pair to a judge in both orders and writes, under ``--out-dir``:
 * ``judge.png``: one bar per pair of runs (e.g. per τ) with the pooled win rate and its interval
   (paper Fig. 3).
 
+Each is written atomically (a temp file renamed over it). A ``--out-dir`` already holding any of them
+(an earlier judgement, or a user's own ``judge.md``) is refused before anything is judged, unless
+``--overwrite`` lets the judge replace them (an output name that is a symbolic link is replaced, never
+written through; other files stay). The request cache is kept either way: a rerun with
+``--overwrite`` sends only the requests it does not hold (the failed ones).
+
 Pairs: ``--a RUN_A1 RUN_A2 --b RUN_B1 RUN_B2`` (zipped), or ``--sweep DIR``: every KLQ run of a
 sweep against the PPO run of the same grid point, labelled with its grid values.
 
@@ -37,7 +43,11 @@ from typing import Literal
 
 from klq_jax import judge as J
 
-__all__ = ["JudgeConfig", "JudgeCommand", "load_completions", "make_pairs", "make_judge", "run", "main"]
+__all__ = ["JudgeConfig", "JudgeCommand", "OUTPUTS", "check_out_dir", "load_completions", "make_pairs",
+           "make_judge", "run", "main"]
+
+# What a judgement writes in its out_dir (besides the request cache, which every rerun reuses).
+OUTPUTS = ("judge.md", "judge.jsonl", "judgements.jsonl", "judge.png")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +108,9 @@ class JudgeCommand:
       num_prompts: prompts per pair (the first ones of the held-out set; the paper: 32).
       alpha: the Jeffreys interval's level (the paper: 0.2, an 80% interval).
       out_dir: where the judgements, table and plot go.
+      overwrite: replace the outputs (judge.md, judge.jsonl, judgements.jsonl, judge.png) that an
+        earlier judgement (or anyone) left in out_dir; without it such an out_dir is refused before
+        anything is judged. Other files, and the request cache, are kept either way.
       judge: the judge.
     """
 
@@ -109,6 +122,7 @@ class JudgeCommand:
     num_prompts: int = 32
     alpha: float = 0.2
     out_dir: str = "runs/judge"
+    overwrite: bool = False
     judge: JudgeConfig = JudgeConfig()
 
 
@@ -208,8 +222,51 @@ def _sweep_pairs(sweep_dir: str) -> list[tuple[str, str, str]]:
     return pairs
 
 
+def check_out_dir(out_dir: str, *, overwrite: bool = False, cache_dir: str | None = None) -> None:
+    """Refuse an ``out_dir`` holding any of :data:`OUTPUTS` (a dangling link counts), unless
+    ``overwrite``. ``cache_dir``: the request cache, named in the message (a rerun reuses it).
+
+    Raises:
+      RunExistsError: the outputs found named, and what to do.
+    """
+    from klq_jax.errors import RunExistsError
+
+    found = [n for n in OUTPUTS if os.path.lexists(os.path.join(out_dir, n))]
+    if found and not overwrite:
+        cache = cache_dir or os.path.join(out_dir, "cache")
+        raise RunExistsError(
+            f"{out_dir} already holds {', '.join(found)} (an earlier judgement, or your own files): pass "
+            f"--overwrite to replace them (the request cache {cache} is kept, so a rerun sends only the "
+            "requests it lacks), or choose another --out-dir.")
+
+
+def _write_outputs(out_dir: str, files: dict[str, str], rows: list[dict] | None) -> None:
+    """Write each of ``files`` (name: text), and ``judge.png`` from ``rows``, atomically: a temp
+    file beside it renamed over it, so a crash leaves the old file or the new one, never half of
+    one, and a name that is a symbolic link is replaced, not written through."""
+    from klq_jax.train import run_dir
+
+    for name, text in files.items():
+        run_dir.atomic_write(os.path.join(out_dir, name), text)
+    if rows is not None:
+        from experiments import plots
+
+        tmp = os.path.join(out_dir, f"{run_dir.TMP_PREFIX}{os.getpid()}.judge.png")  # .png: the format
+        try:
+            plots.plot_win_rates(rows, tmp)
+            os.replace(tmp, os.path.join(out_dir, "judge.png"))
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+
+
 def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
-    """Judge every pair; write the outputs (module docstring); return one summary row per pair."""
+    """Judge every pair; write the outputs (module docstring); return one summary row per pair.
+
+    Raises:
+      RunExistsError: ``cmd.out_dir`` holds earlier outputs and ``cmd.overwrite`` is not set
+      (checked before anything is judged); JudgeError: the runs or the judge cannot be used.
+    """
     if cmd.sweep:
         triples = _sweep_pairs(cmd.sweep)
     else:
@@ -220,6 +277,7 @@ def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
         if len(names) != len(cmd.a):
             raise J.JudgeError(f"--labels has {len(names)} labels for {len(cmd.a)} pairs.")
         triples = list(zip(cmd.a, cmd.b, names))
+    check_out_dir(cmd.out_dir, overwrite=cmd.overwrite, cache_dir=cmd.judge.cache_dir)
     os.makedirs(cmd.out_dir, exist_ok=True)
     judge = judge if judge is not None else make_judge(cmd.judge, cmd.out_dir)
     rows, all_records = [], []
@@ -230,24 +288,19 @@ def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
                                          on_result=on_result)
         all_records.extend(dict(r, label=label, a=a, b=b) for r in records)
         rows.append({"label": label, "a": a, "b": b, "mode": cmd.mode, **summary})
-    with open(os.path.join(cmd.out_dir, "judgements.jsonl"), "w") as f:
-        for r in all_records:
-            f.write(json.dumps(r) + "\n")
+    judgements = "".join(json.dumps(r) + "\n" for r in all_records)
     failed = [r for r in all_records if r["status"] == "failed"]
     if failed and len(failed) == len(all_records):
+        _write_outputs(cmd.out_dir, {"judgements.jsonl": judgements}, None)
         raise J.JudgeError(f"Every judgement failed ({len(failed)} requests), the first with: {failed[0]['error']}; "
-                           "check the judge's --judge.base-url, the network and the API key.")
+                           "check the judge's --judge.base-url, the network and the API key, then rerun with "
+                           "--overwrite.")
     if failed:
         print(f"warning: {len(failed)} of {len(all_records)} judgements failed (they count as 'failed'; a rerun "
-              f"asks again), the first with: {failed[0]['error']}", file=sys.stderr)
-    with open(os.path.join(cmd.out_dir, "judge.jsonl"), "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    with open(os.path.join(cmd.out_dir, "judge.md"), "w") as f:
-        f.write(format_table(rows))
-    from experiments import plots
-
-    plots.plot_win_rates(rows, os.path.join(cmd.out_dir, "judge.png"))
+              f"with --overwrite asks again only those), the first with: {failed[0]['error']}", file=sys.stderr)
+    _write_outputs(cmd.out_dir, {"judgements.jsonl": judgements,
+                                 "judge.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+                                 "judge.md": format_table(rows)}, rows)
     return rows
 
 

@@ -14,8 +14,8 @@ Hierarchy::
     │   └── ResumeConfigError                 --resume with settings that change the run's meaning
     ├── RunDirError (OSError)                 the run directory cannot be used as asked
     │   ├── RunLockedError                    another live process writes the run directory
-    │   ├── RunExistsError                    the directory holds a run and neither --resume nor
-    │   │                                     --overwrite was given
+    │   ├── RunExistsError                    the directory holds a run (or klq judge's outputs)
+    │   │                                     and neither --resume nor --overwrite was given
     │   ├── NoCheckpointError                 --resume found no checkpoint to continue from
     │   └── ForeignFilesError                 files klq did not write are where it would delete
     │                                         or replace its own (--overwrite, klq demo)
@@ -82,7 +82,8 @@ class RunLockedError(RunDirError):
 
 
 class RunExistsError(RunDirError):
-    """The run directory already holds a run; start with ``--resume`` or ``--overwrite``."""
+    """The run directory already holds a run; start with ``--resume`` or ``--overwrite``. Also: an
+    ``--out-dir`` holding an earlier ``klq judge``'s outputs (replace them with ``--overwrite``)."""
 
 
 class NoCheckpointError(RunDirError, FileNotFoundError):

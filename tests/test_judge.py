@@ -1,7 +1,8 @@
 """LLM-as-a-judge: Jeffreys intervals against SciPy, answer parsing, an OpenAI-compatible HTTP
 server on 127.0.0.1 (both orders, A/B mapped back, a malformed answer, an HTTP 500 retried, a
 resumed judgement that sends nothing twice), and a local judge model (a verdict for every pair,
-the same twice, log-probs equal to the PyTorch model's)."""
+the same twice, log-probs equal to the PyTorch model's). Earlier outputs in --out-dir are replaced
+only with --overwrite (refused before any request otherwise), never written through a link."""
 
 import dataclasses
 import hashlib
@@ -184,9 +185,9 @@ def test_http_judge_both_orders_retries_malformed_and_resume(tmp_path, two_runs,
         assert "| τ=0.05 | pooled | 4 | 2 | 2 | 2 | 0 | 0.667 |" in table
         assert open(tmp_path / "out" / "judge.png", "rb").read(4) == b"\x89PNG"
 
-        # A third run is answered from the cache alone.
+        # A third run (--overwrite: the second run's outputs are there) is answered from the cache alone.
         again = make(2)
-        (row2,) = judge_cmd.run(cmd, judge=again)
+        (row2,) = judge_cmd.run(dataclasses.replace(cmd, overwrite=True), judge=again)
         assert again.sent == 0 and row2["pooled"] == row["pooled"]
     finally:
         server.close()
@@ -322,3 +323,85 @@ def test_judge_pairs_klq_with_ppo_of_each_sweep_point(tmp_path, monkeypatch):
     assert [(r["label"], os.path.basename(r["a"]), os.path.basename(r["b"])) for r in out] == [
         ("τ=0.05", "klq-tau0.05", "ppo-tau0.05"), ("τ=0.5", "klq-tau0.5", "ppo-tau0.5")]
     assert [r["pooled"]["wins"] for r in out] == [6, 0] and [r["pooled"]["losses"] for r in out] == [0, 6]
+
+
+# ------------------------------------------------------------------ earlier outputs in --out-dir
+def _judge_cli(capsys, *args) -> tuple[int, list[str]]:
+    """``klq judge ARGS`` in process: the exit status and the non-empty stderr lines."""
+    from experiments import cli
+
+    capsys.readouterr()
+    rc = cli.run("judge", ["--no-compile-cache", *map(str, args)])
+    return rc, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+def test_a_rerun_is_refused_before_any_request_unless_overwrite_which_replaces_only_the_outputs(
+        tmp_path, two_runs, monkeypatch, capsys):
+    monkeypatch.setenv("TEST_JUDGE_KEY", "test-key")
+    a, b = two_runs
+    out = tmp_path / "out"
+    server = FakeJudgeServer()
+    try:
+        cfg = judge_cmd.JudgeConfig(base_url=server.url, model="m", api_key_env="TEST_JUDGE_KEY", backoff_s=0.0)
+        cmd = judge_cmd.JudgeCommand(a=(a,), b=(b,), labels=("run-one",), out_dir=str(out), judge=cfg)
+        judge_cmd.run(cmd)  # the judge of cfg: its cache is out/cache
+        assert sorted(os.listdir(out)) == sorted([*judge_cmd.OUTPUTS, "cache"])
+        sent, before = len(server.log), testing.snapshot(out)
+
+        # Without --overwrite: refused, naming the four files, the flag and the cache it keeps.
+        with pytest.raises(errors.RunExistsError) as info:
+            judge_cmd.run(dataclasses.replace(cmd, labels=("run-two",)))
+        msg = str(info.value)
+        assert "\n" not in msg and all(n in msg for n in judge_cmd.OUTPUTS), msg
+        assert "--overwrite" in msg and f"request cache {out / 'cache'} is kept" in msg and "--out-dir" in msg
+        # The command line: one line, status 2, and still nothing sent or written.
+        rc, err = _judge_cli(capsys, "--a", a, "--b", b, "--out-dir", out, "--judge.base-url", server.url,
+                             "--judge.api-key-env", "TEST_JUDGE_KEY")
+        assert rc == 2 and len(err) == 1 and err[0].startswith("klq judge: error: "), err
+        assert "judge.md" in err[0] and "--overwrite" in err[0]
+        assert len(server.log) == sent and testing.snapshot(out) == before  # byte for byte
+
+        # --overwrite: the outputs are replaced (judge.md and judge.png were links: the links are
+        # replaced, their targets untouched), a file of the user's stays, the cache answers it all.
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        (elsewhere / "table.md").write_text("my table")
+        (elsewhere / "fig.png").write_bytes(b"my figure")
+        for name, target in (("judge.md", "table.md"), ("judge.png", "fig.png")):
+            (out / name).unlink()
+            (out / name).symlink_to(elsewhere / target)
+        (out / "notes.txt").write_text("mine")
+        outside = testing.snapshot(elsewhere)
+        (row,) = judge_cmd.run(dataclasses.replace(cmd, labels=("run-two",), overwrite=True))
+    finally:
+        server.close()
+    assert len(server.log) == sent  # every answer came from the kept cache
+    assert testing.snapshot(elsewhere) == outside
+    assert not (out / "judge.md").is_symlink() and not (out / "judge.png").is_symlink()
+    table = (out / "judge.md").read_text()
+    assert "| run-two | pooled |" in table and "run-one" not in table
+    assert (out / "judge.png").read_bytes()[:4] == b"\x89PNG"
+    assert [json.loads(x)["label"] for x in open(out / "judge.jsonl")] == ["run-two"] and row["label"] == "run-two"
+    assert {json.loads(x)["label"] for x in open(out / "judgements.jsonl")} == {"run-two"}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(out)) == sorted([*judge_cmd.OUTPUTS, "cache", "notes.txt"])  # no temp file left
+
+
+def test_a_users_own_judge_md_is_refused_and_left_alone(tmp_path, two_runs, capsys):
+    a, b = two_runs
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "judge.md").write_text("# my notes on judges\n")
+    # A base URL nothing listens on and no API key: the refusal comes before any judge is made.
+    args = ["--a", a, "--b", b, "--out-dir", notes, "--judge.base-url", "http://127.0.0.1:1/v1",
+            "--judge.api-key-env", "NO_SUCH_KEY_VAR"]
+    rc, err = _judge_cli(capsys, *args)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"klq judge: error: {notes} already holds judge.md "), err
+    assert "pass --overwrite to replace them" in err[0] and "or choose another --out-dir" in err[0]
+    assert os.listdir(notes) == ["judge.md"] and (notes / "judge.md").read_text() == "# my notes on judges\n"
+    # A dangling link under an output's name counts as there too.
+    (notes / "judge.png").symlink_to(tmp_path / "missing.png")
+    with pytest.raises(errors.RunExistsError, match=r"already holds judge.md, judge.png \("):
+        judge_cmd.check_out_dir(str(notes))
+    judge_cmd.check_out_dir(str(notes), overwrite=True)
+    judge_cmd.check_out_dir(str(tmp_path / "new"))  # a new directory: nothing in the way
