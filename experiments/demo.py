@@ -237,7 +237,7 @@ def _run(cfg: DemoConfig, out: Path) -> dict:
     ref_logp = task.sequence_logprobs(ref_graphdef, ref_params)
     mem_logp = task.sequence_logprobs(sft.graphdef, sft.params)
     roundtrip = float(np.max(np.abs(np.exp(ref_logp) - np.exp(mem_logp))))
-    base = task.exact(ref_graphdef, ref_params, None, None, ref_logp=ref_logp)
+    base = task.exact(None, None, None, None, pol_logp=ref_logp, ref_logp=ref_logp)  # π = π_b
     j_star, j_ref = base["j_star"], base["J"]
     say(f"[demo] exact: J(π_b) = {j_ref:.4f}, J* = {j_star:.4f} (max |Δπ_b(y|x)| after the HF round trip: "
         f"{roundtrip:.1e})")
@@ -302,8 +302,8 @@ def _run(cfg: DemoConfig, out: Path) -> dict:
     )
 
     # 6. Exact end points, samples, summary.
-    final = {a: task.exact(graphdef, results[a], None, None, ref_logp=ref_logp) for a in results}
     pol_logp = {a: task.sequence_logprobs(graphdef, results[a]) for a in results}
+    final = {a: task.exact(None, None, None, None, pol_logp=pol_logp[a], ref_logp=ref_logp) for a in results}
     opt_logp = task.optimal_logprobs(ref_logp)
     table = task._table
     opt_rows = [evaluate.exact_objective(opt_logp[i], ref_logp[i], table[i], cfg.tau) for i in range(len(lang.prompts))]

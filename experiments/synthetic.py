@@ -502,15 +502,16 @@ class SyntheticTask:
         return self.rewards_table()
 
     def exact(self, graphdef, params, ref_graphdef, ref_params, *, ref_logp: np.ndarray | None = None,
-              temperature: float | None = None) -> dict:
+              pol_logp: np.ndarray | None = None, temperature: float | None = None) -> dict:
         """Exact J(π), E_π[R], KL(π‖π_b), KL(π‖π*), J* averaged over the (uniform) prompts.
 
         π is the network ``(graphdef, params)`` and π_b is ``(ref_graphdef, ref_params)`` (or pass
-        its enumerated ``ref_logp [P, M]`` from :meth:`sequence_logprobs`, at the same temperature,
-        to skip recomputing it), both at ``temperature`` (default: the task's training
-        temperature). See :func:`klq_jax.evaluate.exact_evaluation`.
+        their enumerated ``pol_logp`` / ``ref_logp [P, M]`` from :meth:`sequence_logprobs`, at the
+        same temperature, to skip recomputing them), both at ``temperature`` (default: the task's
+        training temperature). See :func:`klq_jax.evaluate.exact_evaluation`.
         """
-        pol = self.sequence_logprobs(graphdef, params, temperature=temperature)
+        pol = (self.sequence_logprobs(graphdef, params, temperature=temperature)
+               if pol_logp is None else pol_logp)
         ref = (self.sequence_logprobs(ref_graphdef, ref_params, temperature=temperature)
                if ref_logp is None else ref_logp)
         rows = [evaluate.exact_objective(pol[i], ref[i], self._table[i], self.tau) for i in range(pol.shape[0])]

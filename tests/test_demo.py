@@ -120,14 +120,6 @@ def _tiny(out, **kw) -> demo.DemoConfig:
     return demo.DemoConfig(out_dir=str(out), **{**TINY, **kw})
 
 
-@pytest.fixture(scope="module")
-def tiny_demo(tmp_path_factory):
-    """A previous demo's directory (tiny settings); tests work on copies of it."""
-    out = tmp_path_factory.mktemp("tiny") / "demo"
-    demo.run(_tiny(out))
-    return out
-
-
 def _copy(src, tmp_path):
     return Path(shutil.copytree(src, tmp_path / "demo", symlinks=True))
 
@@ -162,10 +154,10 @@ def _one_error_line(capsys) -> str:
 
 
 @pytest.mark.slow
-def test_a_second_demo_on_a_live_demos_directory_writes_nothing(tiny_demo, tmp_path, capsys):
+def test_a_second_demo_on_a_live_demos_directory_writes_nothing(demo_run, tmp_path, capsys):
     """A second demo on the same --out-dir used to rewrite config.json and sft-hf/ before the
     lock of its klq/ run refused it."""
-    out = _copy(tiny_demo, tmp_path)
+    out = _copy(demo_run[0], tmp_path)  # a previous demo's directory
     with _held_by_another_process(out) as pid:  # the first demo, still running
         before = testing.snapshot(out)
         with pytest.raises(errors.RunLockedError, match=f"in use by .*pid {pid} on host"):
@@ -226,25 +218,11 @@ def test_a_previous_demos_sft_hf_holding_a_users_file_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_overwrite_lets_the_demo_replace_its_entries_and_keeps_the_rest(tmp_path):
-    mine = tmp_path / "mine"
-    mine.mkdir()
-    (mine / "config.json").write_text('{"my": "settings"}\n')
-    (mine / "notes.txt").write_text("mine")
-    demo.main(["--out-dir", str(mine), "--overwrite", *TINY_ARGS])
-    assert (mine / "notes.txt").read_text() == "mine"
-    assert json.loads((mine / "config.json").read_text())["sft_steps"] == 1
-    assert (mine / "sft-hf" / "model.safetensors").is_file() and (mine / "ppo" / "policy").is_dir()
-    # --overwrite is not taken from a recorded config; without it notes.txt is still in the way.
-    assert demo.parse_args(["--config", str(mine / "config.json")]).overwrite is False
-    with pytest.raises(errors.ForeignFilesError, match=r"did not write: notes.txt \(not written by klq demo\)\."):
-        demo.run(_tiny(mine))
-
-
-@pytest.mark.slow
-def test_overwrite_replaces_a_symlinked_entry_and_writes_nothing_through_it(tmp_path):
-    """--overwrite used to write metrics.jsonl, summary.md, ... through a symbolic link into the
-    file it points to, and train klq/ in the directory a link pointed to, outside --out-dir."""
+def test_overwrite_replaces_the_demos_entries_keeps_the_rest_and_writes_nothing_through_a_link(tmp_path):
+    """One --overwrite demo on a directory holding a user's files: config.json (under a demo's
+    name) and notes.txt, and symbolic links under three of the demo's names. --overwrite used to
+    write metrics.jsonl, summary.md, ... through such a link into the file it points to, and train
+    klq/ in the directory a link pointed to, outside --out-dir."""
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "runs").mkdir(parents=True)
     (elsewhere / "log.jsonl").write_text('{"iteration": 0, "mine": 1}\n')
@@ -252,21 +230,33 @@ def test_overwrite_replaces_a_symlinked_entry_and_writes_nothing_through_it(tmp_
     (elsewhere / "runs" / "notes.txt").write_text("mine")
     mine = tmp_path / "mine"
     mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}\n')
+    (mine / "notes.txt").write_text("mine")
     for name, target in (("metrics.jsonl", "log.jsonl"), ("summary.md", "summary.md"), ("klq", "runs")):
         (mine / name).symlink_to(elsewhere / target)
     before = testing.snapshot(elsewhere)
-    demo.run(_tiny(mine, overwrite=True))
+    demo.main(["--out-dir", str(mine), "--overwrite", *TINY_ARGS])
+
+    # The demo's entries are replaced (the user's config.json too); the user's other file stays.
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert json.loads((mine / "config.json").read_text())["sft_steps"] == 1
+    assert (mine / "sft-hf" / "model.safetensors").is_file() and (mine / "ppo" / "policy").is_dir()
+    # The links are replaced by the demo's own entries; nothing was written where they pointed.
     assert testing.snapshot(elsewhere) == before
     for name in ("metrics.jsonl", "summary.md", "klq"):
         assert not (mine / name).is_symlink()
     assert json.loads((mine / "metrics.jsonl").read_text().splitlines()[0])["algo"] == "klq"
     assert (mine / "klq" / "policy").is_dir()
+    # --overwrite is not taken from a recorded config; without it notes.txt is still in the way.
+    assert demo.parse_args(["--config", str(mine / "config.json")]).overwrite is False
+    with pytest.raises(errors.ForeignFilesError, match=r"did not write: notes.txt \(not written by klq demo\)\."):
+        demo.run(_tiny(mine))
 
 
 @pytest.mark.slow
-def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(tiny_demo, tmp_path):
+def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(demo_run, tmp_path):
     """The demo used to rmtree <out>/klq before training it, whoever was writing there."""
-    out = _copy(tiny_demo, tmp_path)
+    out = _copy(demo_run[0], tmp_path)  # a previous (--quick) demo's directory, rerun with tiny settings
     with _held_by_another_process(out / "klq") as pid:  # another process trains there
         before = testing.snapshot(out)
         with pytest.raises(errors.RunLockedError, match=f"klq is in use by another training run \\(pid {pid}"):
