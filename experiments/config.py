@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from klq_jax.config import TrainConfig
+from klq_jax.config import TrainConfig, range_problems
+from klq_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,20 +74,36 @@ class TaskConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        p = []
         if self.kind not in ("synthetic", "tldr", "hh", "imdb"):
-            raise ValueError(
-                f"TaskConfig.kind={self.kind!r} is not one of 'synthetic', 'tldr', 'hh', 'imdb'"
-            )
+            p.append(f"kind={self.kind!r} is not one of 'synthetic', 'tldr', 'hh', 'imdb'")
+        if self.reward not in ("target_token", "low_tokens", "length"):
+            p.append(f"reward={self.reward!r} is not one of 'target_token', 'low_tokens', 'length'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"TaskConfig.dtype={self.dtype!r} must be float32, bfloat16 or float16")
+            p.append(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
         for name in ("num_prompts", "prompt_len", "max_prompt_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TaskConfig.{name}={getattr(self, name)} must be >= 1")
+            p += range_problems(name, getattr(self, name), 1, integer=True)
+        for name in ("stop_token_id", "pad_token_id"):
+            p += range_problems(name, getattr(self, name), 0, integer=True)
+        if self.reward == "low_tokens":  # it rewards the ids in [1, target_token): none below 2
+            p += range_problems("target_token", self.target_token, 2, integer=True,
+                                note="the low_tokens reward counts the ids in [1, target_token)")
+        elif self.reward == "target_token":
+            p += range_problems("target_token", self.target_token, 0, integer=True)
         lo, hi = self.prompt_length_range
         if not 1 <= lo < hi:
-            raise ValueError(
-                f"TaskConfig.prompt_length_range={self.prompt_length_range} must be [lo, hi) with 1 <= lo < hi"
-            )
+            p.append(f"prompt_length_range={self.prompt_length_range} must be [lo, hi) with 1 <= lo < hi")
+        if p:
+            raise ConfigError("Invalid TaskConfig: " + "; ".join(p))
+
+    def vocabulary_problems(self, vocab_size: int) -> list[str]:
+        """What of this task does not fit the policy's vocabulary of ``vocab_size`` ids (empty:
+        nothing): the synthetic reward's target_token must be one of its ids (the stop and pad ids
+        are the trainer's check, klq_jax.sampling.check_model_for_sampling)."""
+        if self.kind == "synthetic" and self.reward != "length" and self.target_token >= vocab_size:
+            return [f"target_token={self.target_token} must be a token id of the policy, in "
+                    f"[0, vocab_size={vocab_size}) (the {self.reward} reward; set --task.target-token)"]
+        return []
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import sys
 import tempfile
@@ -46,6 +45,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from klq_jax.config import SEED_LIMIT, range_problems
 
 __all__ = ["DemoConfig", "DEMO_ENTRIES", "check_out_dir", "run", "main", "format_summary"]
 
@@ -99,10 +100,10 @@ class DemoConfig:
     def __post_init__(self):
         p = [f"{n}={getattr(self, n)} must be >= 1" for n in
              ("sft_steps", "iterations", "rollouts_per_batch", "epochs", "eval_every") if getattr(self, n) < 1]
-        p += [f"{n}={getattr(self, n)} must be a finite number > 0" for n in ("tau", "learning_rate")
-              if not (math.isfinite(getattr(self, n)) and getattr(self, n) > 0)]
-        if not (math.isfinite(self.omega) and self.omega >= 0):
-            p.append(f"omega={self.omega} must be a finite number >= 0")
+        for n in ("tau", "learning_rate"):
+            p += range_problems(n, getattr(self, n), 0, low_open=True)
+        p += range_problems("omega", self.omega, 0)
+        p += range_problems("seed", self.seed, 0, SEED_LIMIT, integer=True, high_open=True)
         if self.samples_per_prompt < 0:
             p.append(f"samples_per_prompt={self.samples_per_prompt} must be >= 0")
         if p:

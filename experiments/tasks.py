@@ -58,7 +58,7 @@ import jax
 import numpy as np
 
 from klq_jax import rewards, sharding
-from klq_jax.errors import SourceNotFoundError
+from klq_jax.errors import ConfigError, SourceNotFoundError
 from klq_jax.data import PromptDataset, PromptIterator, load_hh, load_imdb, load_tldr
 from klq_jax.models.load import attach_critic, load_model, resolve_source
 from experiments.config import RunConfig, TaskConfig
@@ -516,6 +516,9 @@ def build_experiment(
             ref_graphdef, ref_params = crit_ref_gd, crit_ref_p
     common = dict(graphdef=graphdef, params=params, ref_graphdef=ref_graphdef, ref_params=ref_params)
     if synthetic:
+        problems = task.vocabulary_problems(cfg.vocab_size)
+        if problems:  # before the run directory is created (build_experiment comes first)
+            raise ConfigError(f"Invalid TaskConfig for the policy {task.policy}: " + "; ".join(problems))
         dataset = synthetic_prompts(task.num_prompts, task.prompt_len, cfg.vocab_size, seed, task.pad_token_id)
         heldout = None
         if validation_prompts:

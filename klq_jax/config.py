@@ -33,6 +33,44 @@ from klq_jax.errors import ConfigError
 ALGORITHMS_NAMES = ("klq", "ppo")
 
 
+def range_problems(name: str, value: Any, low: float, high: float | None = None, *,
+                   low_open: bool = False, high_open: bool = False, integer: bool = False,
+                   none_ok: bool = False, note: str = "") -> list[str]:
+    """The phrase for a number field outside its range (empty: inside), for a config's one-line
+    ``Invalid <Config>: ...; ...`` error: the one range check of every config here.
+
+    The range is ``[low, high]`` (``high=None``: no upper bound; ``low_open`` / ``high_open``
+    exclude the ends); ``integer``: an int (not a bool); ``none_ok``: None is allowed too; ``note``
+    is added in parentheses. NaN and +-inf are outside every range, by name (a check written as
+    ``x < 0`` lets NaN through: NaN compares False with everything).
+
+    Example::
+
+        >>> range_problems("tau", 0.05, 0)
+        []
+        >>> range_problems("tau", float("nan"), 0) + range_problems("b1", 1.5, 0, 1, high_open=True)
+        ['tau=nan must be a finite number >= 0', 'b1=1.5 must be in [0, 1)']
+        >>> range_problems("top_k", -1, 0, integer=True, note="0 turns it off")
+        ['top_k=-1 must be an integer >= 0 (0 turns it off)']
+    """
+    if none_ok and value is None:
+        return []
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (
+            high is None or (value < high if high_open else value <= high))
+    if ok:
+        return []
+    if high is None:
+        what = f"{'an integer' if integer else 'a finite number'} {'>' if low_open else '>='} {low}"
+    else:
+        what = (f"{'an integer ' if integer else ''}in {'(' if low_open else '['}{low}, {high}"
+                f"{')' if high_open else ']'}")
+    return [f"{name}={value!r} must be {what}{' or None' if none_ok else ''}" + (f" ({note})" if note else "")]
+
+
 def sampling_problems(temperature: Any, top_k: Any, top_p: Any) -> list[str]:
     """What is wrong with these sampling settings (empty: nothing), one phrase each.
 
@@ -47,15 +85,13 @@ def sampling_problems(temperature: Any, top_k: Any, top_p: Any) -> list[str]:
         ['temperature=0.0 must be a finite number > 0', 'top_k=-1 must be an integer >= 0 (0 turns
         it off)', 'top_p=1.5 must be in (0, 1] (1.0 turns it off)']
     """
-    problems = []
-    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real)
-            or not math.isfinite(temperature) or temperature <= 0):
-        problems.append(f"temperature={temperature!r} must be a finite number > 0")
-    if not isinstance(top_k, numbers.Integral) or isinstance(top_k, bool) or top_k < 0:
-        problems.append(f"top_k={top_k!r} must be an integer >= 0 (0 turns it off)")
-    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
-        problems.append(f"top_p={top_p!r} must be in (0, 1] (1.0 turns it off)")
-    return problems
+    return (range_problems("temperature", temperature, 0, low_open=True)
+            + range_problems("top_k", top_k, 0, integer=True, note="0 turns it off")
+            + range_problems("top_p", top_p, 0, 1, low_open=True, note="1.0 turns it off"))
+
+
+# The largest seed + 1: jax.random.key takes a signed 64-bit integer.
+SEED_LIMIT = 2**63
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,18 +132,16 @@ class AlgoConfig:
         problems = []
         if self.name not in ALGORITHMS_NAMES:
             problems.append(f"name={self.name!r} is not one of {ALGORITHMS_NAMES}")
-        if not (math.isfinite(self.tau) and self.tau >= 0):  # NaN fails every comparison: test the good case
-            problems.append(f"tau={self.tau} must be a finite number >= 0")
-        if not 0.0 <= self.gamma <= 1.0:
-            problems.append(f"gamma={self.gamma} must be in [0, 1]")
-        if not 0.0 <= self.lam <= 1.0:
-            problems.append(f"lam={self.lam} must be in [0, 1]")
-        if not 0.0 < self.alpha <= 1.0:
-            problems.append(f"alpha={self.alpha} must be in (0, 1]")
-        if not (math.isfinite(self.clip_eps) and self.clip_eps > 0):
-            problems.append(f"clip_eps={self.clip_eps} must be a finite number > 0")
-        if not isinstance(self.whiten_groups, int) or self.whiten_groups < 1:
-            problems.append(f"whiten_groups={self.whiten_groups!r} must be an integer >= 1")
+        problems += range_problems("tau", self.tau, 0)
+        problems += range_problems("gamma", self.gamma, 0, 1)
+        problems += range_problems("lam", self.lam, 0, 1)
+        problems += range_problems("alpha", self.alpha, 0, 1, low_open=True)
+        problems += range_problems("clip_eps", self.clip_eps, 0, low_open=True)
+        problems += range_problems("value_clip", self.value_clip, 0, low_open=True, none_ok=True)
+        # PPO's ζ (KLQ does not use it). 0 is allowed, an ablation: the policy still trains, on
+        # advantages from a value head / critic that no longer learns; < 0 maximises the value error.
+        problems += range_problems("vf_coef", self.vf_coef, 0)
+        problems += range_problems("whiten_groups", self.whiten_groups, 1, integer=True)
         if self.value_target not in ("trl", "mc"):
             problems.append(f"value_target={self.value_target!r} must be 'trl' or 'mc'")
         if problems:
@@ -155,18 +189,25 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
 
     def __post_init__(self):
-        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ConfigError(f"OptimConfig.learning_rate={self.learning_rate} must be a finite number > 0")
+        p = range_problems("learning_rate", self.learning_rate, 0, low_open=True)
         if self.schedule not in ("linear", "cosine", "constant"):
-            raise ConfigError(
-                f"OptimConfig.schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'"
-            )
+            p.append(f"schedule={self.schedule!r} must be 'linear', 'cosine' or 'constant'")
         if self.lr_schedule_unit not in ("step", "iteration"):
-            raise ConfigError(
-                f"OptimConfig.lr_schedule_unit={self.lr_schedule_unit!r} must be 'step' or 'iteration'"
-            )
-        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise ConfigError(f"OptimConfig.max_grad_norm={self.max_grad_norm} must be a finite number > 0 or None")
+            p.append(f"lr_schedule_unit={self.lr_schedule_unit!r} must be 'step' or 'iteration'")
+        p += range_problems("warmup_steps", self.warmup_steps, 0, integer=True)
+        p += range_problems("end_lr_fraction", self.end_lr_fraction, 0, 1,
+                            note="the final learning rate as a fraction of the peak: a decay")
+        # b1 = 1 or b2 = 1: Adam's bias correction divides by 1 - b^t = 0.
+        p += range_problems("b1", self.b1, 0, 1, high_open=True)
+        p += range_problems("b2", self.b2, 0, 1, high_open=True)
+        # eps = 0, which optax allows, divides 0 by 0 for a parameter whose gradient is exactly 0
+        # (e.g. the embedding rows of tokens not in the batch): NaN weights.
+        p += range_problems("eps", self.eps, 0, low_open=True,
+                            note="0 turns a parameter with a zero gradient into NaN")
+        p += range_problems("weight_decay", self.weight_decay, 0)
+        p += range_problems("max_grad_norm", self.max_grad_norm, 0, low_open=True, none_ok=True)
+        if p:
+            raise ConfigError("Invalid OptimConfig: " + "; ".join(p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +223,14 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+
+    def __post_init__(self):
+        p = [] if self.data == -1 else range_problems("data", self.data, 1, integer=True,
+                                                       note="or -1: every remaining device")
+        p += range_problems("fsdp", self.fsdp, 1, integer=True)
+        p += range_problems("tensor", self.tensor, 1, integer=True)
+        if p:
+            raise ConfigError("Invalid MeshConfig: " + "; ".join(p))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,8 +347,13 @@ class TrainConfig:
             p.append("resume and overwrite exclude each other (--resume continues the run in out_dir, "
                      "--overwrite deletes it)")
         p += sampling_problems(self.temperature, self.top_k, self.top_p)
-        if not (math.isfinite(self.omega) and self.omega >= 0):
-            p.append(f"omega={self.omega} must be a finite number >= 0")
+        p += range_problems("omega", self.omega, 0)
+        p += range_problems("score_micro_batch_size", self.score_micro_batch_size, 1, integer=True,
+                            none_ok=True)
+        for name in ("seed", "eval_seed"):
+            p += range_problems(name, getattr(self, name), 0, SEED_LIMIT, integer=True, high_open=True)
+        p += range_problems("log_samples_every", self.log_samples_every, 0, integer=True, note="0: never")
+        p += range_problems("num_logged_samples", self.num_logged_samples, 0, integer=True)
         if self.eval_every < 0:
             p.append(f"eval_every={self.eval_every} must be >= 0 (0: no validation)")
         if self.eval_prompts < 1:

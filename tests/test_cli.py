@@ -259,6 +259,8 @@ def test_a_closed_stdout_outside_help_stops_with_the_sigpipe_status(monkeypatch)
     (["train", "tiny-klq", "--algo.tau", "-1"], "tau=-1.0 must be a finite number >= 0"),
     (["train", "tiny-klq", "--algo.tau", "nan"], "tau=nan must be a finite number >= 0"),  # NaN compares False
     (["train", "tiny-klq", "--optim.learning-rate", "0"], "learning_rate=0.0 must be a finite number > 0"),
+    (["train", "tiny-klq", "--optim.b1", "1.5", "--optim.warmup-steps", "-3"],  # every bad field, one line
+     "Invalid OptimConfig: warmup_steps=-3 must be an integer >= 0; b1=1.5 must be in [0, 1)"),
     (["train", "tiny-klq", "--task.dtype", "float8"], "dtype='float8'"),
     (["demo", "--tau", "-1"], "tau=-1.0 must be a finite number > 0"),
     (["sweep", "tiny-klq", "--taus", "-1"], "tau=-1.0 must be a finite number >= 0"),

@@ -15,7 +15,8 @@ import pytest
 from experiments import presets, tasks
 from klq_jax import sharding, train
 from experiments.demo import DemoConfig
-from klq_jax.config import AlgoConfig, OptimConfig, TrainConfig
+from experiments.config import TaskConfig
+from klq_jax.config import AlgoConfig, MeshConfig, OptimConfig, TrainConfig
 from tests.helpers import testing
 
 
@@ -170,8 +171,77 @@ def test_every_model_config_checks_both_dtypes_and_its_sizes_alike():
     (lambda: TrainConfig(omega=float("inf")), "omega=inf must be a finite number >= 0"),
     (lambda: DemoConfig(tau=float("nan")), "tau=nan must be a finite number > 0"),
     (lambda: DemoConfig(omega=float("nan")), "omega=nan must be a finite number >= 0"),
+    (lambda: AlgoConfig(gamma=float("nan")), "gamma=nan must be in [0, 1]"),
+    (lambda: AlgoConfig(vf_coef=float("nan")), "vf_coef=nan must be a finite number >= 0"),
+    (lambda: AlgoConfig(value_clip=float("inf")), "value_clip=inf must be a finite number > 0 or None"),
+    (lambda: OptimConfig(b2=float("nan")), "b2=nan must be in [0, 1)"),
+    (lambda: OptimConfig(eps=float("inf")), "eps=inf must be a finite number > 0"),
+    (lambda: OptimConfig(weight_decay=float("inf")), "weight_decay=inf must be a finite number >= 0"),
+    (lambda: OptimConfig(end_lr_fraction=float("nan")), "end_lr_fraction=nan must be in [0, 1]"),
 ])
 def test_nan_and_infinity_are_refused_by_name(make, message):
     # NaN compares False with everything: a check written as `x < 0` let it through to iteration 1.
     with pytest.raises(ValueError, match=re.escape(message)):
         make()
+
+
+@pytest.mark.parametrize("make, message", [
+    # Each trained silently with nonsense before (newcomer 3, finding 2).
+    (lambda: OptimConfig(b1=1.5), "Invalid OptimConfig: b1=1.5 must be in [0, 1)"),
+    (lambda: OptimConfig(b1=1.0), "b1=1.0 must be in [0, 1)"),  # Adam's bias correction: 1 - b1^t = 0
+    (lambda: OptimConfig(b2=2.0), "b2=2.0 must be in [0, 1)"),
+    (lambda: OptimConfig(eps=-1.0), "eps=-1.0 must be a finite number > 0"),
+    (lambda: OptimConfig(eps=0.0), "eps=0.0 must be a finite number > 0"),  # 0/0 where a gradient is 0
+    (lambda: OptimConfig(weight_decay=-5.0), "weight_decay=-5.0 must be a finite number >= 0"),
+    (lambda: OptimConfig(end_lr_fraction=5.0), "end_lr_fraction=5.0 must be in [0, 1]"),
+    (lambda: OptimConfig(warmup_steps=-3), "warmup_steps=-3 must be an integer >= 0"),
+    (lambda: OptimConfig(schedule="step"), "schedule='step' must be 'linear', 'cosine' or 'constant'"),
+    (lambda: AlgoConfig(vf_coef=-1.0), "Invalid AlgoConfig: vf_coef=-1.0 must be a finite number >= 0"),
+    (lambda: AlgoConfig(value_clip=-0.2), "value_clip=-0.2 must be a finite number > 0 or None"),
+    (lambda: TrainConfig(log_samples_every=-1), "log_samples_every=-1 must be an integer >= 0 (0: never)"),
+    (lambda: TrainConfig(num_logged_samples=-1), "num_logged_samples=-1 must be an integer >= 0"),
+    (lambda: TrainConfig(score_micro_batch_size=0), "score_micro_batch_size=0 must be an integer >= 1 or None"),
+    (lambda: TrainConfig(seed=-1), "seed=-1 must be an integer in [0, 9223372036854775808)"),
+    (lambda: TrainConfig(eval_seed=2**64), "eval_seed=18446744073709551616 must be an integer in [0, "),
+    (lambda: MeshConfig(fsdp=0), "Invalid MeshConfig: fsdp=0 must be an integer >= 1"),
+    (lambda: MeshConfig(data=0), "data=0 must be an integer >= 1 (or -1: every remaining device)"),
+    (lambda: TaskConfig(target_token=-1), "Invalid TaskConfig: target_token=-1 must be an integer >= 0"),
+    (lambda: TaskConfig(reward="low_tokens", target_token=1), "target_token=1 must be an integer >= 2 (the "
+                                                             "low_tokens reward counts the ids in [1, target_token))"),
+    (lambda: TaskConfig(stop_token_id=-1), "stop_token_id=-1 must be an integer >= 0"),
+    (lambda: DemoConfig(seed=-1), "seed=-1 must be an integer in [0, "),
+])
+def test_out_of_range_settings_are_refused_by_name(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_every_bad_field_is_named_in_one_error_and_the_edges_are_accepted():
+    with pytest.raises(ValueError) as err:
+        OptimConfig(b1=1.5, b2=2.0, eps=-1.0, weight_decay=-5.0, end_lr_fraction=5.0, warmup_steps=-3)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("Invalid OptimConfig: ")
+    for field in ("b1=1.5", "b2=2.0", "eps=-1.0", "weight_decay=-5.0", "end_lr_fraction=5.0", "warmup_steps=-3"):
+        assert msg.count(field) == 1, (field, msg)
+    # The ends of each range that are allowed (a constant schedule is end_lr_fraction=1).
+    OptimConfig(b1=0.0, b2=0.0, eps=1e-30, weight_decay=0.0, end_lr_fraction=1.0, warmup_steps=0)
+    AlgoConfig(vf_coef=0.0, value_clip=None)
+    TrainConfig(log_samples_every=0, num_logged_samples=0, seed=0, eval_seed=2**63 - 1)
+    TaskConfig(reward="length", target_token=-1)  # the length reward has no target token
+    MeshConfig(data=-1)
+
+
+def test_a_target_token_outside_the_vocabulary_is_refused_before_the_run_directory(tmp_path):
+    from experiments import train as train_cmd
+
+    for reward in ("target_token", "low_tokens"):
+        cfg = presets.get("tiny-klq")
+        cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), progress=False,
+                                  task=dataclasses.replace(cfg.task, reward=reward, target_token=9999))
+        with pytest.raises(ValueError, match=re.escape(
+                f"Invalid TaskConfig for the policy random:tiny: target_token=9999 must be a token id of "
+                f"the policy, in [0, vocab_size=64) (the {reward} reward; set --task.target-token)")):
+            train_cmd.run(cfg, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+        assert not (tmp_path / "run").exists()
+    exp = tasks.build_experiment(dataclasses.replace(cfg.task, target_token=63), batch_size=8, seed=0)
+    assert exp.reward_fn is not None  # the last id is accepted
