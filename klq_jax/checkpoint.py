@@ -455,18 +455,11 @@ def _nonfinite_and_checksums(tree: Any) -> tuple[list[str], dict[str, int]]:
 def nonfinite_leaves(tree: Any) -> list[str]:
     """Key paths of floating-point leaves of ``tree`` that contain NaN or inf.
 
-    One jitted reduction over every floating leaf and one transfer of its ``[n]`` flags, not a
-    device round trip per leaf (a train state has hundreds of leaves).
+    One jitted reduction over every leaf and one transfer of its small result, not a device round
+    trip per leaf (a train state has hundreds of leaves); the same program as the checksums of
+    :meth:`Checkpointer.save` (:func:`_leaf_checks`).
     """
-    flat = [
-        (path, leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
-        if hasattr(leaf, "dtype") and jax.numpy.issubdtype(leaf.dtype, jax.numpy.floating)
-    ]
-    if not flat:
-        return []
-    finite = jax.device_get(_all_finite([leaf for _, leaf in flat]))
-    return [jax.tree_util.keystr(path) for (path, _), ok in zip(flat, finite) if not ok]
+    return _nonfinite_and_checksums(tree)[0]
 
 
 def params_fingerprint(tree: Any) -> list[list[float]]:
@@ -488,24 +481,11 @@ def _abs_and_square_sums(leaves: list) -> jax.Array:
     return jax.numpy.stack([jax.numpy.stack([jax.numpy.abs(x).sum(), jax.numpy.square(x).sum()]) for x in f])
 
 
-def _leaf_finite(x) -> jax.Array:
-    """``[]`` bool: ``x`` holds no NaN/inf (True for a non-floating ``x``)."""
-    if jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
-        return jax.numpy.isfinite(x).all()
-    return jax.numpy.ones((), bool)
-
-
-@jax.jit
-def _all_finite(leaves: list) -> jax.Array:
-    """``[n]`` bool: leaf ``i`` holds only finite values."""
-    return jax.numpy.stack([_leaf_finite(x) for x in leaves])
-
-
 @jax.jit
 def _finite_and_checksums(leaves: list) -> tuple[jax.Array, jax.Array]:
     """``([n] bool, [n, 2] uint32)``: leaf ``i`` is finite; its ``(s1, s2)`` (:func:`array_checksums`)."""
-    return (jax.numpy.stack([_leaf_finite(x) for x in leaves]),
-            jax.numpy.stack([_leaf_checksum(x) for x in leaves]))
+    checks = jax.numpy.stack([_leaf_checks(x) for x in leaves])
+    return checks[:, 0].astype(bool), checks[:, 1:]
 
 
 def _leaf_words(x) -> jax.Array:
@@ -526,13 +506,30 @@ def _leaf_words(x) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, {8: jnp.uint8, 16: jnp.uint16}.get(bits, jnp.uint32))
 
 
-def _leaf_checksum(x) -> jax.Array:
-    """``[2]`` uint32 ``(Σ b_i, Σ b_i·(2i+1))`` mod 2³² over the words ``b`` of ``x`` (row-major
-    index ``i`` mod 2³², built from per-axis iotas so that no sharded axis is reshaped)."""
+def _leaf_checks(x) -> jax.Array:
+    """``[3]`` uint32 ``(finite, Σ b_i, Σ b_i·(2i+1))``: 1 if ``x`` holds no NaN/inf (always for a
+    non-floating ``x``), and the two sums mod 2³² over the words ``b`` of ``x`` (row-major index
+    ``i`` mod 2³², built from per-axis iotas so that no sharded axis is reshaped).
+
+    One variadic reduction, a single pass over ``x``: on XLA:CPU (2-core development machine,
+    14 float32 leaves, 1.4 GB) it takes 0.1 s, where two uint32 ``sum``\\ s took 2.0 s and
+    ``isfinite(x).all()`` alone 0.3 s.
+    """
     jnp = jax.numpy
     words = _leaf_words(x).astype(jnp.uint32)
     index = jnp.zeros(words.shape, jnp.uint32)
     for axis, size in enumerate(words.shape):
         index = index * jnp.uint32(size % 2**32) + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis)
-    weights = 2 * index + 1
-    return jnp.stack([words.sum(dtype=jnp.uint32), (words * weights).sum(dtype=jnp.uint32)])
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        finite = jnp.isfinite(x)
+        if finite.ndim < words.ndim:  # a complex or 64-bit leaf: two words per element
+            finite = jnp.broadcast_to(finite[..., None], words.shape)
+    else:
+        finite = jnp.ones(words.shape, bool)
+    s1, s2, ok = jax.lax.reduce(
+        (words, words * (2 * index + 1), finite.astype(jnp.uint32)),
+        (jnp.uint32(0), jnp.uint32(0), jnp.uint32(1)),
+        lambda a, b: (a[0] + b[0], a[1] + b[1], a[2] & b[2]),
+        tuple(range(words.ndim)),
+    )
+    return jnp.stack([ok, s1, s2])
