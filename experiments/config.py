@@ -25,8 +25,8 @@ class TaskConfig:
       reference: the reference policy π_b (default: the initial policy).
       reward_model: a reward model (score head) source, for the reward-model tasks.
       critic: a separate value network initialised from this score-head model (reward_model: the
-        task's reward model), TRL's layout; default None: a value head on the policy's body
-        (the paper).
+        task's reward model), TRL's layout; default None: the paper's layout, a value head on the
+        policy's body.
       reward: the programmatic reward of the synthetic task: target_token (fraction of response
         tokens equal to target_token), low_tokens (fraction of response tokens with ids below
         target_token: a dense reward that is easy to increase) or length (response length / T_max).

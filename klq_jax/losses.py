@@ -61,7 +61,10 @@ def token_logprobs(logits: Array, tokens: Array, *, temperature: float = 1.0) ->
       temperature: sampling temperature the distribution refers to (> 0).
 
     Returns:
-      ``[B, T]`` float32 log-probabilities.
+      ``[B, T]`` float32 log-probabilities; NaN where an id is outside ``[0, V)`` (ids are
+      traced values, so they cannot be checked here: the NaN surfaces in every loss and metric
+      built on them; a negative id such as Hugging Face's ignore label -100 is not wrapped
+      around NumPy-style). Mask such positions out with ``jnp.where`` *after* the call.
 
     Example:
       >>> import jax.numpy as jnp
@@ -80,7 +83,8 @@ def token_logprobs(logits: Array, tokens: Array, *, temperature: float = 1.0) ->
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"token_logprobs: tokens must be integer ids, got dtype {tokens.dtype}.")
     z = logits.astype(_F32) / temperature
-    picked = jnp.take_along_axis(z, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    ids = jnp.where(tokens < 0, z.shape[-1], tokens).astype(jnp.int32)  # out of range: NaN, not wrapped
+    picked = jnp.take_along_axis(z, ids[..., None], axis=-1, mode="fill", fill_value=jnp.nan)[..., 0]
     return picked - jax.nn.logsumexp(z, axis=-1)
 
 

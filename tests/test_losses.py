@@ -82,6 +82,20 @@ def test_token_logprobs_gradient_is_onehot_minus_softmax():
     np.testing.assert_allclose(np.asarray(g), np.asarray(want), **TOL)
 
 
+def test_token_logprobs_of_ids_outside_the_vocabulary_are_nan_not_wrapped_or_clipped():
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(2, 3, 6)), jnp.float32)
+    tokens = jnp.asarray([[0, 5, 6], [-1, -100, 2]])  # 6 = V and negative ids are out of range
+    lp = np.asarray(token_logprobs(logits, tokens))
+    bad = np.array([[False, False, True], [True, True, False]])
+    assert np.isnan(lp[bad]).all() and np.isfinite(lp[~bad]).all()
+    want = np.asarray(jax.nn.log_softmax(logits, -1))
+    np.testing.assert_allclose(lp[0, :2], [want[0, 0, 0], want[0, 1, 5]], **TOL)  # in range: as before
+    # Masked out with jnp.where after the call, they leave the value and the gradient finite.
+    f = lambda z: jnp.where(jnp.asarray(bad), 0.0, token_logprobs(z, tokens)).sum()
+    assert np.isfinite(float(f(logits))) and np.isfinite(np.asarray(jax.grad(f)(logits))).all()
+
+
 def test_kl_estimators():
     rng = np.random.default_rng(2)
     lp = rng.normal(size=(4, 6)).astype(np.float32)
