@@ -23,8 +23,9 @@ The demo owns ``--out-dir`` while it runs (``.klq-run.lock``, as a training run)
 before it holds it: a second demo on the same directory is refused. The directory must be new,
 empty, or a previous demo's (its ``config.json`` is a demo config and it holds nothing but the
 entries the demo writes, :data:`DEMO_ENTRIES`); otherwise the demo refuses, naming the files it did
-not write, unless ``--overwrite`` lets it replace its entries (other files stay). A previous demo's
-runs ``klq/`` and ``ppo/`` are replaced; a live one is never touched.
+not write, unless ``--overwrite`` lets it replace its entries (other files stay). A ``klq train``
+run directory (a training config.json, checkpoints) is refused even with ``--overwrite``. A previous
+demo's runs ``klq/`` and ``ppo/`` are replaced; a live one is never touched.
 
 Example::
 
@@ -80,7 +81,8 @@ class DemoConfig:
         needs no flag): the demo's entries there (config.json, sft-hf/, klq/, ppo/, metrics.jsonl,
         training_curves.png, samples.md, summary.md) are replaced, other files stay; an entry that
         is a symbolic link is replaced by the demo's own (its target untouched). The runs klq/
-        and ppo/ are still replaced only if the trainer wrote them. Not taken from --config.
+        and ppo/ are still replaced only if the trainer wrote them; a klq train run directory is
+        refused all the same. Not taken from --config.
     """
 
     out_dir: str = "runs/demo"
@@ -122,8 +124,9 @@ def _exact_fields(e: dict) -> dict:
 
 
 def check_out_dir(out_dir: str, *, overwrite: bool = False) -> None:
-    """Refuse an ``out_dir`` the demo may not write in (see the module docstring): one holding
-    files a demo did not write (unless ``overwrite``), or a run ``klq/``/``ppo/`` that is live or
+    """Refuse an ``out_dir`` the demo may not write in (see the module docstring): a ``klq train``
+    run directory (:func:`klq_jax.train.run_dir.training_run_entries`, whatever ``overwrite``), one
+    holding files a demo did not write (unless ``overwrite``), or a run ``klq/``/``ppo/`` that is live or
     holds files the trainer did not write (``klq train --overwrite``'s rule, whatever ``overwrite``).
 
     Raises:
@@ -133,6 +136,12 @@ def check_out_dir(out_dir: str, *, overwrite: bool = False) -> None:
     from klq_jax.models.hf.files import is_leftover
     from klq_jax.train import run_dir
 
+    trainers = run_dir.training_run_entries(out_dir)
+    if trainers:  # --overwrite would leave a hybrid: the run's checkpoints with the demo's metrics
+        raise ForeignFilesError(
+            f"{out_dir} is a `klq train` run directory ({'; '.join(trainers)}): the demo never writes "
+            "into one, even with --overwrite; choose another --out-dir."
+        )
     if not overwrite:
         cfg_path = os.path.join(out_dir, "config.json")
         previous = run_dir.recorded_config(cfg_path, DemoConfig, _DEMO_CONFIG_KEYS)

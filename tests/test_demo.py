@@ -201,6 +201,45 @@ def test_a_demo_refuses_a_directory_holding_a_users_files(tmp_path, capsys):
     assert (mine / "sft-hf" / "weights.bin").read_bytes() == b"mine"
 
 
+def test_a_training_run_directory_is_refused_even_with_overwrite_and_the_trainer_refuses_a_demos(tmp_path, capsys):
+    """``klq demo --overwrite`` on a ``klq train`` run directory used to replace the run's
+    config.json and metrics.jsonl and keep its checkpoints/: a hybrid whose training metrics were
+    gone. Each of the two signs of a training run is enough; the trainer's --overwrite, in the
+    mirror case, refuses the demo's config.json."""
+    from experiments.config import RunConfig
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "4").mkdir(parents=True)
+    run_dir.atomic_write(str(run / "config.json"), json.dumps(run_dir.config_to_json(RunConfig())))
+    (run / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    before = testing.snapshot(run)
+    for overwrite in (False, True):
+        with pytest.raises(errors.ForeignFilesError, match=r"run is a `klq train` run directory \(config.json "
+                                                           r"\(a klq training config\); checkpoints 4\): the demo "
+                                                           r"never writes into one, even with --overwrite"):
+            demo.check_out_dir(str(run), overwrite=overwrite)
+    capsys.readouterr()
+    assert _demo_cli("--out-dir", run, "--overwrite", *TINY_ARGS) == 2
+    assert "is a `klq train` run directory" in _one_error_line(capsys)
+    assert testing.snapshot(run) == before
+    (run / "config.json").unlink()  # the checkpoints alone
+    with pytest.raises(errors.ForeignFilesError, match=r"run directory \(checkpoints 4\)"):
+        demo.check_out_dir(str(run), overwrite=True)
+    shutil.rmtree(run / "checkpoints")  # the training config alone
+    run_dir.atomic_write(str(run / "config.json"), json.dumps(run_dir.config_to_json(RunConfig())))
+    with pytest.raises(errors.ForeignFilesError, match=r"run directory \(config.json \(a klq training config\)\)"):
+        demo.check_out_dir(str(run), overwrite=True)
+    # The mirror: a demo's directory is not the trainer's to delete.
+    dem = tmp_path / "dem"
+    dem.mkdir()
+    (dem / "config.json").write_text(json.dumps(dataclasses.asdict(_tiny(dem))))
+    (dem / "metrics.jsonl").write_text('{"iteration": 1, "algo": "klq"}\n')
+    with pytest.raises(errors.ForeignFilesError, match=r"klq train did not write: config.json \(not a klq "
+                                                       r"training config\)\. Nothing was deleted"):
+        run_dir.preflight(str(dem), resume=False, overwrite=True)
+    demo.check_out_dir(str(dem))  # and the demo takes its own directory back
+
+
 def test_a_previous_demos_sft_hf_holding_a_users_file_is_refused(tmp_path):
     """A rerun on a previous demo's directory used to replace sft-hf/ whole, with a file a user
     added to it (a model card), without any flag."""

@@ -270,7 +270,7 @@ def describe_run(out_dir: str) -> list[str]:
                 n = sum(1 for _ in f)
             found.append(f"metrics.jsonl ({n} lines)")
         elif name == "checkpoints":
-            steps = sorted(int(s) for s in os.listdir(p) if s.isdigit())
+            steps = checkpoint_steps(out_dir)
             if steps:
                 found.append("checkpoints " + ", ".join(map(str, steps)))
         elif name in ("tb", "skipped_checkpoints", "policy", "eval"):
@@ -416,6 +416,20 @@ def foreign_run_entries(out_dir: str) -> list[str]:
     return foreign_entries(out_dir, RUN_ENTRY_CHECKS)
 
 
+def training_run_entries(out_dir: str) -> list[str]:
+    """What in ``out_dir`` shows that it is a ``klq train`` run directory (empty: it is not one):
+    a ``config.json`` that is a training config, numbered checkpoints. Other tools (``klq demo``)
+    refuse such a directory whatever their ``--overwrite``: it is the trainer's to replace."""
+    found = []
+    cfg = os.path.join(out_dir, "config.json")
+    if os.path.isfile(cfg) and not os.path.islink(cfg) and _train_config(cfg) is None:
+        found.append("config.json (a klq training config)")
+    steps = checkpoint_steps(out_dir)
+    if steps:
+        found.append("checkpoints " + ", ".join(map(str, steps)))
+    return found
+
+
 def remove_leftovers(out_dir: str) -> None:
     """Temp files and trash of dead processes (we hold the lock, so no live writer owns them)."""
     for root in (out_dir, os.path.join(out_dir, "tb"), os.path.join(out_dir, "eval")):
@@ -536,9 +550,15 @@ def claim(out_dir: str, check: Callable[[str], None]) -> tuple[RunLock, bool]:
     return lock, created
 
 
-def _has_checkpoint(out_dir: str) -> bool:
+def checkpoint_steps(out_dir: str) -> list[int]:
+    """The steps of the complete checkpoints in ``out_dir/checkpoints`` (orbax renames a
+    checkpoint to its bare number once written), ascending; empty without any."""
     d = os.path.join(out_dir, "checkpoints")
-    return os.path.isdir(d) and any(s.isdigit() for s in os.listdir(d))
+    return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def _has_checkpoint(out_dir: str) -> bool:
+    return bool(checkpoint_steps(out_dir))
 
 
 class RunDir:
