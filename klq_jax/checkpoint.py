@@ -38,8 +38,11 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message`` (orbax/tensorstore errors run to hundreds of lines)."""
     text = str(err).strip().splitlines()
     first = text[0] if text else ""
-    if len(first) > limit:
-        first = first[:limit] + " …"
+    if len(first) > limit:  # cut at a word boundary (a word cut in two reads as another word)
+        head = first[:limit + 1]  # with the character after the cut: is the last word whole?
+        space = max(head.rfind(" "), head.rfind("\t"))
+        cut = head[:space] if space > limit // 2 else first[:limit]  # a long unbroken run: cut it
+        first = cut.rstrip(" \t,;:(") + " …"
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
@@ -177,10 +180,23 @@ class Checkpointer:
                 logging.getLogger("absl").removeFilter(_DROP_ERRORS)
 
     def _write_error(self, step, err: BaseException) -> CheckpointError:
+        """The error for a failed write of checkpoint ``step``: what --resume can continue from (the
+        newest complete checkpoint before it), or that nothing can (none was written)."""
+        try:  # a failure path: listing the directory may fail too, and must not hide ``err``
+            earlier = [s for s in self.all_steps() if step is None or s < step]
+        except Exception:
+            earlier = None
+        if earlier:
+            then = (f"then continue with --resume: it restarts from checkpoint {max(earlier)}, the newest "
+                    "of the earlier checkpoints, which are intact.")
+        elif earlier is None:
+            then = "then continue with --resume if an earlier checkpoint was written (it says if none was)."
+        else:
+            then = ("then start the run again (--overwrite replaces it): no earlier checkpoint was "
+                    "written, so there is nothing for --resume to continue from.")
         return CheckpointError(
             f"Could not write checkpoint {step} to {self.directory} ({_one_line(err)}). Free disk "
-            "space or fix the directory's permissions, then continue with --resume (earlier "
-            "checkpoints are intact)."
+            f"space or fix the directory's permissions, {then}"
         )
 
     def restore(self, step: int | None, target: Any) -> tuple[Any, dict]:

@@ -586,6 +586,18 @@ def test_mesh_and_prompt_length_mismatches_are_typed_errors(tmp_path):
     assert str(info.value).endswith(f"max_position_embeddings=256. max_new_tokens must be <= {256 - width}.")
 
 
+def _assert_quotes_whole_words(err: BaseException) -> None:
+    """The cause's first line, quoted in ``err``'s message in parentheses: whole, or cut before a
+    space (orbax's "... failed to fil …" used to be cut mid-word)."""
+    cause = str(err.__cause__).strip().splitlines()[0]
+    quoted = re.search(r"\(\w+: (.*?)\)\. Free disk", str(err)).group(1)
+    if quoted.endswith(" …"):
+        kept = quoted[:-2]
+        assert cause.startswith(kept) and cause[len(kept)] in " \t,;:(", (quoted, cause)
+    else:
+        assert quoted == cause
+
+
 def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, caplog):
     import logging
     import resource
@@ -596,12 +608,16 @@ def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, caplog):
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # "disk full" after 64 KiB a file
     try:
-        with pytest.raises(errors.CheckpointError, match=r"Could not write checkpoint 1 to .*Free disk space"):
+        with pytest.raises(errors.CheckpointError, match=r"Could not write checkpoint 1 to .*Free disk space") as info:
             ck.save(1, state, {"iteration": 1})
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
     assert ck.all_steps() == []
+    # no checkpoint to resume from: the advice is to start again, not --resume (which would fail)
+    assert "no earlier checkpoint was written, so there is nothing for --resume" in str(info.value)
+    assert "intact" not in str(info.value)
+    _assert_quotes_whole_words(info.value)
     # the one error replaces orbax's own: each writer thread logged the failure with its traceback
     assert [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR] == []
     # one more: an asynchronous save (the loop's) fails in the background; the wait names it
@@ -618,6 +634,16 @@ def test_a_failed_checkpoint_write_is_one_clear_error(tmp_path, caplog):
     ck.save(2, state, {"iteration": 2})  # space again: the next save works
     with pytest.raises(errors.CheckpointError, match="would not be written: .* already holds checkpoint 2"):
         ck.save(1, state, {"iteration": 1})  # orbax would skip it silently
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))  # full again, after checkpoint 2
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        with pytest.raises(errors.CheckpointError, match=r"Could not write checkpoint 3 to .*continue with "
+                                                         r"--resume: it restarts from checkpoint 2"):
+            ck.save(3, state, {"iteration": 3})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert ck.all_steps() == [2]
     ck.close()
     (tmp_path / "file").write_text("x")  # one more: the checkpoint directory is a file
     with pytest.raises(errors.CheckpointError, match="checkpoint"):
