@@ -22,6 +22,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 import types
@@ -402,9 +403,9 @@ def from_dict(cls: type, data: dict, *, where: str = "config", base: Any = None)
     """The config dataclass ``cls`` from nested dicts (e.g. a run's ``config.json``).
 
     Fields missing from ``data`` take their value in ``base`` (an instance of ``cls``, e.g. a
-    preset), or the defaults without one; an unknown field, or a value of the wrong type, is an
-    error naming the field. JSON lists become tuples where the field is a tuple. The dataclass
-    validates the values.
+    preset), or the defaults without one; an unknown field, or a value of the wrong type or
+    length, is an error naming ``where`` (the file) and the field. JSON lists become tuples where
+    the field is a tuple. The dataclass validates the values (its error is prefixed with ``where``).
 
     Example::
 
@@ -417,20 +418,28 @@ def from_dict(cls: type, data: dict, *, where: str = "config", base: Any = None)
         >>> from_dict(TrainConfig, {"epochs": "two"})
         Traceback (most recent call last):
         ...
-        ValueError: config.epochs = 'two' must be an int
+        ValueError: config: epochs = 'two' must be an int
     """
+    try:
+        return _from_dict(cls, data, "", base)
+    except ValueError as err:  # ours, or a dataclass's validation (ConfigError): the file named first
+        raise (ConfigError if isinstance(err, ConfigError) else ValueError)(f"{where}: {err}") from err
+
+
+def _from_dict(cls: type, data: Any, path: str, base: Any):
+    """:func:`from_dict` at the field path ``path`` ("" at the top), without the file's name."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where} must be a JSON object of {cls.__name__} fields, got {data!r}")
+        raise ValueError(f"{path or 'the file'} must be a JSON object of {cls.__name__} fields, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(
-            f"{where} has field(s) {', '.join(unknown)} that {cls.__name__} does not have; "
-            f"its fields are: {', '.join(fields)}"
+            f"{path + ' ' if path else ''}has field(s) {', '.join(unknown)} that {cls.__name__} does not "
+            f"have; its fields are: {', '.join(fields)}"
         )
     hints = typing.get_type_hints(cls)
     kwargs = {
-        name: _from_json(hints[name], value, f"{where}.{name}",
+        name: _from_json(hints[name], value, f"{path}.{name}" if path else name,
                          getattr(base, name) if base is not None else None)
         for name, value in data.items()
     }
@@ -444,12 +453,41 @@ _TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "true or
 
 def _from_json(tp: Any, value: Any, where: str, base: Any = None) -> Any:
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return from_dict(tp, value, where=where, base=base if isinstance(base, tp) else None)
+        return _from_dict(tp, value, where, base if isinstance(base, tp) else None)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Literal:
         if value not in args:
             raise ValueError(f"{where} = {value!r} must be one of {', '.join(map(repr, args))}")
         return value
+    if origin is tuple:
+        variadic = len(args) == 2 and args[1] is Ellipsis
+        if not isinstance(value, (list, tuple)) or not (variadic or not args or len(value) == len(args)):
+            size = "" if variadic or not args else f" of {len(args)} values"
+            example = [value] if variadic and not isinstance(value, (list, tuple)) else None
+            raise ValueError(f"{where} = {json.dumps(value, default=repr)} must be a list{size}"
+                             + (f" (e.g. {json.dumps(example, default=repr)})" if example else ""))
+        items = args[:1] * len(value) if variadic else args or (Any,) * len(value)
+        return tuple(_from_json(t, v, f"{where}[{i}]") for i, (t, v) in enumerate(zip(items, value)))
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _from_json(arg, value, where, base)
+            except ValueError:
+                continue
+        names = " or ".join(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) for a in args if a is not type(None))
+        raise ValueError(f"{where} = {value!r} must be {names}" + (" or null" if type(None) in args else ""))
+    if tp in _TYPE_NAMES:
+        ok = (isinstance(value, bool) if tp is bool else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
+              isinstance(value, tp) and not isinstance(value, bool))
+        if not ok:
+            raise ValueError(f"{where} = {value!r} must be {_TYPE_NAMES[tp]}")
+        return float(value) if tp is float else value
+    return value
     if origin is tuple and isinstance(value, list):
         item = args[0] if args else Any
         return tuple(_from_json(item, v, f"{where}[{i}]") for i, v in enumerate(value))

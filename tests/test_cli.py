@@ -203,8 +203,24 @@ def test_config_file_values_are_type_checked_and_partial_files_keep_the_preset(t
     with pytest.raises(ValueError, match=r"total_episodes = 'many' must be an int"):
         train_cmd.parse_args(["tiny-klq", "--config", str(bad)])
     bad.write_text(json.dumps({"algo": {"tau": "x"}}))
-    with pytest.raises(ValueError, match=r"algo.tau = 'x' must be a number"):
-        train_cmd.parse_args(["tiny-klq", "--config", str(bad)])
+    with pytest.raises(ValueError, match=rf"^--config {re.escape(str(bad))}: algo.tau = 'x' must be a number$"):
+        train_cmd.parse_args(["tiny-klq", "--config", str(bad)])  # the file, then the field (not glued)
+    # A list of the wrong length, or a string where a list goes, named by field (it used to be
+    # "not enough values to unpack", and "sample" split into letters).
+    for data, message in (({"task": {"prompt_length_range": [2]}}, "task.prompt_length_range = [2] must be a "
+                                                                   "list of 2 values"),
+                          ({"task": {"prompt_length_range": [2, 3, 4]}}, "task.prompt_length_range = [2, 3, 4] "
+                                                                         "must be a list of 2 values"),
+                          ({"eval_modes": "sample"}, 'eval_modes = "sample" must be a list (e.g. ["sample"])'),
+                          ({"eval_modes": ["sample", "x"]}, "eval_modes[1] = 'x' must be one of 'sample', 'greedy'"),
+                          ({"task": {"prompt_length_range": [5, 2]}}, "Invalid TaskConfig: prompt_length_range=(5, 2)")):
+        bad.write_text(json.dumps(data))
+        with pytest.raises(ValueError) as info:
+            train_cmd.parse_args(["tiny-klq", "--config", str(bad)])
+        assert str(info.value).startswith(f"--config {bad}: {message}"), (data, str(info.value))
+    bad.write_text(json.dumps({"eval_modes": ["greedy"], "task": {"prompt_length_range": [3, 9]}}))
+    cfg = train_cmd.parse_args(["tiny-klq", "--config", str(bad)])
+    assert cfg.eval_modes == ("greedy",) and cfg.task.prompt_length_range == (3, 9)
     partial = tmp_path / "partial.json"
     partial.write_text(json.dumps({"epochs": 3, "algo": {"tau": 0.2}}))
     cfg = train_cmd.parse_args(["tiny-klq", "--config", str(partial)])
