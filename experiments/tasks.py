@@ -453,8 +453,21 @@ def load_reward_fn(
     )
 
 
-def _prompt_iterator(dataset, batch_size: int, seed: int) -> PromptIterator:
-    """The prompts of THIS process: its slice of every global batch (all of it on one process)."""
+def _prompt_iterator(dataset, batch_size: int, seed: int, task: TaskConfig) -> PromptIterator:
+    """The prompts of THIS process: its slice of every global batch (all of it on one process).
+
+    Raises:
+      ConfigError: fewer prompts than one batch, with what to set on the command line.
+    """
+    if len(dataset) < batch_size:
+        more = ("raise --task.num-prompts" if task.kind == "synthetic" else
+                "point --task.dataset / --task.split at more prompts (those longer than "
+                "--task.max-prompt-len are dropped)")
+        raise ConfigError(
+            f"The task has {len(dataset)} training prompt{'' if len(dataset) == 1 else 's'}, fewer than one "
+            f"batch of {batch_size} rollouts: lower --rollouts-per-batch (--minibatch-size and "
+            f"--micro-batch-size must divide it), or {more}."
+        )
     return PromptIterator(dataset, batch_size=batch_size, seed=seed,
                           process_index=jax.process_index(), process_count=jax.process_count())
 
@@ -527,7 +540,7 @@ def build_experiment(
         return Experiment(
             validation_prompts=heldout,
             reward_fn=rewards.programmatic_reward(task.reward, target_token=task.target_token),
-            prompts=_prompt_iterator(dataset, batch_size, seed),
+            prompts=_prompt_iterator(dataset, batch_size, seed, task),
             stop_token_ids=(task.stop_token_id,),
             pad_token_id=task.pad_token_id,
             **common,
@@ -547,7 +560,7 @@ def build_experiment(
     return Experiment(
         validation_prompts=heldout,
         reward_fn=reward_fn,
-        prompts=_prompt_iterator(dataset, batch_size, seed),
+        prompts=_prompt_iterator(dataset, batch_size, seed, task),
         stop_token_ids=stop_token_ids,
         pad_token_id=int(tokenizer.pad_token_id),
         decode=lambda ids: tokenizer.decode(list(ids)),

@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from experiments import presets, tasks
-from klq_jax import sharding, train
+from klq_jax import errors, sharding, train
 from experiments.demo import DemoConfig
 from experiments.config import TaskConfig
 from klq_jax.config import AlgoConfig, MeshConfig, OptimConfig, TrainConfig
@@ -245,3 +245,21 @@ def test_a_target_token_outside_the_vocabulary_is_refused_before_the_run_directo
         assert not (tmp_path / "run").exists()
     exp = tasks.build_experiment(dataclasses.replace(cfg.task, target_token=63), batch_size=8, seed=0)
     assert exp.reward_fn is not None  # the last id is accepted
+
+
+def test_fewer_prompts_than_a_batch_names_the_command_line_settings(tmp_path):
+    """``--task.num-prompts 1`` used to advise ``drop_last=False``, which no flag sets."""
+    from experiments import train as train_cmd
+
+    cfg = presets.get("tiny-klq")
+    cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), progress=False,
+                              task=dataclasses.replace(cfg.task, num_prompts=1))
+    with pytest.raises(errors.ConfigError) as info:
+        train_cmd.run(cfg, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    assert str(info.value) == (
+        f"The task has 1 training prompt, fewer than one batch of {cfg.rollouts_per_batch} rollouts: lower "
+        "--rollouts-per-batch (--minibatch-size and --micro-batch-size must divide it), or raise "
+        "--task.num-prompts.")
+    assert not (tmp_path / "run").exists()
+    exp = tasks.build_experiment(dataclasses.replace(cfg.task, num_prompts=8), batch_size=8, seed=0)
+    assert exp.prompts.num_rows == 8  # exactly one batch is enough

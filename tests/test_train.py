@@ -215,6 +215,28 @@ def test_nan_stops_the_run_without_a_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
 
 
+def test_a_non_finite_metric_at_a_tiny_temperature_names_the_temperature():
+    """``--temperature 1e-9`` made the KL estimates inf and the error blamed the learning rate."""
+    from klq_jax.train import loop
+
+    inf = {"train/kl_k3_mean": float("inf"), "score": 0.5}
+    with pytest.raises(train.NonFiniteError) as info:
+        loop._check_finite(inf, 1, temperature=1e-9)
+    msg = str(info.value)
+    assert "metric 'train/kl_k3_mean' is inf" in msg and "\n" not in msg
+    assert "At --temperature 1e-09 the log-probabilities are logits / 1e-09" in msg
+    assert f"a logit difference of {88.7e-9:.3g} " in msg and "Raise --temperature" in msg
+    # exp overflows float32 just past the logit difference named (0.887 at T = 0.01)
+    with np.errstate(over="ignore"):
+        assert np.isfinite(np.exp(np.float32(0.88 / 0.01))) and not np.isfinite(np.exp(np.float32(0.89 / 0.01)))
+    for t in (0.7, loop.LOW_TEMPERATURE, None):  # an ordinary temperature: the learning rate first
+        with pytest.raises(train.NonFiniteError, match=r"is inf\. The run was stopped .* Lower the learning "
+                                                       r"rate or check the reward") as info:
+            loop._check_finite(inf, 1, temperature=t)
+        assert "temperature" not in str(info.value)
+    loop._check_finite({"score": 0.5}, 1, temperature=1e-9)  # finite: nothing to say
+
+
 def test_separate_critic_from_a_reward_model(tmp_path):
     """TRL's layout: values come from a separate network initialised from the reward model."""
     from klq_jax import rollout

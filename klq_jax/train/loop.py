@@ -98,7 +98,14 @@ TIMING_KEYS = (
 )
 
 
-def _check_finite(metrics: dict, iteration: int, params=None):
+# Below this sampling temperature a non-finite metric is blamed on the temperature first: the
+# log-probabilities are logits / T, so the KL estimates' exp(log-ratio) overflows float32
+# (exp(88.7)) once the policy's and the reference's logits differ by 88.7·T (8.9 at T = 0.1, a
+# change a learning rate can cause; 0.9 at T = 0.01, and float rounding at T = 1e-9).
+LOW_TEMPERATURE = 0.1
+
+
+def _check_finite(metrics: dict, iteration: int, params=None, temperature: float | None = None):
     bad_metrics = [k for k, v in metrics.items() if not math.isfinite(v)]
     if not bad_metrics:
         return
@@ -108,9 +115,16 @@ def _check_finite(metrics: dict, iteration: int, params=None):
         f" and the update made the policy's weights NaN/inf ({', '.join(bad_weights[:3])}"
         f"{' …' if len(bad_weights) > 3 else ''})" if bad_weights else ""
     )
+    if temperature is not None and temperature < LOW_TEMPERATURE:
+        advice = (f"At --temperature {temperature:g} the log-probabilities are logits / {temperature:g}: a "
+                  f"logit difference of {88.7 * temperature:.3g} between the policy and the reference "
+                  "overflows the KL estimates. Raise --temperature (the paper samples at 0.7) or lower "
+                  "the learning rate")
+    else:
+        advice = "Lower the learning rate or check the reward"
     raise NonFiniteError(
         f"Iteration {iteration}: metric '{k}' is {metrics[k]}{weights}. The run was stopped and no "
-        "checkpoint was written for this iteration. Lower the learning rate or check the reward, "
+        f"checkpoint was written for this iteration. {advice}, "
         "and start again (--overwrite, or another --out-dir): --resume takes only the same config, "
         "which computes this iteration again."
     )
@@ -374,7 +388,8 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
                 tokens_per_s=n_tokens / max(t2 - t0, 1e-9),
                 wall_time=time.perf_counter() - t_run,
             )
-            _check_finite({k: v for k, v in record.items() if isinstance(v, float)}, it + 1, state.params)
+            _check_finite({k: v for k, v in record.items() if isinstance(v, float)}, it + 1, state.params,
+                          cfg.temperature)
             run_dir.phase("log", it + 1)
             logger.log(it + 1, record)
             history.append(record)
