@@ -171,6 +171,10 @@ def _one_line(err: BaseException) -> str:
     return msg
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what to do next (one phrase: :func:`run` prints ``PROG: interrupted; PHRASE``)."""
+
+
 class UsageError(ValueError):
     """The command line itself is wrong (an unknown option, a value of the wrong type, a missing
     argument): :func:`run` prints it in one line that names the ``--help`` to read."""
@@ -267,10 +271,11 @@ def run(name: str, argv: list[str]) -> int:
             rc = module.main(argv)
     except SystemExit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if debug:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        advice = str(err) if isinstance(err, Interrupted) else ""
+        print(f"{prog}: interrupted" + (f"; {advice}" if advice else ""), file=sys.stderr)
         return 130
     except Exception as err:
         if isinstance(err, BrokenPipeError) and _stdout_closed():

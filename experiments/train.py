@@ -121,9 +121,31 @@ def summary(cfg: RunConfig, history: list[dict]) -> str:
     )
 
 
+def after_interrupt(cfg: RunConfig) -> str:
+    """What to do after Ctrl-C stopped the run ``cfg``: ``--resume`` from its newest checkpoint,
+    or, with none written yet, start again."""
+    from klq_jax.train import run_dir
+
+    steps = run_dir.checkpoint_steps(cfg.out_dir)
+    if steps:
+        return (f"rerun with --resume{' (instead of --overwrite)' if cfg.overwrite else ''} to continue "
+                f"from checkpoint {steps[-1]} in {cfg.out_dir}")
+    if run_dir.describe_run(cfg.out_dir):
+        return (f"no checkpoint was written yet, so there is nothing to --resume: rerun with --overwrite "
+                f"to start {cfg.out_dir} again")
+    return "nothing was written yet: rerun the same command"
+
+
 def main(argv: list[str] | None = None):
     cfg = parse_args(argv)
-    result = run(cfg)
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt as err:
+        try:
+            advice = after_interrupt(cfg)
+        except Exception:  # never hide the interrupt behind a failure to advise
+            raise err from None
+        raise cli.Interrupted(advice) from err
     if result.history:
         print(summary(cfg, result.history))
     else:  # --resume of a finished run (or of one killed before its export, now written)

@@ -105,6 +105,35 @@ def test_no_compile_cache_leaves_jax_alone(monkeypatch, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+def test_an_interrupted_train_says_how_to_continue(monkeypatch, tmp_path, capsys):
+    """``klq train: interrupted`` (Ctrl-C) used to say nothing of ``--resume``, which continues
+    the run from its newest checkpoint; with none written, --resume would fail: start again."""
+    from experiments import train as train_cmd
+
+    out = tmp_path / "run"
+    written = {}
+
+    def interrupted_run(cfg, **kw):  # the run writes what it wrote, then Ctrl-C arrives
+        for rel, text in written.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_text(text)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_cmd, "run", interrupted_run)
+    args = ["tiny-klq", "--no-compile-cache", "--no-progress", "--out-dir", str(out)]
+    for files, extra, advice in (
+            ({}, [], "nothing was written yet: rerun the same command"),
+            ({"metrics.jsonl": '{"iteration": 1}\n'}, [], "no checkpoint was written yet, so there is nothing "
+                                                         f"to --resume: rerun with --overwrite to start {out} again"),
+            ({"checkpoints/2/meta": "{}", "checkpoints/10/meta": "{}", "checkpoints/12.orbax-checkpoint-tmp/x": ""},
+             [], f"rerun with --resume to continue from checkpoint 10 in {out}"),
+            ({}, ["--overwrite"], f"rerun with --resume (instead of --overwrite) to continue from checkpoint 10")):
+        written = files
+        assert cli.run("train", args + extra) == 130
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"klq train: interrupted; {advice}"), err
+
+
 def test_a_compiling_iteration_is_left_out_of_the_eta():
     from tqdm import tqdm
 
