@@ -488,26 +488,3 @@ def _from_json(tp: Any, value: Any, where: str, base: Any = None) -> Any:
             raise ValueError(f"{where} = {value!r} must be {_TYPE_NAMES[tp]}")
         return float(value) if tp is float else value
     return value
-    if origin is tuple and isinstance(value, list):
-        item = args[0] if args else Any
-        return tuple(_from_json(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _from_json(arg, value, where, base)
-            except ValueError:
-                continue
-        names = " or ".join(_TYPE_NAMES.get(a, getattr(a, "__name__", str(a))) for a in args if a is not type(None))
-        raise ValueError(f"{where} = {value!r} must be {names}" + (" or null" if type(None) in args else ""))
-    if tp in _TYPE_NAMES:
-        ok = (isinstance(value, bool) if tp is bool else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if tp is float else
-              isinstance(value, tp) and not isinstance(value, bool))
-        if not ok:
-            raise ValueError(f"{where} = {value!r} must be {_TYPE_NAMES[tp]}")
-        return float(value) if tp is float else value
-    return value
