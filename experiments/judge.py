@@ -42,6 +42,7 @@ import sys
 from typing import Literal
 
 from klq_jax import judge as J
+from klq_jax.errors import ConfigError
 
 __all__ = ["JudgeConfig", "JudgeCommand", "OUTPUTS", "check_out_dir", "load_completions", "make_pairs",
            "make_judge", "run", "main"]
@@ -94,6 +95,34 @@ class JudgeConfig:
     seed: int = 0
     batch_size: int = 8
 
+    def __post_init__(self):
+        from klq_jax.config import SEED_LIMIT, range_problems
+
+        p = [] if self.backend in ("http", "local") else [f"backend={self.backend!r} must be http or local"]
+        if self.backend == "http" and not str(self.base_url).startswith(("http://", "https://")):
+            p.append(f"base_url={self.base_url!r} must start with http:// or https://")
+        p += _text_problems(("model", self.model, False), ("tokenizer", self.tokenizer, True),
+                            ("prompt_file", self.prompt_file, True), ("cache_dir", self.cache_dir, True))
+        if self.prompt is not None and self.prompt not in J.PROMPTS:
+            p.append(f"prompt={self.prompt!r} must be one of {', '.join(J.PROMPTS)} (or --judge.prompt-file)")
+        p += range_problems("temperature", self.temperature, 0)
+        p += range_problems("max_tokens", self.max_tokens, 1, integer=True)
+        p += range_problems("max_retries", self.max_retries, 0, integer=True)
+        p += range_problems("backoff_s", self.backoff_s, 0)
+        p += range_problems("concurrency", self.concurrency, 1, integer=True)
+        p += range_problems("timeout_s", self.timeout_s, 0, low_open=True)
+        p += range_problems("seed", self.seed, 0, SEED_LIMIT, integer=True, high_open=True)
+        p += range_problems("batch_size", self.batch_size, 1, integer=True)
+        if p:
+            raise ConfigError("Invalid JudgeConfig: " + "; ".join(p))
+
+
+def _text_problems(*fields: tuple[str, object, bool]) -> list[str]:
+    """``(name, value, none_ok)`` fields that must be a non-blank string (or None if ``none_ok``)."""
+    return [f"{name}={value!r} must be a non-empty string{' or None' if none_ok else ''}"
+            for name, value, none_ok in fields
+            if not (none_ok and value is None) and not (isinstance(value, str) and value.strip())]
+
 
 @dataclasses.dataclass(frozen=True)
 class JudgeCommand:
@@ -124,6 +153,25 @@ class JudgeCommand:
     out_dir: str = "runs/judge"
     overwrite: bool = False
     judge: JudgeConfig = JudgeConfig()
+
+    def __post_init__(self):
+        from klq_jax.config import range_problems
+
+        p = [] if self.mode in ("greedy", "sample") else [f"mode={self.mode!r} must be greedy or sample"]
+        p += range_problems("num_prompts", self.num_prompts, 1, integer=True)
+        p += range_problems("alpha", self.alpha, 0, 1, low_open=True, high_open=True,
+                            note="0.2: an 80% interval")
+        p += _text_problems(("out_dir", self.out_dir, False), ("sweep", self.sweep, True),
+                            *((f"a[{i}]", x, False) for i, x in enumerate(self.a)),
+                            *((f"b[{i}]", x, False) for i, x in enumerate(self.b)))
+        if self.sweep is not None and (self.a or self.b or self.labels):
+            p.append("sweep excludes a, b and labels (the sweep pairs and labels its runs itself)")
+        elif len(self.a) != len(self.b):
+            p.append(f"a has {len(self.a)} runs and b {len(self.b)}: give as many of each")
+        elif self.labels and len(self.labels) != len(self.a):
+            p.append(f"labels has {len(self.labels)} labels for {len(self.a)} pairs")
+        if p:
+            raise ConfigError("Invalid JudgeCommand: " + "; ".join(p))
 
 
 def _completions_path(source: str) -> str:
@@ -179,8 +227,17 @@ def _task_kind(source: str) -> str | None:
 def instruction_for(cfg: JudgeConfig, run: str) -> str:
     """The judge prompt: ``prompt_file``, else App. F's for ``prompt`` or the run's task."""
     if cfg.prompt_file:
-        with open(cfg.prompt_file) as f:
-            return f.read()
+        try:
+            with open(cfg.prompt_file, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as err:
+            raise J.JudgeError(f"Cannot read --judge.prompt-file {cfg.prompt_file} "
+                               f"({getattr(err, 'strerror', None) or err}); pass a text file with the "
+                               "judge's instruction.") from None
+        if not text.strip():
+            raise J.JudgeError(f"--judge.prompt-file {cfg.prompt_file} is empty: write the judge's "
+                               "instruction in it, or use App. F's with --judge.prompt tldr|hh.")
+        return text
     name = cfg.prompt or _task_kind(run)
     if name not in J.PROMPTS:
         raise J.JudgeError(f"No App. F judge prompt for task {name!r}: pass --judge.prompt tldr|hh or "
@@ -191,12 +248,20 @@ def instruction_for(cfg: JudgeConfig, run: str) -> str:
 def make_judge(cfg: JudgeConfig, out_dir: str):
     """The judge object of ``cfg`` (:class:`klq_jax.judge.HTTPJudge` or :class:`~klq_jax.judge.LocalJudge`)."""
     if cfg.backend == "http":
-        return J.HTTPJudge(
-            cfg.base_url, cfg.model, cfg.cache_dir or os.path.join(out_dir, "cache"),
-            api_key_env=cfg.api_key_env, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-            structured=cfg.structured, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
-            concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
-        )
+        from klq_jax.errors import RunDirError
+        from klq_jax.models.hf.files import cannot_create
+
+        cache = cfg.cache_dir or os.path.join(out_dir, "cache")
+        try:
+            return J.HTTPJudge(
+                cfg.base_url, cfg.model, cache,
+                api_key_env=cfg.api_key_env, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                structured=cfg.structured, max_retries=cfg.max_retries, backoff_s=cfg.backoff_s,
+                concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
+            )
+        except OSError as err:  # the cache directory (made once the API key is found)
+            raise cannot_create(cache, err, what="the judge's request cache", error=RunDirError,
+                                option="--judge.cache-dir" if cfg.cache_dir else "--out-dir") from err
     import jax
     from transformers import AutoTokenizer
 
@@ -227,10 +292,12 @@ def check_out_dir(out_dir: str, *, overwrite: bool = False, cache_dir: str | Non
     ``overwrite``. ``cache_dir``: the request cache, named in the message (a rerun reuses it).
 
     Raises:
-      RunExistsError: the outputs found named, and what to do.
+      RunDirError: ``out_dir`` is a file; RunExistsError: the outputs found named, and what to do.
     """
-    from klq_jax.errors import RunExistsError
+    from klq_jax.errors import RunDirError, RunExistsError
 
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise RunDirError(f"--out-dir {out_dir} is not a directory; choose another --out-dir.")
     found = [n for n in OUTPUTS if os.path.lexists(os.path.join(out_dir, n))]
     if found and not overwrite:
         cache = cache_dir or os.path.join(out_dir, "cache")
@@ -263,29 +330,36 @@ def _write_outputs(out_dir: str, files: dict[str, str], rows: list[dict] | None)
 def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
     """Judge every pair; write the outputs (module docstring); return one summary row per pair.
 
+    Everything that can be checked is checked before the judge is built, before any request and
+    before ``cmd.out_dir`` (or the request cache) is created: the settings (when ``cmd`` is
+    made), the runs and their completions, the judge prompts, the out_dir; then the judge (its API
+    key, its model); a refusal leaves nothing behind.
+
     Raises:
-      RunExistsError: ``cmd.out_dir`` holds earlier outputs and ``cmd.overwrite`` is not set
-      (checked before anything is judged); JudgeError: the runs or the judge cannot be used.
+      ConfigError: a setting out of range (when ``cmd`` is made); RunExistsError: ``cmd.out_dir``
+      holds earlier outputs and ``cmd.overwrite`` is not set; RunDirError: ``cmd.out_dir`` is not
+      a directory or cannot be created; JudgeError: the runs or the judge cannot be used.
     """
+    from klq_jax.errors import RunDirError
+    from klq_jax.models.hf.files import make_dir
+
     if cmd.sweep:
         triples = _sweep_pairs(cmd.sweep)
     else:
-        if not cmd.a or len(cmd.a) != len(cmd.b):
+        if not cmd.a:
             raise J.JudgeError("Give the runs to compare: --a RUN ... --b RUN ... (as many of each), or --sweep DIR.")
         names = cmd.labels or tuple(f"{os.path.basename(os.path.normpath(x))} vs "
                                     f"{os.path.basename(os.path.normpath(y))}" for x, y in zip(cmd.a, cmd.b))
-        if len(names) != len(cmd.a):
-            raise J.JudgeError(f"--labels has {len(names)} labels for {len(cmd.a)} pairs.")
         triples = list(zip(cmd.a, cmd.b, names))
+    work = [(a, b, label, make_pairs(a, b, cmd.mode, cmd.num_prompts), instruction_for(cmd.judge, a))
+            for a, b, label in triples]
     check_out_dir(cmd.out_dir, overwrite=cmd.overwrite, cache_dir=cmd.judge.cache_dir)
-    os.makedirs(cmd.out_dir, exist_ok=True)
     judge = judge if judge is not None else make_judge(cmd.judge, cmd.out_dir)
+    make_dir(cmd.out_dir, what="the judge's output directory", option="--out-dir", error=RunDirError)
     rows, all_records = [], []
-    for i, (a, b, label) in enumerate(triples, 1):
-        pairs = make_pairs(a, b, cmd.mode, cmd.num_prompts)
-        print(f"[{i}/{len(triples)}] {label}: {len(pairs)} prompts x 2 orders", flush=True)
-        records, summary = J.judge_pairs(pairs, judge, instruction_for(cmd.judge, a), alpha=cmd.alpha,
-                                         on_result=on_result)
+    for i, (a, b, label, pairs, instruction) in enumerate(work, 1):
+        print(f"[{i}/{len(work)}] {label}: {len(pairs)} prompts x 2 orders", flush=True)
+        records, summary = J.judge_pairs(pairs, judge, instruction, alpha=cmd.alpha, on_result=on_result)
         all_records.extend(dict(r, label=label, a=a, b=b) for r in records)
         rows.append({"label": label, "a": a, "b": b, "mode": cmd.mode, **summary})
     judgements = "".join(json.dumps(r) + "\n" for r in all_records)

@@ -312,9 +312,17 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, *, mesh=None
     Returns one row per run: the last metrics record (validation included) with ``algo``, ``tau``,
     the grid values, ``run`` and ``group``.
     """
+    from klq_jax.errors import RunDirError
+    from klq_jax.models.hf.files import make_dir
+    from klq_jax.train import run_dir
+
     specs = plan_runs(cfg, overrides)
     out_dir = cfg.out_dir or os.path.join("runs", f"sweep-{cfg.preset}")
-    os.makedirs(out_dir, exist_ok=True)
+    found = run_dir.training_run_entries(out_dir)
+    if found:  # the sweep's files beside a run's would make a mixed directory
+        raise SweepError(f"{out_dir} is a `klq train` run directory ({'; '.join(found)}): a sweep puts one "
+                         "run directory per run and its tables in --out-dir; choose another --out-dir.")
+    make_dir(out_dir, what="the sweep directory", option="--out-dir", error=RunDirError)
     states = [run_state(s, cfg.on_mismatch) for s in specs]  # refuse before training anything
     rows, curves = [], []
     for i, (spec, state) in enumerate(zip(specs, states), 1):
@@ -333,8 +341,6 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, *, mesh=None
             try:
                 train_cmd.run(dataclasses.replace(spec.config, resume=True, allow_fresh=True), mesh=mesh)
             except BaseException:
-                from klq_jax.train import run_dir
-
                 if state == "new" and os.path.isdir(d) and run_dir.holds_no_result(d, also_ours=(RECORD,)):
                     shutil.rmtree(d, ignore_errors=True)  # nothing trained: leave no record to block a rerun
                 raise

@@ -92,7 +92,9 @@ class NoCheckpointError(RunDirError, FileNotFoundError):
 
 class ForeignFilesError(RunDirError):
     """A directory holds files klq did not write under the names it would delete or replace
-    (``--overwrite`` of ``klq train``, ``klq demo``); they are named, and nothing was touched."""
+    (``--overwrite`` of ``klq train``, ``klq demo``), or under a run's names where no run is (a
+    Hugging Face model's directory as ``klq train --out-dir``); they are named, and nothing was
+    touched."""
 
 
 class CheckpointError(KLQError, OSError):

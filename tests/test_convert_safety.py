@@ -226,6 +226,21 @@ def test_a_dst_of_dot_or_dotdot_is_refused_in_one_line(tmp_path, tiny_src, capsy
     assert sorted(os.listdir(here)) == ["mine.txt"] and os.listdir(tmp_path / "a") == ["here"]
 
 
+def test_a_read_only_dst_location_is_one_line_naming_dst(tmp_path, tiny_src, capsys):
+    """newcomer 3 #5: a read-only location gave `[Errno 30] Read-only file system: '.ck.tmp-...'`,
+    our hidden temp directory's name, instead of the DST the user gave, and no advice."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    for dst in (ro / "ck", ro / "sub" / "ck"):  # the temp sibling, or DST's parent, cannot be made
+        capsys.readouterr()
+        with testing.read_only(ro):
+            assert _cli("hf-to-flax", tiny_src, dst) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"klq convert: error: Cannot create the output directory {dst} (") and "\n" not in err, err
+        assert "choose a writable output directory" in err and ".tmp-" not in err and "Errno" not in err, err
+    assert os.listdir(ro) == []
+
+
 # ------------------------------------------------------------------------------------------------
 # A tokenizer larger than the embedding
 # ------------------------------------------------------------------------------------------------

@@ -405,3 +405,53 @@ def test_a_users_own_judge_md_is_refused_and_left_alone(tmp_path, two_runs, caps
         judge_cmd.check_out_dir(str(notes))
     judge_cmd.check_out_dir(str(notes), overwrite=True)
     judge_cmd.check_out_dir(str(tmp_path / "new"))  # a new directory: nothing in the way
+
+
+def test_bad_settings_are_refused_before_any_request_and_leave_nothing(tmp_path, two_runs, monkeypatch, capsys):
+    """newcomer 3 #4/#5: --alpha was checked only after every request had been sent (and cache/ was
+    left behind), --num-prompts 0 was blamed on the runs, an empty --judge.prompt-file judged with an
+    empty instruction, and an unwritable --out-dir gave a bare [Errno N]."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", "test-key")
+    a, b = two_runs
+    empty = tmp_path / "empty_prompt.txt"
+    empty.write_text(" \n\t\n")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    out = tmp_path / "out"
+    server = FakeJudgeServer()
+    try:
+        base = ["--a", a, "--b", b, "--judge.base-url", server.url, "--judge.api-key-env", "TEST_JUDGE_KEY"]
+        for extra, where in [
+            (["--alpha", "1.5"], "Invalid JudgeCommand: alpha=1.5 must be in (0, 1)"),
+            (["--alpha", "0"], "alpha=0.0 must be in (0, 1)"),
+            (["--num-prompts", "0"], "Invalid JudgeCommand: num_prompts=0 must be an integer >= 1"),
+            (["--judge.max-tokens", "0", "--judge.concurrency", "0"],
+             "Invalid JudgeConfig: max_tokens=0 must be an integer >= 1; concurrency=0 must be an integer >= 1"),
+            (["--judge.timeout-s", "0"], "timeout_s=0.0 must be a finite number > 0"),
+            (["--judge.prompt-file", empty], f"--judge.prompt-file {empty} is empty"),
+            (["--judge.prompt-file", tmp_path / "missing.txt"], "Cannot read --judge.prompt-file"),
+            (["--judge.api-key-env", "NO_SUCH_KEY_VAR"], "$NO_SUCH_KEY_VAR, which is not set"),
+        ]:
+            rc, err = _judge_cli(capsys, *base, "--out-dir", out, *extra)
+            assert rc == 2 and len(err) == 1 and err[0].startswith("klq judge: error: ") and where in err[0], (extra, err)
+            assert not os.path.lexists(out), extra  # neither the out dir nor its cache/
+        with pytest.raises(errors.ConfigError, match="labels has 2 labels for 1 pairs"):
+            judge_cmd.JudgeCommand(a=(a,), b=(b,), labels=("x", "y"))
+        with pytest.raises(errors.ConfigError, match="sweep excludes a, b and labels"):
+            judge_cmd.JudgeCommand(a=(a,), b=(b,), sweep=str(tmp_path))
+        # A file as --out-dir, a read-only location (the cache, or with another cache the out dir):
+        # one line naming the path the user gave and what to do; no request sent.
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        cases = [([], afile, f"--out-dir {afile} is not a directory; choose another --out-dir."),
+                 ([], ro / "j", f"Cannot create the judge's request cache {ro / 'j' / 'cache'} ("),
+                 (["--judge.cache-dir", tmp_path / "c"], ro / "j",
+                  f"Cannot create the judge's output directory {ro / 'j'} (")]
+        for extra, where, expected in cases:
+            with testing.read_only(ro):
+                rc, err = _judge_cli(capsys, *base, "--out-dir", where, *extra)
+            assert rc == 2 and len(err) == 1 and expected in err[0] and "choose a" in err[0], err
+            assert "Errno" not in err[0] and os.listdir(ro) == [], err
+        assert server.log == []
+    finally:
+        server.close()

@@ -174,6 +174,13 @@ def test_overwrite_refuses_files_the_trainer_did_not_write(finished, tmp_path, c
     assert err.startswith("klq train: error: --overwrite deletes only") and "\n" not in err, err
     assert "config.json (not a klq training config)" in err
     assert _snapshot(model) == before
+    # Without --overwrite it used to say "already holds a run (config.json)": it holds a model.
+    assert cli.run("train", ["tiny-klq", "--out-dir", str(model), "--no-compile-cache"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"klq train: error: {model} holds no klq train run but files of another kind under "
+                          "a run's names: config.json (not a klq training config); eval (holds scores.csv") \
+        and "choose another --out-dir" in err and "already holds a run" not in err and "\n" not in err, err
+    assert _snapshot(model) == before and sorted(os.listdir(model)) == entries
 
     # A finished run where a user keeps files of theirs under the trainer's names: each is named.
     run = _copy(finished, tmp_path)

@@ -132,3 +132,37 @@ def test_a_sweep_run_that_fails_before_training_leaves_nothing_to_block_a_rerun(
 
     assert sweep.ignored_fields() == run_dir.BOOKKEEPING_FIELDS
     assert "eval_every" in run_dir.RESUMABLE_FIELDS and "eval_every" not in sweep.ignored_fields()
+
+
+def test_an_out_dir_that_is_a_training_run_a_file_or_read_only_is_refused_in_one_line(tmp_path, capsys):
+    """newcomer 3 #10/#5: a sweep wrote its files into a finished `klq train` run's directory; a
+    file or a read-only location as --out-dir gave a bare [Errno N]. Each: one line, before any run."""
+    from experiments import presets
+    from klq_jax.train import run_dir
+    from tests.helpers import testing
+
+    run = tmp_path / "run"  # what `klq train` leaves: its config and its iteration log
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(run_dir.config_to_json(presets.get("tiny-klq"))))
+    (run / "metrics.jsonl").write_text('{"iteration": 1}\n')
+    before = testing.snapshot(run)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    for out, expected in [
+        (run, f"klq sweep: error: {run} is a `klq train` run directory (config.json (a klq training config)): "),
+        (afile, f"klq sweep: error: --out-dir {afile} is not a directory; choose another --out-dir."),
+        (ro / "sw", f"klq sweep: error: Cannot create the sweep directory {ro / 'sw'} ("),
+    ]:
+        capsys.readouterr()
+        with testing.read_only(ro):
+            rc = cli.run("sweep", ["tiny-klq", "--taus", "0.1", "--out-dir", str(out), "--no-compile-cache"])
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert rc == 2 and len(err) == 1 and err[0].startswith(expected) and "Errno" not in err[0], err
+    assert testing.snapshot(run) == before and sorted(os.listdir(run)) == ["config.json", "metrics.jsonl"]
+    assert afile.read_text() == "x" and os.listdir(ro) == []
+    # A directory holding no run of the trainer's (here a model's config.json) is no training run.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "config.json").write_text('{"model_type": "gpt_neox"}')
+    assert run_dir.training_run_entries(str(tmp_path / "notes")) == []

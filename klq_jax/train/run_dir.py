@@ -12,8 +12,9 @@ Rules (README "Run directories"):
   deletes only what is recognisably the trainer's (:func:`foreign_run_entries`: a ``config.json``
   that parses as a training config, numbered checkpoints, event files, …); anything else under those
   names (an ``--out-dir`` pointed at a Hugging Face model directory, whose ``config.json`` is the
-  model's) is refused by name and nothing is deleted. ``resume`` with no checkpoint is an error
-  unless ``allow_fresh`` is set.
+  model's) is refused by name and nothing is deleted; without ``overwrite`` such a directory,
+  holding none of the trainer's entries, is refused as what it is (no run), naming them too.
+  ``resume`` with no checkpoint is an error unless ``allow_fresh`` is set.
 * **Resuming.** The checkpoint records the config; a resumed run compares it field by field with
   the new one. Only :data:`RESUMABLE_FIELDS` (logging, progress, cadence of saves/samples, where
   the run lives, mesh layout) may differ; any other difference is refused by name.
@@ -52,7 +53,7 @@ from klq_jax.errors import (
     RunExistsError,
     RunLockedError,
 )
-from klq_jax.models.hf.files import SAVE_HF_FILES, pid_alive
+from klq_jax.models.hf.files import SAVE_HF_FILES, make_dir, pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -503,6 +504,12 @@ def preflight(out_dir: str, *, resume: bool, overwrite: bool, allow_fresh: bool 
         )
     if not resume and not overwrite:
         found = describe_run(out_dir)
+        foreign = foreign_run_entries(out_dir)
+        if found and len(foreign) == sum(os.path.lexists(os.path.join(out_dir, n)) for n in RUN_ENTRIES):
+            raise ForeignFilesError(  # none of the trainer's: e.g. a Hugging Face model's config.json
+                f"{out_dir} holds no klq train run but files of another kind under a run's names: "
+                f"{'; '.join(foreign)}; choose another --out-dir (a new or empty directory)."
+            )
         if found:
             raise RunExistsError(
                 f"{out_dir} already holds a run ({', '.join(found)}). Continue it with --resume, "
@@ -530,16 +537,7 @@ def claim(out_dir: str, check: Callable[[str], None]) -> tuple[RunLock, bool]:
       process holds it; whatever ``check`` raises.
     """
     check(out_dir)
-    created = not os.path.lexists(out_dir)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-        raise RunDirError(
-            f"Cannot create the run directory {out_dir} ({type(err).__name__}: "
-            f"{err.strerror or err}); choose a writable --out-dir."
-        ) from err
-    if not os.path.isdir(out_dir):
-        raise RunDirError(f"--out-dir {out_dir} is not a directory; choose another --out-dir.")
+    created = make_dir(out_dir, what="the run directory", option="--out-dir", error=RunDirError)
     lock = RunLock.acquire(out_dir)
     try:
         remove_leftovers(out_dir)

@@ -12,6 +12,7 @@ Stable names (other tests import them):
 * :func:`hf_forward` — run a torch HF model on a (left-padded) numpy batch, return float32 numpy.
 * :data:`TINY_HF_CONFIG` — the default tiny HF config values.
 * :func:`snapshot` — every file under a directory with its bytes (to assert nothing changed).
+* :func:`read_only` — make a directory refuse new entries, as a read-only mount does.
 
 Example::
 
@@ -26,6 +27,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Sequence
 
@@ -314,6 +316,37 @@ def snapshot(d) -> dict[str, bytes]:
             with open(p, "rb") as fh:
                 out[os.path.relpath(p, d)] = fh.read()
     return out
+
+
+@contextlib.contextmanager
+def read_only(directory):
+    """While in the block, creating a directory anywhere under ``directory`` fails: ``chmod 0o555``
+    for a user whom modes bind, else (root ignores them) ``os.mkdir`` raising ``EROFS`` there, as
+    on a read-only mount (``os.makedirs`` and ``Path.mkdir`` go through ``os.mkdir``)."""
+    import errno
+
+    directory = os.path.abspath(directory)
+    if os.geteuid() != 0:
+        mode = os.stat(directory).st_mode & 0o7777
+        os.chmod(directory, 0o555)
+        try:
+            yield
+        finally:
+            os.chmod(directory, mode)
+        return
+    real = os.mkdir
+
+    def mkdir(path, *args, **kwargs):
+        p = os.path.abspath(os.fspath(path))
+        if p == directory or p.startswith(directory + os.sep):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    os.mkdir = mkdir
+    try:
+        yield
+    finally:
+        os.mkdir = real
 
 
 def flip_one_bit_in_checkpoint(step_dir, prefix: str = "params.") -> tuple[str, np.ndarray, np.ndarray]:

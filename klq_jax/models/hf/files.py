@@ -426,6 +426,40 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a))
 
 
+def cannot_create(path: str | os.PathLike, err: OSError, *, what: str, option: str,
+                  error: Callable[[str], Exception] = OSError) -> Exception:
+    """The one-line ``error`` for a directory ``path`` the OS would not create (``err``), naming
+    ``path`` (never a temp name of ours) and what to do: the one wording of every command.
+
+    Example::
+
+        >>> import errno
+        >>> str(cannot_create("runs/x", OSError(errno.EROFS, "Read-only file system", "runs/.x.tmp"),
+        ...                   what="the run directory", option="--out-dir"))
+        'Cannot create the run directory runs/x (OSError: Read-only file system); choose a writable --out-dir.'
+    """
+    return error(f"Cannot create {what} {os.fspath(path)} ({type(err).__name__}: {err.strerror or err}); "
+                 f"choose a writable {option}.")
+
+
+def make_dir(path: str | os.PathLike, *, what: str, option: str,
+             error: Callable[[str], Exception] = OSError) -> bool:
+    """Create the directory ``path`` and its parents unless it is one; return whether it was absent.
+
+    ``path`` not a directory (a file, a broken link) or not creatable (a read-only or full file
+    system, a file on the way, no permission) raises ``error`` with one line naming ``path`` and
+    ``option`` (what the user sets it with, e.g. ``--out-dir``); see :func:`cannot_create`.
+    """
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise error(f"{option} {os.fspath(path)} is not a directory; choose another {option}.")
+    created = not os.path.lexists(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise cannot_create(path, err, what=what, option=option, error=error) from err
+    return created
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host is running (ours included; one we may not signal
     counts as running)."""
@@ -511,9 +545,13 @@ class AtomicDir:
                 f"{self.path} exists and is not empty; choose a new output directory or pass "
                 "overwrite=True (--overwrite)."
             )
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp.mkdir()
+        try:  # a read-only or full location: name the path asked for, not our temp sibling
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        except OSError as err:
+            raise cannot_create(self.path, err, what="the output directory", option="output directory",
+                                error=ConversionError) from err
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)
