@@ -260,6 +260,9 @@ def make_judge(cfg: JudgeConfig, out_dir: str):
                 concurrency=cfg.concurrency, timeout_s=cfg.timeout_s,
             )
         except OSError as err:  # the cache directory (made once the API key is found)
+            if not cfg.cache_dir and not os.path.isdir(out_dir):  # the --out-dir itself failed
+                raise cannot_create(out_dir, err, what="the judge's output directory", option="--out-dir",
+                                    error=RunDirError) from err
             raise cannot_create(cache, err, what="the judge's request cache", error=RunDirError,
                                 option="--judge.cache-dir" if cfg.cache_dir else "--out-dir") from err
     import jax

@@ -443,8 +443,12 @@ def test_bad_settings_are_refused_before_any_request_and_leave_nothing(tmp_path,
         # one line naming the path the user gave and what to do; no request sent.
         ro = tmp_path / "ro"
         ro.mkdir()
-        cases = [([], afile, f"--out-dir {afile} is not a directory; choose another --out-dir."),
-                 ([], ro / "j", f"Cannot create the judge's request cache {ro / 'j' / 'cache'} ("),
+        (tmp_path / "cachefile").mkdir()
+        (tmp_path / "cachefile" / "cache").write_text("mine")
+        cases = [([], tmp_path / "cachefile",
+                  f"Cannot create the judge's request cache {tmp_path / 'cachefile' / 'cache'} (FileExistsError"),
+                 ([], afile, f"--out-dir {afile} is not a directory; choose another --out-dir."),
+                 ([], ro / "j", f"Cannot create the judge's output directory {ro / 'j'} ("),
                  (["--judge.cache-dir", tmp_path / "c"], ro / "j",
                   f"Cannot create the judge's output directory {ro / 'j'} (")]
         for extra, where, expected in cases:
