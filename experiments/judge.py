@@ -268,10 +268,17 @@ def make_judge(cfg: JudgeConfig, out_dir: str):
     import jax
     from transformers import AutoTokenizer
 
+    from klq_jax.models.hf.files import tokenizer_files_in
     from klq_jax.models.load import load_model, resolve_source
 
+    tok_dir = resolve_source(cfg.tokenizer or cfg.model)
+    if os.path.isdir(tok_dir) and not tokenizer_files_in(tok_dir):
+        # transformers would build an empty tokenizer from the model's config alone
+        raise J.JudgeError(
+            f"No tokenizer files in {tok_dir} (the local judge's tokenizer): pass --judge.tokenizer DIR, a "
+            "directory holding tokenizer.json / tokenizer_config.json.")
+    tok = AutoTokenizer.from_pretrained(tok_dir)
     _, graphdef, params = load_model(cfg.model, key=jax.random.key(cfg.seed))
-    tok = AutoTokenizer.from_pretrained(resolve_source(cfg.tokenizer or cfg.model))
     return J.LocalJudge(graphdef, params, tok, max_new_tokens=cfg.max_tokens,
                         temperature=max(cfg.temperature, 1e-6), seed=cfg.seed, batch_size=cfg.batch_size)
 

@@ -266,6 +266,8 @@ def test_a_tokenizer_dir_without_tokenizer_files_lists_only_tokenizer_files(tmp_
         hf.save_hf(tmp_path / "hf", config, params, tokenizer_dir=tiny_src)
     looked = ast.literal_eval(re.search(r"looked for (\[.*?\])", str(info.value)).group(1))
     assert "tokenizer.json" in looked and not [n for n in looked if (tiny_src / n).exists()]
+    with pytest.raises(hf.ConversionError, match=r"No tokenizer files in .*nowhere \(no such directory\)"):
+        hf.save_hf(tmp_path / "hf2", config, params, tokenizer_dir=tmp_path / "nowhere")
 
 
 def test_tokenizer_from_vocab_and_added_tokens_larger_than_embedding_refused(tmp_path, tiny_src):

@@ -291,6 +291,12 @@ def test_local_judge_verdict_for_every_pair_and_deterministic(tmp_path, two_runs
             logp = torch.log_softmax(torch_model(ids).logits[0, -1].double(), -1).numpy()
         assert abs(logp[ida[0]] - r["extra"]["logp_A"]) < 1e-4 and abs(logp[idb[0]] - r["extra"]["logp_B"]) < 1e-4
         assert r["choice"] == ("A" if logp[ida[0]] > logp[idb[0]] else "B")
+    # A directory without tokenizer files (a model saved alone) is named, not read as an empty tokenizer.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "generation_config.json").write_text("{}")
+    with pytest.raises(J.JudgeError, match=r"No tokenizer files in .*bare .*--judge.tokenizer DIR"):
+        judge_cmd.make_judge(dataclasses.replace(cfg, tokenizer=str(bare)), str(tmp_path / "j4"))
     # max_tokens alone as long as the model's 512 positions: the error names max_new_tokens' bound.
     long_cfg = dataclasses.replace(cfg, max_tokens=512)
     cmd = judge_cmd.JudgeCommand(a=(a,), b=(b,), num_prompts=1, out_dir=str(tmp_path / "j3"), judge=long_cfg)

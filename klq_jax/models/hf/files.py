@@ -52,6 +52,15 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 
+
+
+def tokenizer_files_in(directory: str | os.PathLike) -> list[str]:
+    """The tokenizer files (:data:`TOKENIZER_FILES` less ``generation_config.json``, which every model
+    directory has) present in ``directory``: empty for a model saved without its tokenizer, from
+    which ``AutoTokenizer`` would quietly build an empty tokenizer."""
+    return [n for n in TOKENIZER_FILES if n != "generation_config.json" and os.path.isfile(os.path.join(directory, n))]
+
+
 # The names of the files :func:`klq_jax.models.hf.save_hf` writes in its directory: config.json, the
 # weights (model/value_head, single or shards + index) and the tokenizer files it copies. A
 # directory holding another name holds a file someone else put there.
@@ -367,11 +376,12 @@ def copy_tokenizer(src: str | os.PathLike, dst: Path, *, required: bool, vocab_s
     """Copy the tokenizer files of ``src`` into ``dst``; refuse a tokenizer larger than the embedding."""
     src = Path(src)
     found = [n for n in TOKENIZER_FILES if (src / n).is_file()]
-    tokenizer_files = [n for n in TOKENIZER_FILES if n != "generation_config.json"]  # copied along, not a tokenizer
-    if required and not [n for n in found if n in tokenizer_files]:
+    if required and not tokenizer_files_in(src):
+        tokenizer_files = [n for n in TOKENIZER_FILES if n != "generation_config.json"]  # copied along, not a tokenizer
+        where = f"{src} (no such directory)" if not src.is_dir() else f"{src} (looked for {tokenizer_files})"
         raise ConversionError(
-            f"No tokenizer files in {src} (looked for {tokenizer_files}); pass the directory "
-            "that holds tokenizer.json / tokenizer_config.json."
+            f"No tokenizer files in {where}; pass the directory that holds tokenizer.json / "
+            "tokenizer_config.json."
         )
     if vocab_size is not None:
         n = tokenizer_size(src)
