@@ -65,7 +65,8 @@ class HfToFlax:
         drawn with the seed).
       seed: PRNG seed of a new value head.
       strict: fail on unexpected tensors instead of warning.
-      overwrite: replace DST if it exists.
+      overwrite: replace DST if it is a previous conversion output (a klq_jax checkpoint or a
+        Hugging Face export); a DST holding anything else, or a live training run, is refused.
     """
 
     src: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")]
@@ -88,7 +89,8 @@ class FlaxToHf:
       tokenizer: copy tokenizer files from this directory (default: those kept in SRC, if any).
       max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
       dtype: storage dtype of the written tensors (default: the checkpoint's param dtype).
-      overwrite: replace DST if it exists.
+      overwrite: replace DST if it is a previous conversion output (a klq_jax checkpoint or a
+        Hugging Face export); a DST holding anything else, or a live training run, is refused.
     """
 
     src: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")]

@@ -258,12 +258,20 @@ def _finished(spec: RunSpec) -> bool:
     )
 
 
+def _refuse_live(d: str) -> None:
+    """RunLockedError if a live process trains in the run directory ``d``."""
+    from klq_jax.train import run_dir  # imports JAX: not at `klq sweep --help`
+
+    run_dir.refuse_live_holder(d, instead="choose another --out-dir for the sweep")
+
+
 def run_state(spec: RunSpec, on_mismatch: str = "refuse") -> str:
     """``"new"``, ``"resume"`` or ``"finished"`` for a run's directory (see the module docstring).
 
     Raises:
       SweepError: the directory holds a run of another config (``on_mismatch="refuse"``) or
         something that is not a run of this sweep.
+      RunLockedError: ``on_mismatch="rerun"`` and a live process trains in the directory.
     """
     d = spec.config.out_dir
     if not os.path.isdir(d) or not os.listdir(d):
@@ -285,6 +293,7 @@ def run_state(spec: RunSpec, on_mismatch: str = "refuse") -> str:
                 f"{d} holds a run trained with another config ({'; '.join(diff)}); use another "
                 "--out-dir, or --on-mismatch rerun to move it aside and train again."
             )
+        _refuse_live(d)  # never move a live run aside
         n = 1
         while os.path.exists(f"{d}.stale-{n}"):
             n += 1
@@ -323,6 +332,9 @@ def run_sweep(cfg: SweepConfig, overrides: list[str] | None = None, *, mesh=None
         raise SweepError(f"{out_dir} is a `klq train` run directory ({'; '.join(found)}): a sweep puts one "
                          "run directory per run and its tables in --out-dir; choose another --out-dir.")
     make_dir(out_dir, what="the sweep directory", option="--out-dir", error=RunDirError)
+    if cfg.on_mismatch == "rerun":  # no run moved aside before a live one is refused
+        for s in specs:
+            _refuse_live(s.config.out_dir)
     states = [run_state(s, cfg.on_mismatch) for s in specs]  # refuse before training anything
     rows, curves = [], []
     for i, (spec, state) in enumerate(zip(specs, states), 1):

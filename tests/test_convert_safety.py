@@ -175,6 +175,82 @@ def test_overwrite_swaps_atomically_and_restores_when_the_swap_fails(tmp_path, t
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("klq convert: error: "), err
+    return err[0]
+
+
+def test_overwrite_refuses_a_directory_that_is_no_conversion_output_and_deletes_nothing(tmp_path, tiny_src, capsys):
+    """--overwrite used to delete whatever DST held (a user's documents: thesis.txt, sub/data.csv)."""
+    docs = tmp_path / "mydocs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "thesis.txt").write_text("thesis")
+    (docs / "sub" / "data.csv").write_text("x")
+    before = _snapshot(docs)
+    assert _cli("hf-to-flax", tiny_src, docs) == 2  # without --overwrite: says what --overwrite would replace
+    assert "choose a new output directory (--overwrite replaces only a previous conversion output" \
+        in _one_error_line(capsys)
+    for cmd in ("hf-to-flax", "flax-to-hf"):
+        src = tiny_src if cmd == "hf-to-flax" else tmp_path / "flax"
+        if cmd == "flax-to-hf":
+            assert _cli("hf-to-flax", tiny_src, src) == 0
+            capsys.readouterr()
+        assert _cli(cmd, "--overwrite", src, docs) == 2
+        line = _one_error_line(capsys)
+        assert ("--overwrite replaces only a previous conversion output" in line
+                and "sub (not written by a conversion); thesis.txt (not written by a conversion)" in line
+                and "The conversion will not delete them: choose another DST." in line), line
+        assert _snapshot(docs) == before and sorted(os.listdir(docs)) == ["sub", "thesis.txt"]
+    # One more of the kind: a conversion's file names, a user's content or a user's file among them.
+    hf_dir = tmp_path / "hf"
+    assert _cli("flax-to-hf", tmp_path / "flax", hf_dir) == 0
+    (hf_dir / "README.md").write_text("my model card")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"my": "settings"}')
+    (mine / "tokenizer.json").write_text("{}")
+    for dst, named in ((hf_dir, "README.md (not written by a conversion)"),
+                       (mine, "config.json (not the config of a Hugging Face export)")):
+        before = _snapshot(dst)
+        capsys.readouterr()
+        assert _cli("hf-to-flax", "--overwrite", tiny_src, dst) == 2
+        assert named in _one_error_line(capsys)
+        assert _snapshot(dst) == before
+
+
+def test_overwrite_replaces_a_previous_conversion_output_of_either_direction(tmp_path, tiny_src):
+    flax, hf_dir = tmp_path / "flax", tmp_path / "hf"
+    assert _cli("hf-to-flax", tiny_src, flax) == 0 and _cli("flax-to-hf", flax, hf_dir) == 0
+    # onto its own kind: a klq_jax checkpoint (rewritten in bfloat16), a Hugging Face export (sharded)
+    assert _cli("hf-to-flax", "--overwrite", "--dtype", "bfloat16", tiny_src, flax) == 0
+    assert hf.read_flax_config(flax).dtype == "bfloat16"
+    assert _cli("flax-to-hf", "--overwrite", "--max-shard-size", "20KB", flax, hf_dir) == 0
+    assert (hf_dir / "model.safetensors.index.json").is_file() and not (hf_dir / "model.safetensors").exists()
+    # onto the other kind: the sharded export is replaced by a checkpoint, and back
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, hf_dir) == 0
+    assert (hf_dir / "klq_config.json").is_file() and not list(hf_dir.glob("model*"))
+    assert _cli("flax-to-hf", "--overwrite", hf_dir, flax) == 0
+    assert (flax / "config.json").is_file() and not (flax / "klq_config.json").exists()
+    assert sorted(os.listdir(tmp_path)) == ["flax", "hf"]
+
+
+def test_overwrite_refuses_a_directory_a_live_run_holds(tmp_path, tiny_src, capsys):
+    """--overwrite used to replace a live training run's directory, its lock included."""
+    out = tmp_path / "out"
+    assert _cli("hf-to-flax", tiny_src, out) == 0  # a conversion output: only the lock is in the way
+    with testing.held_by_another_process(out) as pid:
+        before = _snapshot(out)
+        capsys.readouterr()
+        assert _cli("hf-to-flax", "--overwrite", tiny_src, out) == 2
+        line = _one_error_line(capsys)
+        assert f"is in use by another training run (pid {pid}" in line and "choose another DST" in line, line
+        assert _snapshot(out) == before
+    # The holder died: its stale lock no longer refuses a previous conversion's directory.
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, out) == 0
+    assert not (out / ".klq-run.lock").exists()
+
+
 @pytest.mark.parametrize("exchange", ["as-the-filesystem-allows", "without-exchange"])
 def test_overwrite_of_a_dst_symlink_replaces_the_link_and_leaves_no_debris(tmp_path, tiny_src, monkeypatch, exchange):
     """DST a symlink to an unrelated directory: --overwrite puts the new output in the link's place,

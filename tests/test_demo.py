@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -131,22 +128,6 @@ def _demo_cli(*args) -> int:
     return cli.run("demo", ["--no-compile-cache", *map(str, args)])
 
 
-@contextlib.contextmanager
-def _held_by_another_process(path):
-    """``path`` locked by another process (as a live demo or training run holds it) until the block
-    ends; the process then exits without releasing it, leaving a dead holder's stale lock file."""
-    code = ("import sys; from klq_jax.train import run_dir; run_dir.RunLock.acquire(sys.argv[1]); "
-            "print('locked', file=sys.stderr, flush=True); sys.stdin.read()")
-    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        testing.wait_for_stderr_line(proc, "locked")
-        yield proc.pid
-    finally:
-        proc.stdin.close()
-        proc.wait()
-
-
 def _one_error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("klq demo: error: "), err
@@ -158,7 +139,7 @@ def test_a_second_demo_on_a_live_demos_directory_writes_nothing(demo_run, tmp_pa
     """A second demo on the same --out-dir used to rewrite config.json and sft-hf/ before the
     lock of its klq/ run refused it."""
     out = _copy(demo_run[0], tmp_path)  # a previous demo's directory
-    with _held_by_another_process(out) as pid:  # the first demo, still running
+    with testing.held_by_another_process(out) as pid:  # the first demo, still running
         before = testing.snapshot(out)
         with pytest.raises(errors.RunLockedError, match=f"in use by .*pid {pid} on host"):
             demo.run(_tiny(out, seed=1))
@@ -297,14 +278,14 @@ def test_overwrite_replaces_the_demos_entries_keeps_the_rest_and_writes_nothing_
 def test_a_demo_rerun_replaces_its_runs_but_never_a_live_one(demo_run, tmp_path):
     """The demo used to rmtree <out>/klq before training it, whoever was writing there."""
     out = _copy(demo_run[0], tmp_path)  # a previous (--quick) demo's directory, rerun with tiny settings
-    with _held_by_another_process(out / "klq") as pid:  # another process trains there
+    with testing.held_by_another_process(out / "klq") as pid:  # another process trains there
         before = testing.snapshot(out)
         with pytest.raises(errors.RunLockedError, match=f"klq is in use by another training run \\(pid {pid}"):
             demo.run(_tiny(out, seed=1))
         assert testing.snapshot(out) == before  # refused before anything was written
     # Both that run and an earlier demo died holding their locks: their stale locks are taken over.
     # The rerun replaces the previous demo's files and runs, without any flag.
-    with _held_by_another_process(out):
+    with testing.held_by_another_process(out):
         pass
     assert json.loads((out / run_dir.LOCK_NAME).read_text())["pid"] != os.getpid()
     assert json.loads((out / "klq" / "config.json").read_text())["seed"] == 0

@@ -3,6 +3,7 @@ runs skipped, and run safety (distinct values never share a directory, a rerun w
 overrides is refused or moved aside, sweep-owned fields refused among the overrides)."""
 import json
 import os
+import socket
 
 import jax
 import numpy as np
@@ -11,6 +12,8 @@ import pytest
 from experiments import cli, sweep
 from experiments.sweep import SweepConfig, SweepError
 from klq_jax import sharding
+from klq_jax.errors import RunLockedError
+from tests.helpers import testing
 
 FAST = ["--no-progress", "--no-tensorboard", "--log-samples-every", "0", "--eval-prompts", "4"]
 
@@ -115,6 +118,37 @@ def test_run_safety(tmp_path, mesh, capsys):
     assert json.load(open(tmp_path / "klq-tau0.1" / "config.json"))["algo"]["lam"] == 0.9
     assert json.load(open(tmp_path / "klq-tau0.1.stale-1" / "config.json"))["algo"]["lam"] == 0.95
     assert os.path.getmtime(tmp_path / "klq-tau0.1.stale-1" / "metrics.jsonl") == stamp
+
+
+def test_rerun_never_moves_a_live_run_aside(tmp_path, capsys):
+    """--on-mismatch rerun used to rename a run directory while its run was still training (which
+    then died in orbax tracebacks). Two runs of another config; the second one live: refused in one
+    line naming it, and neither is moved (nothing is trained)."""
+    cfg = SweepConfig(preset="tiny-klq", taus=(0.05, 0.1), algos=("klq",), out_dir=str(tmp_path),
+                      on_mismatch="rerun")
+    specs = sweep.plan_runs(cfg, ["--total-episodes", "32"])
+    for s in specs:  # what a sweep with --algo.lam 0.9 recorded
+        os.makedirs(s.config.out_dir)
+        old = dict(sweep._config_json(s.config), algo=dict(sweep._config_json(s.config)["algo"], lam=0.9))
+        with open(os.path.join(s.config.out_dir, sweep.RECORD), "w") as f:
+            json.dump({"name": s.name, "config": old}, f)
+    live = specs[1].config.out_dir
+    with testing.held_by_another_process(live) as pid:
+        before = testing.snapshot(tmp_path)
+        assert cli.run("sweep", ["tiny-klq", "--taus", "0.05", "0.1", "--algos", "klq", "--out-dir", str(tmp_path),
+                                 "--on-mismatch", "rerun", "--", "--total-episodes", "32"]) == 2
+        (line,) = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+        assert line.startswith(f"klq sweep: error: {live} is in use by another training run (pid {pid} on host "
+                               f"{socket.gethostname()}, started ") and line.count("\n") == 0, line
+        assert "): wait for it to finish, or choose another --out-dir for the sweep." in line, line
+        assert testing.snapshot(tmp_path) == before
+        assert sorted(os.listdir(tmp_path)) == ["klq-tau0.05", "klq-tau0.1"]
+        with pytest.raises(RunLockedError, match=f"pid {pid}"):  # run_state alone: the same check
+            sweep.run_state(specs[1], "rerun")
+        assert sorted(os.listdir(tmp_path)) == ["klq-tau0.05", "klq-tau0.1"]
+    # Its holder gone (a stale lock), the run is moved aside as before.
+    assert sweep.run_state(specs[1], "rerun") == "new"
+    assert sorted(os.listdir(tmp_path)) == ["klq-tau0.05", "klq-tau0.1.stale-1"]
 
 
 def test_a_sweep_run_that_fails_before_training_leaves_nothing_to_block_a_rerun(tmp_path, mesh):

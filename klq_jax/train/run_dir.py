@@ -461,9 +461,10 @@ def holds_no_result(path: str, also_ours: tuple[str, ...] = ()) -> bool:
     return not _has_checkpoint(path)
 
 
-def refuse_live_holder(out_dir: str) -> None:
+def refuse_live_holder(out_dir: str, instead: str = "choose another --out-dir") -> None:
     """Raise :class:`RunLockedError` if a live process on this host holds ``out_dir``'s lock (a
-    check without taking the lock, to fail fast; :class:`RunLock` is the real one)."""
+    check without taking the lock, to fail fast; :class:`RunLock` is the real one). ``instead``:
+    the message's other way out."""
     lock = os.path.join(out_dir, LOCK_NAME)
     info = _read_lock_info(lock) if os.path.exists(lock) else {}
     if info and info.get("host") == socket.gethostname() and info.get("pid") != os.getpid():
@@ -479,7 +480,7 @@ def refuse_live_holder(out_dir: str) -> None:
                 except BlockingIOError:
                     raise RunLockedError(
                         f"{out_dir} is in use by another training run ({_describe_holder(info)}): "
-                        "wait for it to finish, or choose another --out-dir."
+                        f"wait for it to finish, or {instead}."
                     ) from None
                 finally:
                     os.close(fd)

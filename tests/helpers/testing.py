@@ -13,6 +13,7 @@ Stable names (other tests import them):
 * :data:`TINY_HF_CONFIG` — the default tiny HF config values.
 * :func:`snapshot` — every file under a directory with its bytes (to assert nothing changed).
 * :func:`read_only` — make a directory refuse new entries, as a read-only mount does.
+* :func:`held_by_another_process` — a directory's run lock held by another live process.
 
 Example::
 
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -262,6 +265,24 @@ def wait_for_stderr_line(proc, wanted: str) -> None:
     proc.wait()
     raise AssertionError(f"the process exited (rc {proc.returncode}) before printing {wanted!r}:\n"
                          + "".join(seen[-20:]))
+
+
+@contextlib.contextmanager
+def held_by_another_process(path):
+    """``path``'s run lock held by another process (as a live demo or training run holds it) until
+    the block ends, yielding its pid; the process then exits without releasing it, leaving a dead
+    holder's stale lock file."""
+    code = ("import sys; from klq_jax.train import run_dir; run_dir.RunLock.acquire(sys.argv[1]); "
+            "print('locked', file=sys.stderr, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_stderr_line(proc, "locked")
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait()
+        proc.stderr.close()
 
 
 def tiny_klq_state_target(sharding=None):

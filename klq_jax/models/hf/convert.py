@@ -24,8 +24,10 @@ from klq_jax.models.hf.files import (
     ConversionError,
     TensorSpec,
     WeightReader,
+    SAVE_HF_FILES,
     check_shard_size,
     copy_tokenizer,
+    output_files,
     read_json,
     write_weights,
 )
@@ -37,6 +39,8 @@ FLAX_HF_CONFIG_FILE = "hf_config.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 _FLAX_VERSION = 1
 _MISSING = object()
+# The names of the files save_flax writes in its directory (SAVE_HF_FILES: save_hf's).
+FLAX_FILES = output_files((FLAX_CONFIG_FILE, FLAX_HF_CONFIG_FILE), (FLAX_PARAMS_STEM,))
 
 
 def _check_dtype(name: str, value: str) -> str:
@@ -538,6 +542,58 @@ def load_hf(
 
 
 # ------------------------------------------------------------------------------------------------
+# What overwrite may replace
+# ------------------------------------------------------------------------------------------------
+
+
+def _conversion_config(path: str, flax: bool) -> str | None:
+    """None if ``path`` is the config a conversion writes (ours: a ``klq_jax.*`` format; a Hugging
+    Face export's: a transformers config with its ``model_type``), else why not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        doc = None
+    if flax:
+        ok = isinstance(doc, dict) and str(doc.get("format", "")).startswith("klq_jax.")
+    else:
+        ok = isinstance(doc, dict) and isinstance(doc.get("model_type"), str)
+    return None if ok else f"not the config of a {'klq_jax checkpoint' if flax else 'Hugging Face export'}"
+
+
+def refuse_unless_conversion_output(path: str | os.PathLike) -> None:
+    """Raise unless the directory ``path`` is a previous conversion output, which ``overwrite``
+    (``klq convert --overwrite``) may replace: a klq_jax checkpoint (only :func:`save_flax`'s files,
+    its ``klq_config.json`` one of ours) or a Hugging Face export (only :func:`save_hf`'s files, its
+    ``config.json`` a transformers config), whose run lock no live process holds.
+
+    Raises:
+      RunLockedError: a live process (a training run) holds the directory's lock.
+      ForeignFilesError: it holds anything else; the first entries are named, nothing is deleted.
+    """
+    from klq_jax.errors import ForeignFilesError
+    from klq_jax.train import run_dir
+
+    path = str(path)
+    run_dir.refuse_live_holder(path, instead="choose another DST")
+    flax = os.path.lexists(os.path.join(path, FLAX_CONFIG_FILE))
+    config = FLAX_CONFIG_FILE if flax else "config.json"
+    if os.path.lexists(os.path.join(path, config)):  # a conversion's directory: its files only
+        names = re.compile(FLAX_FILES if flax else SAVE_HF_FILES)
+        foreign = run_dir.foreign_entries(path, {config: lambda p: _conversion_config(p, flax)}, only_these=True,
+                                          writer="a conversion", ignore=lambda n: n != config and names.search(n))
+    else:  # without its config nothing there is recognisably a conversion's
+        foreign = run_dir.foreign_entries(path, {}, only_these=True, writer="a conversion")
+    if foreign:
+        raise ForeignFilesError(
+            f"--overwrite replaces only a previous conversion output (a klq_jax checkpoint or a Hugging "
+            f"Face export), and {path} holds files a conversion did not write: {'; '.join(foreign[:5])}"
+            + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            + ". The conversion will not delete them: choose another DST."
+        )
+
+
+# ------------------------------------------------------------------------------------------------
 # Flax -> HF
 # ------------------------------------------------------------------------------------------------
 
@@ -569,7 +625,8 @@ def save_hf(
       max_shard_size: largest shard, bytes or a string like ``"5GB"``.
       dtype: storage dtype of the HF tensors (default ``config.param_dtype``).
       hf_config: an original HF config whose token ids (``bos/eos/pad_token_id``) are kept.
-      overwrite: replace an existing non-empty ``path`` (it stays whole until the new one is complete).
+      overwrite: replace an existing non-empty ``path`` if it is a previous conversion output
+        (:func:`refuse_unless_conversion_output`); it stays whole until the new one is complete.
 
     Example::
 
@@ -588,7 +645,7 @@ def save_hf(
         name: TensorSpec(_hf_shape(tf, flat[p].shape), sd, lambda v=values[p], tf=tf: tf.to_hf(np.asarray(v)))
         for p, (name, tf) in _plan(arch, config, flat, bare=head.bare).items()
     }
-    with AtomicDir(path, overwrite) as tmp:
+    with AtomicDir(path, overwrite, refuse_unless_conversion_output) as tmp:
         write_weights(tmp, tensors, stem="model", max_shard_size=max_shard_size, metadata={"format": "pt"})
         if ("value_kernel",) in flat:
             k, b = values[("value_kernel",)], values[("value_bias",)]
@@ -630,7 +687,8 @@ def save_flax(
       hf_config: the original HF ``config.json`` dict, kept as ``hf_config.json``.
       tokenizer_dir: copy tokenizer files found there (none is fine; refused if larger than the
         embedding).
-      overwrite: replace an existing non-empty ``path``.
+      overwrite: replace an existing non-empty ``path`` if it is a previous conversion output
+        (:func:`refuse_unless_conversion_output`).
       max_shard_size: split ``params`` into ``params-0000i-of-0000n.safetensors`` above this size.
     """
     arch = arch_of_config(config)
@@ -641,7 +699,7 @@ def save_flax(
         _join(p): TensorSpec(tuple(var.shape), pd, lambda v=values[p]: np.asarray(v)) for p, var in flat.items()
     }
     fmt = f"klq_jax.{arch.name}"
-    with AtomicDir(path, overwrite) as tmp:
+    with AtomicDir(path, overwrite, refuse_unless_conversion_output) as tmp:
         write_weights(tmp, tensors, stem=FLAX_PARAMS_STEM, max_shard_size=max_shard_size,
                       metadata={"format": fmt, "version": str(_FLAX_VERSION)})
         doc = {"format": fmt, "version": _FLAX_VERSION, "config": dataclasses.asdict(config)}

@@ -53,7 +53,6 @@ TOKENIZER_FILES = (
 )
 
 
-
 def tokenizer_files_in(directory: str | os.PathLike) -> list[str]:
     """The tokenizer files (:data:`TOKENIZER_FILES` less ``generation_config.json``, which every model
     directory has) present in ``directory``: empty for a model saved without its tokenizer, from
@@ -61,11 +60,19 @@ def tokenizer_files_in(directory: str | os.PathLike) -> list[str]:
     return [n for n in TOKENIZER_FILES if n != "generation_config.json" and os.path.isfile(os.path.join(directory, n))]
 
 
+def output_files(configs: tuple[str, ...], stems: tuple[str, ...]) -> str:
+    """A regular expression matching the names of the files a conversion writes in its output
+    directory: the ``configs``, the weights of each of ``stems`` (single file, or shards + index)
+    and the tokenizer files it copies. A directory holding another name holds a file someone else
+    put there."""
+    st = "(" + "|".join(re.escape(n) for n in stems) + ")"
+    return ("^(" + "|".join(re.escape(n) for n in configs) + rf"|{st}(-\d+-of-\d+)?\.safetensors"
+            rf"|{st}\.safetensors\.index\.json|" + "|".join(re.escape(n) for n in TOKENIZER_FILES) + ")$")
+
+
 # The names of the files :func:`klq_jax.models.hf.save_hf` writes in its directory: config.json, the
-# weights (model/value_head, single or shards + index) and the tokenizer files it copies. A
-# directory holding another name holds a file someone else put there.
-SAVE_HF_FILES = (r"^(config\.json|(model|value_head)(-\d+-of-\d+)?\.safetensors|(model|value_head)\.safetensors"
-                 r"\.index\.json|" + "|".join(re.escape(n) for n in TOKENIZER_FILES) + ")$")
+# weights (model/value_head) and the tokenizer files it copies.
+SAVE_HF_FILES = output_files(("config.json",), ("model", "value_head"))
 
 
 class ConversionError(ValueError):
@@ -533,14 +540,17 @@ class AtomicDir:
     """Write into a temporary sibling directory; swap it into ``path`` when complete, delete on error.
 
     ``path`` is whole at every instant: before the swap it is the old directory (or absent), after
-    it the new one. With ``overwrite=False`` a non-empty ``path`` is refused. A ``path`` that is a
-    symlink to a directory is replaced as a link: the new directory takes its place, the directory
-    it pointed to is not touched.
+    it the new one. With ``overwrite=False`` a non-empty ``path`` is refused; with ``overwrite=True``
+    a non-empty directory ``path`` is replaced only if ``replaceable(path)`` (which raises to refuse)
+    lets it. A ``path`` that is a symlink to a directory is replaced as a link: the new directory
+    takes its place, the directory it pointed to is not touched (nor checked).
     """
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool):
+    def __init__(self, path: str | os.PathLike, overwrite: bool,
+                 replaceable: Callable[[Path], None] | None = None):
         self.path = Path(path)
         self.overwrite = overwrite
+        self.replaceable = replaceable
 
     def __enter__(self) -> Path:
         if self.path.name in ("", ".."):  # "." or "..": a directory that cannot be renamed or replaced
@@ -550,11 +560,15 @@ class AtomicDir:
         if os.path.lexists(self.path) and not self.path.is_dir():
             what = "a broken symlink" if not os.path.exists(self.path) else "not a directory"
             raise ConversionError(f"{self.path} exists and is {what}; choose another output path.")
-        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
-            raise ConversionError(
-                f"{self.path} exists and is not empty; choose a new output directory or pass "
-                "overwrite=True (--overwrite)."
-            )
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not self.overwrite:
+                raise ConversionError(
+                    f"{self.path} exists and is not empty; choose a new output directory (--overwrite "
+                    "replaces only a previous conversion output: a klq_jax checkpoint or a Hugging Face "
+                    "export)."
+                )
+            if self.replaceable is not None and not self.path.is_symlink():
+                self.replaceable(self.path)
         self.tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
         try:  # a read-only or full location: name the path asked for, not our temp sibling
             self.path.parent.mkdir(parents=True, exist_ok=True)
