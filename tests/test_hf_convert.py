@@ -20,6 +20,7 @@ from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from convert import cli as convert_cli  # noqa: E402
 from tests.helpers import testing  # noqa: E402
+from klq_jax import errors  # noqa: E402
 from klq_jax.models import gpt_neox, hf  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -376,8 +377,13 @@ def test_writers_refuse_bad_input_and_leave_nothing(lm, tmp_path):
     (tmp_path / "full" / "keep.txt").write_text("x")
     with pytest.raises(hf.ConversionError, match="not empty"):
         hf.save_hf(tmp_path / "full", config, params)
-    hf.save_hf(tmp_path / "full", config, params, overwrite=True)
-    assert not (tmp_path / "full" / "keep.txt").exists() and (tmp_path / "full" / "config.json").is_file()
+    with pytest.raises(errors.ForeignFilesError, match=r"keep.txt \(not written by a conversion\)"):
+        hf.save_hf(tmp_path / "full", config, params, overwrite=True)  # only a conversion output is replaced
+    assert os.listdir(tmp_path / "full") == ["keep.txt"]
+    (tmp_path / "full" / "keep.txt").unlink()
+    hf.save_hf(tmp_path / "full", config, params)
+    hf.save_hf(tmp_path / "full", config.replace(param_dtype="bfloat16"), params, overwrite=True)
+    assert "bfloat16" in (tmp_path / "full" / "config.json").read_text()
     with pytest.raises(hf.ConversionError, match="both an LM head and a score head"):
         hf.config_to_hf(config.replace(score_head=True))
     with pytest.raises(hf.ConversionError, match="max_shard_size='lots'"):
