@@ -377,5 +377,7 @@ def klq_convert() -> int:
     return main(["convert", *sys.argv[1:]])
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m experiments.cli: run the importable module, not this __main__
+    from experiments import cli as _cli  # copy (its error classes would not be the ones raised)
+
+    sys.exit(_cli.main())

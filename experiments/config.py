@@ -100,9 +100,14 @@ class TaskConfig:
         """What of this task does not fit the policy's vocabulary of ``vocab_size`` ids (empty:
         nothing): the synthetic reward's target_token must be one of its ids (the stop and pad ids
         are the trainer's check, klq_jax.sampling.check_model_for_sampling)."""
-        if self.kind == "synthetic" and self.reward != "length" and self.target_token >= vocab_size:
+        if self.kind != "synthetic" or self.reward == "length":
+            return []
+        if self.reward == "target_token" and self.target_token >= vocab_size:
             return [f"target_token={self.target_token} must be a token id of the policy, in "
-                    f"[0, vocab_size={vocab_size}) (the {self.reward} reward; set --task.target-token)"]
+                    f"[0, vocab_size={vocab_size}) (the target_token reward; set --task.target-token)"]
+        if self.reward == "low_tokens" and self.target_token > vocab_size:  # ids below it: V means all
+            return [f"target_token={self.target_token} must be at most vocab_size={vocab_size} (the "
+                    "low_tokens reward counts the ids below it; set --task.target-token)"]
         return []
 
 

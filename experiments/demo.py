@@ -323,8 +323,8 @@ def _run(cfg: DemoConfig, out: Path) -> dict:
     def row(e, algo=None):
         per_it = None
         if algo is not None:  # median wall time of one iteration (sample + update), compilation excluded
-            per_it = float(np.median([r["time_iteration"] for r in records
-                                      if r["algo"] == algo and r["iteration"] > 1]))
+            times_it = [r["time_iteration"] for r in records if r["algo"] == algo and r["iteration"] > 1]
+            per_it = float(np.median(times_it)) if times_it else None  # a 1-iteration demo: none
         return {"reward": e["reward"], "kl_to_ref": e["kl_to_ref"], "J": e["J"],
                 "gap_closed": (e["J"] - j_ref) / gap0, "kl_to_opt": e["kl_to_opt"],
                 "train_s": times.get(algo), "iteration_s": per_it}

@@ -317,24 +317,23 @@ def check_out_dir(out_dir: str, *, overwrite: bool = False, cache_dir: str | Non
             "requests it lacks), or choose another --out-dir.")
 
 
-def _write_outputs(out_dir: str, files: dict[str, str], rows: list[dict] | None) -> None:
+def _write_outputs(out_dir: str, files: dict[str, str], rows: list[dict]) -> None:
     """Write each of ``files`` (name: text), and ``judge.png`` from ``rows``, atomically: a temp
     file beside it renamed over it, so a crash leaves the old file or the new one, never half of
     one, and a name that is a symbolic link is replaced, not written through."""
     from klq_jax.train import run_dir
 
+    from experiments import plots
+
     for name, text in files.items():
         run_dir.atomic_write(os.path.join(out_dir, name), text)
-    if rows is not None:
-        from experiments import plots
-
-        tmp = os.path.join(out_dir, f"{run_dir.TMP_PREFIX}{os.getpid()}.judge.png")  # .png: the format
-        try:
-            plots.plot_win_rates(rows, tmp)
-            os.replace(tmp, os.path.join(out_dir, "judge.png"))
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+    tmp = os.path.join(out_dir, f"{run_dir.TMP_PREFIX}{os.getpid()}.judge.png")  # .png: the format
+    try:
+        plots.plot_win_rates(rows, tmp)
+        os.replace(tmp, os.path.join(out_dir, "judge.png"))
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
@@ -374,11 +373,10 @@ def run(cmd: JudgeCommand, *, judge=None, on_result=None) -> list[dict]:
         rows.append({"label": label, "a": a, "b": b, "mode": cmd.mode, **summary})
     judgements = "".join(json.dumps(r) + "\n" for r in all_records)
     failed = [r for r in all_records if r["status"] == "failed"]
-    if failed and len(failed) == len(all_records):
-        _write_outputs(cmd.out_dir, {"judgements.jsonl": judgements}, None)
+    if failed and len(failed) == len(all_records):  # nothing written: earlier outputs stay whole
         raise J.JudgeError(f"Every judgement failed ({len(failed)} requests), the first with: {failed[0]['error']}; "
-                           "check the judge's --judge.base-url, the network and the API key, then rerun with "
-                           "--overwrite.")
+                           f"nothing was written to {cmd.out_dir}: check the judge's --judge.base-url, the network "
+                           "and the API key, then run the same command again.")
     if failed:
         print(f"warning: {len(failed)} of {len(all_records)} judgements failed (they count as 'failed'; a rerun "
               f"with --overwrite asks again only those), the first with: {failed[0]['error']}", file=sys.stderr)

@@ -203,7 +203,8 @@ class Checkpointer:
         """Restore checkpoint ``step`` (default: latest) into the structure/shardings of ``target``.
 
         ``target`` may hold concrete arrays or ``jax.ShapeDtypeStruct``\\ s with shardings. The
-        restored arrays are checked against the checksums in the meta (when it has them).
+        restored arrays are checked against the checksums in the meta (when it has them), in the
+        dtypes they were saved in, and then cast to ``target``'s where those differ.
 
         Raises:
           NoCheckpointError: there is no checkpoint.
@@ -216,7 +217,7 @@ class Checkpointer:
                 f"Checkpoint {step} in {self.directory} is damaged: {problem}. Resume from an older "
                 "checkpoint (--resume skips this one and moves it aside), or restore a backup of it."
             )
-        return state, meta
+        return _cast_like(state, target), meta
 
     def _restore_unverified(self, step: int | None, target: Any) -> tuple[Any, dict, int]:
         self.finish_pending()  # an asynchronous save still being written
@@ -228,6 +229,19 @@ class Checkpointer:
                 "out_dir at the run you want to continue."
             )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        try:  # restore in the saved dtypes: the checksums are of those bits (cast afterwards)
+            saved = _leaf_specs(self.manager.item_metadata(step)["state"])
+        except Exception:  # unreadable metadata: orbax's restore below reports it
+            saved = {}
+        saved = {_strip_value(k): dtype for k, (_, dtype) in saved.items()}
+
+        def as_saved(path, leaf):
+            dtype = saved.get(_strip_value(_path_names(path)))
+            if dtype and dtype != str(leaf.dtype):
+                return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+            return leaf
+
+        abstract = jax.tree_util.tree_map_with_path(as_saved, abstract)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -302,7 +316,7 @@ class Checkpointer:
                     reason = _checksum_problem(state, meta)
                     if reason is None:
                         self._move_aside([s for s, _ in skipped], skipped_dir)
-                        return step, state, meta, skipped
+                        return step, _cast_like(state, target), meta, skipped
                     del state  # free the damaged arrays before the next candidate is read
             logger.warning("Skipping checkpoint %d in %s: %s", step, self.directory, reason)
             skipped.append((step, reason))
@@ -373,11 +387,32 @@ def _checksum_problem(state: Any, meta: dict) -> str | None:
                        saved.get("format"), CHECKSUM_FORMAT)
         return None
     now = array_checksums(state)
-    bad = [name for name, value in saved["leaves"].items() if now.get(name) != value]
-    if not bad:
-        return None
-    return ("array data do not match their checksums: " + ", ".join(bad[:3])
-            + (f" (+{len(bad) - 3} more)" if len(bad) > 3 else ""))
+
+    def listed(names):
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3} more)" if len(names) > 3 else "")
+
+    unlisted = [name for name in now if name not in saved["leaves"]]
+    if unlisted:  # the meta and the arrays disagree on what the state holds
+        return "meta has no checksums for arrays " + listed(unlisted)
+    extra = [name for name in saved["leaves"] if name not in now]
+    if extra:
+        return "meta has checksums for arrays the state does not hold: " + listed(extra)
+    bad = [name for name, value in saved["leaves"].items() if now[name] != value]
+    return "array data do not match their checksums: " + listed(bad) if bad else None
+
+
+def _strip_value(names: tuple[str, ...]) -> tuple[str, ...]:
+    """Path names without nnx.Variable's ``value`` key (orbax stores it, a target may not have it)."""
+    return tuple(p for p in names if p != "value")
+
+
+def _cast_like(state: Any, target: Any) -> Any:
+    """``state`` with each leaf in the dtype of ``target``'s (a restore into another dtype)."""
+    def cast(x, t):
+        dtype = getattr(t, "dtype", None)
+        return x.astype(dtype) if dtype is not None and hasattr(x, "astype") and x.dtype != dtype else x
+
+    return jax.tree_util.tree_map(cast, state, target)
 
 
 def _path_names(path) -> tuple[str, ...]:
@@ -406,7 +441,7 @@ def _leaf_specs(tree: Any) -> dict[tuple[str, ...], tuple[tuple[int, ...], str]]
 def _check_same_arrays(step: int, saved: dict, current: dict) -> None:
     # Orbax stores nnx.Variable values under a trailing 'value' key; compare modulo that.
     def norm(d):
-        return {tuple(p for p in k if p != "value"): v for k, v in d.items()}
+        return {_strip_value(k): v for k, v in d.items()}
 
     saved, current = norm(saved), norm(current)
     problems = []

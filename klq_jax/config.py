@@ -58,7 +58,10 @@ def range_problems(name: str, value: Any, low: float, high: float | None = None,
         return []
     ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
     if ok and not integer:
-        ok = math.isfinite(value)
+        try:
+            ok = math.isfinite(value)
+        except OverflowError:  # an int beyond float range (a JSON 1e400 written out as digits)
+            ok = False
     if ok:
         ok = (value > low if low_open else value >= low) and (
             high is None or (value < high if high_open else value <= high))
@@ -69,7 +72,8 @@ def range_problems(name: str, value: Any, low: float, high: float | None = None,
     else:
         what = (f"{'an integer ' if integer else ''}in {'(' if low_open else '['}{low}, {high}"
                 f"{')' if high_open else ']'}")
-    return [f"{name}={value!r} must be {what}{' or None' if none_ok else ''}" + (f" ({note})" if note else "")]
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:24] + "…"
+    return [f"{name}={shown} must be {what}{' or None' if none_ok else ''}" + (f" ({note})" if note else "")]
 
 
 def sampling_problems(temperature: Any, top_k: Any, top_p: Any) -> list[str]:
@@ -486,5 +490,10 @@ def _from_json(tp: Any, value: Any, where: str, base: Any = None) -> Any:
               isinstance(value, tp) and not isinstance(value, bool))
         if not ok:
             raise ValueError(f"{where} = {value!r} must be {_TYPE_NAMES[tp]}")
-        return float(value) if tp is float else value
+        if tp is float:
+            try:
+                return float(value)
+            except OverflowError:  # an integer written out past float range
+                raise ValueError(f"{where} = {str(value)[:24]}… is too large for a float") from None
+        return value
     return value

@@ -83,7 +83,8 @@ def token_logprobs(logits: Array, tokens: Array, *, temperature: float = 1.0) ->
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"token_logprobs: tokens must be integer ids, got dtype {tokens.dtype}.")
     z = logits.astype(_F32) / temperature
-    ids = jnp.where(tokens < 0, z.shape[-1], tokens).astype(jnp.int32)  # out of range: NaN, not wrapped
+    # out of range (negative, or >= V: also uint32 ids past int32): NaN, not wrapped or clipped
+    ids = jnp.where((tokens < 0) | (tokens >= z.shape[-1]), z.shape[-1], tokens).astype(jnp.int32)
     picked = jnp.take_along_axis(z, ids[..., None], axis=-1, mode="fill", fill_value=jnp.nan)[..., 0]
     return picked - jax.nn.logsumexp(z, axis=-1)
 

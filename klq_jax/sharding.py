@@ -151,7 +151,7 @@ def build_sharded(fn, *args, mesh: Mesh | None):
       >>> mesh = sharding.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
       >>> cfg = gpt_neox.GPTNeoXConfig.tiny()
       >>> gd, p = sharding.build_sharded(gpt_neox.init, cfg, jax.random.key(0), mesh=mesh)
-      >>> p["embed_in"].value.sharding.mesh == mesh
+      >>> p["embed_in"][...].sharding.mesh == mesh
       True
     """
     if mesh is None:

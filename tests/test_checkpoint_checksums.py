@@ -133,3 +133,38 @@ def test_a_checkpoint_without_checksums_restores(tmp_path):
     step, state, meta, skipped = ck.restore_newest(_state(0), required_meta={"prompts": dict})
     ck.close()
     assert (step, skipped) == (1, []) and _bits(state) == _bits(_state(1))
+
+
+def test_restore_into_another_dtype_verifies_the_saved_bits_then_casts(tmp_path):
+    """orbax casts on restore; the checksums are of the saved dtype's bits, so they are checked
+    before the cast (a float32 kernel restored as bfloat16 was reported as damage)."""
+    ck = Checkpointer(str(tmp_path / "ck"))
+    ck.save(1, _state(1), {"iteration": 1})
+    target = jax.tree_util.tree_map(lambda x: x, _state(0))
+    target["params"]["dense"]["kernel"] = target["params"]["dense"]["kernel"].astype(jnp.bfloat16)
+    state, _ = ck.restore(1, target)
+    assert state["params"]["dense"]["kernel"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(state["params"]["dense"]["kernel"]),
+                                  np.asarray(_state(1)["params"]["dense"]["kernel"].astype(jnp.bfloat16)))
+    ck.close()
+    testing.flip_one_bit_in_checkpoint(tmp_path / "ck" / "1", "params.dense.kernel")  # still caught after a cast
+    ck = Checkpointer(str(tmp_path / "ck"))
+    with pytest.raises(errors.CheckpointError, match="do not match their checksums: params/dense/kernel"):
+        ck.restore(1, target)
+    ck.close()
+
+
+def test_meta_checksums_that_miss_or_add_an_array_are_damage(tmp_path):
+    ck = Checkpointer(str(tmp_path / "ck"))
+    ck.save(1, _state(1), {"iteration": 1})
+    ck.close()
+    path = tmp_path / "ck" / "1" / "meta" / "metadata"
+    meta = json.loads(path.read_text())
+    leaves = meta["checksums"]["leaves"]
+    for changed, message in (({k: v for k, v in leaves.items() if k != "step"}, "no checksums for arrays step"),
+                             ({**leaves, "params/dense/extra": 1}, "state does not hold: params/dense/extra")):
+        path.write_text(json.dumps({**meta, "checksums": {**meta["checksums"], "leaves": changed}}))
+        ck = Checkpointer(str(tmp_path / "ck"))
+        with pytest.raises(errors.CheckpointError, match=message):
+            ck.restore(1, _state(0))
+        ck.close()

@@ -234,17 +234,22 @@ def test_every_bad_field_is_named_in_one_error_and_the_edges_are_accepted():
 def test_a_target_token_outside_the_vocabulary_is_refused_before_the_run_directory(tmp_path):
     from experiments import train as train_cmd
 
-    for reward in ("target_token", "low_tokens"):
+    for reward, bad, message in (
+            ("target_token", 64, "must be a token id of the policy, in [0, vocab_size=64) (the target_token "
+                                 "reward; set --task.target-token)"),
+            ("low_tokens", 65, "must be at most vocab_size=64 (the low_tokens reward counts the ids below it; "
+                               "set --task.target-token)")):
         cfg = presets.get("tiny-klq")
         cfg = dataclasses.replace(cfg, out_dir=str(tmp_path / "run"), progress=False,
-                                  task=dataclasses.replace(cfg.task, reward=reward, target_token=9999))
+                                  task=dataclasses.replace(cfg.task, reward=reward, target_token=bad))
         with pytest.raises(ValueError, match=re.escape(
-                f"Invalid TaskConfig for the policy random:tiny: target_token=9999 must be a token id of "
-                f"the policy, in [0, vocab_size=64) (the {reward} reward; set --task.target-token)")):
+                f"Invalid TaskConfig for the policy random:tiny: target_token={bad} {message}")):
             train_cmd.run(cfg, mesh=sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
         assert not (tmp_path / "run").exists()
-    exp = tasks.build_experiment(dataclasses.replace(cfg.task, target_token=63), batch_size=8, seed=0)
-    assert exp.reward_fn is not None  # the last id is accepted
+    # The largest settings allowed: the last id (target_token), every id counted as low (low_tokens).
+    for reward, good in (("target_token", 63), ("low_tokens", 64)):
+        task = dataclasses.replace(cfg.task, reward=reward, target_token=good)
+        assert tasks.build_experiment(task, batch_size=8, seed=0).reward_fn is not None
 
 
 def test_fewer_prompts_than_a_batch_names_the_command_line_settings(tmp_path):

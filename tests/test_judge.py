@@ -249,8 +249,10 @@ def test_klq_judge_fails_when_every_request_fails_and_warns_when_some_do(tmp_pat
         return judge_cmd.run(judge_cmd.JudgeCommand(a=(a,), b=(b,), out_dir=str(tmp_path / name / "out")), judge=judge)
 
     try:
-        with pytest.raises(J.JudgeError, match=r"^Every judgement failed \(4 requests\), the first with: HTTP 503"):
+        with pytest.raises(J.JudgeError, match=r"^Every judgement failed \(4 requests\), the first with: HTTP 503"
+                                               r".*nothing was written"):
             judge_posts("all", ["DOWN one", "DOWN two"])
+        assert not [n for n in judge_cmd.OUTPUTS if (tmp_path / "all" / "out" / n).exists()]
         capsys.readouterr()
         (row,) = judge_posts("some", ["DOWN one", "up two", "up three"])
     finally:

@@ -28,7 +28,7 @@ TLDR_Q = 80  # TL;DR query budget of the tiny runs (the fixture rows are truncat
 HH_Q = 48  # HH prompt budget (the fixture's 500-token prompt is dropped)
 
 
-def testing_llama3_rope():
+def _llama3_rope():
     from tests.helpers.testing import TINY_LLAMA3_ROPE
 
     return dict(TINY_LLAMA3_ROPE)
@@ -77,7 +77,7 @@ def local_hub(tmp_path_factory):
     llama_tok = fixtures.make_tiny_llama_tokenizer()
     tiny_hf_llama(root / m.policy, vocab_size=len(llama_tok), seed=4, pad_token_id=None,
                   bos_token_id=llama_tok.bos_token_id, eos_token_id=llama_tok.eos_token_id,
-                  tie_word_embeddings=True, rope_parameters=testing_llama3_rope())
+                  tie_word_embeddings=True, rope_parameters=_llama3_rope())
     llama_tok.save_pretrained(root / m.policy)
     bert_tok = fixtures.make_tiny_bert_tokenizer()
     tiny_hf_distilbert(root / m.reward_model, vocab_size=len(bert_tok), max_position_embeddings=64, seed=5)

@@ -56,7 +56,9 @@ def resolve_source(source: str, *, kind: Literal["model", "dataset"] = "model") 
         f"set KLQ_LOCAL_MODELS=/dir and put a copy of the model at /dir/{source} (KLQ_LOCAL_MODELS is "
         "not set)"
     )
-    looks_like_hub_name = source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    if source.startswith((".", "/", "~")):  # a path, never a hub name: it is just not there
+        raise FileNotFoundError(f"{source!r}: no such file or directory; pass an existing directory.")
+    looks_like_hub_name = source.count("/") == 1
     if not looks_like_hub_name:
         raise FileNotFoundError(
             f"Model source {source!r} is not a local path and not a Hugging Face hub name (org/name); "
