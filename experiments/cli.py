@@ -175,6 +175,19 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what to do next (one phrase: :func:`run` prints ``PROG: interrupted; PHRASE``)."""
 
 
+# What to do after Ctrl-C, for the commands whose advice does not depend on what was written
+# (``klq train`` raises :class:`Interrupted` with its own: which checkpoint --resume continues from).
+INTERRUPT_ADVICE = {
+    "sweep": "rerun the same command to continue: finished runs are skipped and the interrupted one "
+             "resumes from its last checkpoint",
+    "demo": "rerun the same command to start the demo again in its --out-dir",
+    "judge": "nothing was written but the request cache: rerun the same command (an HTTP judge asks "
+             "only for the answers it does not hold)",
+    "convert": "DST was not written (a conversion writes a temporary directory and renames it when "
+               "complete): rerun the same command",
+}
+
+
 class UsageError(ValueError):
     """The command line itself is wrong (an unknown option, a value of the wrong type, a missing
     argument): :func:`run` prints it in one line that names the ``--help`` to read."""
@@ -274,7 +287,7 @@ def run(name: str, argv: list[str]) -> int:
     except KeyboardInterrupt as err:
         if debug:
             raise
-        advice = str(err) if isinstance(err, Interrupted) else ""
+        advice = str(err) if isinstance(err, Interrupted) else INTERRUPT_ADVICE.get(name, "")
         print(f"{prog}: interrupted" + (f"; {advice}" if advice else ""), file=sys.stderr)
         return 130
     except Exception as err:

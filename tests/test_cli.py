@@ -134,6 +134,20 @@ def test_an_interrupted_train_says_how_to_continue(monkeypatch, tmp_path, capsys
         assert len(err) == 1 and err[0].startswith(f"klq train: interrupted; {advice}"), err
 
 
+@pytest.mark.parametrize("command", ["sweep", "demo", "judge", "convert"])
+def test_every_interrupted_command_says_what_to_do(monkeypatch, capsys, command):
+    import importlib
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(cli.COMMANDS[command][0]), "main", interrupted)
+    assert cli.run(command, ["--no-compile-cache"]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"klq {command}: interrupted; {cli.INTERRUPT_ADVICE[command]}"]
+    assert "rerun the same command" in err[0]
+
+
 def test_a_compiling_iteration_is_left_out_of_the_eta():
     from tqdm import tqdm
 
