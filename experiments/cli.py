@@ -378,10 +378,25 @@ def _a_klq_process() -> None:
     first import skips torch's (:func:`klq_jax.without_torch.transformers_without_torch`), seconds
     of every run's start or export and of every conversion where torch is installed. And glibc
     keeps freed memory for reuse (:func:`klq_jax.hostmem.retain_freed_memory`, before JAX starts):
-    XLA:CPU's runs no longer fault their buffers in afresh, 3-5 % of a CPU update.
+    XLA:CPU's runs no longer fault their buffers in afresh, 3-5 % of a CPU update. And a failed
+    checkpoint write is one line, not a hundred (:func:`quiet_unraisable`).
     """
     hostmem.retain_freed_memory()
     without_torch.transformers_without_torch()
+    sys.unraisablehook = quiet_unraisable
+
+
+def quiet_unraisable(unraisable) -> None:
+    """``sys.unraisablehook`` of a klq process: drops asyncio's "Event loop is closed", passes the rest on.
+
+    When an asynchronous checkpoint write fails (the directory removed or unwritable mid-save),
+    orbax's worker threads keep scheduling callbacks on the event loop its failed save closed, and
+    each prints that RuntimeError as "Exception ignored in ..." with its traceback (about ninety)
+    before the save's one-line :class:`klq_jax.errors.CheckpointError`, which says what happened."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def klq_convert() -> int:

@@ -148,6 +148,30 @@ def test_every_interrupted_command_says_what_to_do(monkeypatch, capsys, command)
     assert "rerun the same command" in err[0]
 
 
+def test_a_klq_process_drops_only_the_closed_event_loop_noise(monkeypatch, capsys):
+    """A failed asynchronous checkpoint write printed ~90 orbax thread tracebacks of a closed
+    event loop before its one-line error; a klq process drops exactly those."""
+    import gc
+
+    class RaisesWhenCollected:
+        def __init__(self, exc):
+            self.exc = exc
+
+        def __del__(self):
+            raise self.exc
+
+    monkeypatch.setattr(sys, "unraisablehook", cli.quiet_unraisable)
+
+    def report(exc):  # an exception Python cannot raise: it goes to sys.unraisablehook
+        RaisesWhenCollected(exc)
+        gc.collect()
+        return capsys.readouterr().err
+
+    assert report(RuntimeError("Event loop is closed")) == ""
+    assert "ValueError: something else" in report(ValueError("something else"))
+    assert "RuntimeError: Event loop is running" in report(RuntimeError("Event loop is running"))
+
+
 def test_a_compiling_iteration_is_left_out_of_the_eta():
     from tqdm import tqdm
 
