@@ -53,11 +53,15 @@ TOKENIZER_FILES = (
 )
 
 
+# The files that make a tokenizer: TOKENIZER_FILES less generation_config.json, which every model
+# directory has (copied along with the tokenizer, not part of it).
+TOKENIZER_ONLY_FILES = tuple(n for n in TOKENIZER_FILES if n != "generation_config.json")
+
+
 def tokenizer_files_in(directory: str | os.PathLike) -> list[str]:
-    """The tokenizer files (:data:`TOKENIZER_FILES` less ``generation_config.json``, which every model
-    directory has) present in ``directory``: empty for a model saved without its tokenizer, from
-    which ``AutoTokenizer`` would quietly build an empty tokenizer."""
-    return [n for n in TOKENIZER_FILES if n != "generation_config.json" and os.path.isfile(os.path.join(directory, n))]
+    """The :data:`TOKENIZER_ONLY_FILES` present in ``directory``: empty for a model saved without its
+    tokenizer, from which ``AutoTokenizer`` would quietly build an empty tokenizer."""
+    return [n for n in TOKENIZER_ONLY_FILES if os.path.isfile(os.path.join(directory, n))]
 
 
 def output_files(configs: tuple[str, ...], stems: tuple[str, ...]) -> str:
@@ -384,8 +388,7 @@ def copy_tokenizer(src: str | os.PathLike, dst: Path, *, required: bool, vocab_s
     src = Path(src)
     found = [n for n in TOKENIZER_FILES if (src / n).is_file()]
     if required and not tokenizer_files_in(src):
-        tokenizer_files = [n for n in TOKENIZER_FILES if n != "generation_config.json"]  # copied along, not a tokenizer
-        where = f"{src} (no such directory)" if not src.is_dir() else f"{src} (looked for {tokenizer_files})"
+        where = f"{src} (no such directory)" if not src.is_dir() else f"{src} (looked for {list(TOKENIZER_ONLY_FILES)})"
         raise ConversionError(
             f"No tokenizer files in {where}; pass the directory that holds tokenizer.json / "
             "tokenizer_config.json."
