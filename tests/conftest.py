@@ -4,7 +4,7 @@ import tempfile
 
 # LLVM optimisation level 0 for the compiled programs: the tests' tiny programs compile about a third
 # faster (compiling is most of the suite's CPU time) and still run in little time; XLA's HLO passes
-# (fusion, SPMD partitioning) are unchanged. A test that sets its own XLA_FLAGS keeps the default level.
+# (fusion, SPMD partitioning) are unchanged. Subprocesses get the same from tests.helpers.testing.cpu_env.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -21,7 +21,7 @@ from tests.helpers import testing
 
 
 def _klq(*args, cwd, devices=1):
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, **testing.cpu_env(devices))
     return subprocess.run([sys.executable, "-m", "experiments", *args], capture_output=True,
                           text=True, cwd=cwd, env=env)
 
@@ -124,7 +124,7 @@ def test_the_tiny_presets_split_over_1_2_4_and_8_devices(name):
 
 
 def test_tiny_klq_starts_on_8_devices_and_a_misfit_names_what_to_set(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, **testing.cpu_env(8),
                KLQ_PHASE_MARKERS="1")
     cmd = [sys.executable, "-m", "experiments", "train", "tiny-klq", "--out-dir", "run", "--no-progress"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,

@@ -35,7 +35,7 @@ def _launch(n_proc: int, devices: int, out_dir, *extra, pause_after: int | None 
     procs = []
     for i in range(n_proc):
         env = dict(os.environ)
-        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+        env.update(**testing.cpu_env(devices),
                    PYTHONPATH=os.pathsep.join([ROOT, env.get("PYTHONPATH", "")]),
                    # the killed and resumed runs load the programs the first 2-process run compiled
                    **testing.compile_cache_env(os.path.join(os.path.dirname(out_dir), "jax-cache")))

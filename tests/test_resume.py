@@ -42,7 +42,7 @@ def _cmd(out_dir, *extra):
 
 def _env(cache_dir, **extra):
     env = dict(os.environ)
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    env.update(**testing.cpu_env(1),
                **testing.compile_cache_env(cache_dir))
     env.pop("KLQ_PHASE_HOLD", None)
     env.update(extra)

@@ -67,7 +67,7 @@ _snapshot = testing.snapshot
 
 
 def _trainer(out_dir, hold):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, **testing.cpu_env(1),
                KLQ_PHASE_MARKERS="1", KLQ_PHASE_HOLD=hold)
     cmd = [sys.executable, "-m", "experiments", "train", "tiny-klq", "--out-dir", str(out_dir),
            "--total-episodes", "32", "--no-progress"]
