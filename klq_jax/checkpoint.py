@@ -131,8 +131,9 @@ class Checkpointer:
 
         Raises:
           NonFiniteError: if any floating leaf of ``state`` holds NaN/inf (nothing is written).
-          CheckpointError: the checkpoint could not be written (disk full, permissions), or a
-            checkpoint ``>= step`` already exists (orbax would silently skip it).
+          CheckpointError: the checkpoint could not be written (disk full, permissions), a
+            checkpoint ``>= step`` already exists (orbax would silently skip it), or a leaf has
+            no elements (orbax cannot save it; nothing is written).
         """
         self.finish_pending()  # the previous asynchronous save: its failure is reported first
         bad, checksums = _nonfinite_and_checksums(state)
@@ -141,6 +142,12 @@ class Checkpointer:
             raise NonFiniteError(
                 f"Refusing to write checkpoint {step}: non-finite values in {bad[:5]}"
                 + (" …" if len(bad) > 5 else "")
+            )
+        empty = ["/".join(k) for k, (shape, _) in _leaf_specs(state).items() if 0 in shape]
+        if empty:  # orbax refuses them; its error would read as a disk or permission fault
+            raise CheckpointError(
+                f"Refusing to write checkpoint {step}: orbax cannot save arrays with no elements "
+                f"({', '.join(empty[:5])}{' …' if len(empty) > 5 else ''}); leave them out of the state."
             )
         latest = self.latest_step()
         if latest is not None and step <= latest:
@@ -219,7 +226,9 @@ class Checkpointer:
             )
         return _cast_like(state, target), meta
 
-    def _restore_unverified(self, step: int | None, target: Any) -> tuple[Any, dict, int]:
+    def _restore_unverified(self, step: int | None, target: Any, saved: dict | None = None) -> tuple[Any, dict, int]:
+        """Restore without checking checksums; ``saved`` is the checkpoint's :func:`_leaf_specs`
+        when the caller has already read its state metadata (else it is read here)."""
         self.finish_pending()  # an asynchronous save still being written
         if step is None:
             step = self.latest_step()
@@ -229,10 +238,11 @@ class Checkpointer:
                 "out_dir at the run you want to continue."
             )
         abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-        try:  # restore in the saved dtypes: the checksums are of those bits (cast afterwards)
-            saved = _leaf_specs(self.manager.item_metadata(step)["state"])
-        except Exception:  # unreadable metadata: orbax's restore below reports it
-            saved = {}
+        if saved is None:
+            try:  # restore in the saved dtypes: the checksums are of those bits (cast afterwards)
+                saved = _leaf_specs(self.manager.item_metadata(step)["state"])
+            except Exception:  # unreadable metadata: orbax's restore below reports it
+                saved = {}
         saved = {_strip_value(k): dtype for k, (_, dtype) in saved.items()}
 
         def as_saved(path, leaf):
@@ -309,7 +319,7 @@ class Checkpointer:
                     _check_same_arrays(step, saved, _leaf_specs(target))
             if reason is None:
                 try:
-                    state, meta, _ = self._restore_unverified(step, target)
+                    state, meta, _ = self._restore_unverified(step, target, saved)
                 except Exception as err:
                     reason = f"state does not restore ({_one_line(err, 160)})"
                 else:

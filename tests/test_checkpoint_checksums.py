@@ -168,3 +168,15 @@ def test_meta_checksums_that_miss_or_add_an_array_are_damage(tmp_path):
         with pytest.raises(errors.CheckpointError, match=message):
             ck.restore(1, _state(0))
         ck.close()
+
+
+def test_a_state_with_an_empty_array_is_refused_in_one_line_and_nothing_is_written(tmp_path):
+    """orbax cannot save a zero-size array; its error used to come back as 'free disk space'."""
+    ck = Checkpointer(str(tmp_path / "ck"))
+    state = {**_state(1), "empty": jnp.zeros((0, 4))}
+    with pytest.raises(errors.CheckpointError, match=r"arrays with no elements \(empty\); leave them out") as info:
+        ck.save(1, state, {"iteration": 1})
+    assert "\n" not in str(info.value) and "disk" not in str(info.value)
+    ck.save(1, _state(1), {"iteration": 1})  # the directory is untouched: step 1 is still free
+    assert ck.all_steps() == [1]
+    ck.close()
