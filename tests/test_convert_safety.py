@@ -249,6 +249,15 @@ def test_overwrite_refuses_a_directory_a_live_run_holds(tmp_path, tiny_src, caps
     # The holder died: its stale lock no longer refuses a previous conversion's directory.
     assert _cli("hf-to-flax", "--overwrite", tiny_src, out) == 0
     assert not (out / ".klq-run.lock").exists()
+    # A lock written on another host (a shared filesystem) cannot be checked from here: refused,
+    # as the trainer refuses it, saying how to clear it.
+    (out / ".klq-run.lock").write_text(json.dumps({"pid": 1, "host": "elsewhere-7", "started": 0}))
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, out) == 2
+    line = _one_error_line(capsys)
+    assert "host elsewhere-7" in line and "cannot check" in line and "delete " in line, line
+    assert _snapshot(out) == before
 
 
 @pytest.mark.parametrize("exchange", ["as-the-filesystem-allows", "without-exchange"])

@@ -230,10 +230,7 @@ class RunLock:
             host = socket.gethostname()
             if info and info.get("host") not in (None, host):
                 os.close(fd)
-                raise RunLockedError(
-                    f"{out_dir} was locked by {_describe_holder(info)}, which this host ({host}) "
-                    f"cannot check. If no run is using it, delete {path} and start again."
-                )
+                raise _other_host_lock(out_dir, path, info, "start again")
             if info and info.get("pid") not in (None, os.getpid()):
                 state = "dead" if not pid_alive(int(info["pid"])) else "no longer holding it"
                 logger.warning(
@@ -461,12 +458,23 @@ def holds_no_result(path: str, also_ours: tuple[str, ...] = ()) -> bool:
     return not _has_checkpoint(path)
 
 
+def _other_host_lock(out_dir: str, lock: str, info: dict, then: str) -> RunLockedError:
+    """The refusal of a lock written on another host: its process cannot be checked from here."""
+    return RunLockedError(
+        f"{out_dir} was locked by {_describe_holder(info)}, which this host ({socket.gethostname()}) "
+        f"cannot check. If no run is using it, delete {lock} and {then}."
+    )
+
+
 def refuse_live_holder(out_dir: str, instead: str = "choose another --out-dir") -> None:
-    """Raise :class:`RunLockedError` if a live process on this host holds ``out_dir``'s lock (a
-    check without taking the lock, to fail fast; :class:`RunLock` is the real one). ``instead``:
-    the message's other way out."""
+    """Raise :class:`RunLockedError` if a live process on this host holds ``out_dir``'s lock, or
+    a process on another host wrote it (it cannot be checked from here: :class:`RunLock` refuses
+    it too). A check without taking the lock, to fail fast; :class:`RunLock` is the real one.
+    ``instead``: the message's other way out."""
     lock = os.path.join(out_dir, LOCK_NAME)
     info = _read_lock_info(lock) if os.path.exists(lock) else {}
+    if info and info.get("host") not in (None, socket.gethostname()):
+        raise _other_host_lock(out_dir, lock, info, f"try again, or {instead}")
     if info and info.get("host") == socket.gethostname() and info.get("pid") != os.getpid():
         if pid_alive(int(info.get("pid", 0) or 0)):
             try:  # the pid may have been reused: only a held flock means a live run
