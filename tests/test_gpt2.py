@@ -114,22 +114,32 @@ def test_hf_pad_token_readout_agrees(hf_rm):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_lm_head_parity(tmp_path):
-    cfg_hf = dict(HF_TINY)
+@pytest.mark.parametrize("tied", [True, False])
+def test_lm_head_parity(tmp_path, tied):
+    # Untied: HF's lm_head.weight is its own tensor (not wte); it must be read, not skipped as "tied".
+    cfg_hf = dict(HF_TINY, tie_word_embeddings=tied)
     cfg_hf.pop("num_labels")
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**cfg_hf))
     _randomise(model, 3)
     model.eval()
-    model.save_pretrained(tmp_path)
-    cfg, graphdef, params = hf.load_hf(tmp_path, strict=True)
-    assert cfg.lm_head and not cfg.score_head
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.equal(sd["lm_head.weight"], sd["transformer.wte.weight"]) == tied
+    model.save_pretrained(tmp_path / "hf")
+    cfg, graphdef, params = hf.load_hf(tmp_path / "hf", strict=True)
+    assert cfg.lm_head and not cfg.score_head and cfg.tie_word_embeddings == tied
     tokens = np.random.default_rng(0).integers(0, 97, (2, 9))
     mask = np.ones_like(tokens)
     ours = np.asarray(gpt2.apply(graphdef, params, tokens, mask).logits)
     with torch.no_grad():
         ref = model(input_ids=torch.as_tensor(tokens)).logits.numpy()
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    # ... and back: transformers loads our export with the same tensors.
+    hf.save_hf(tmp_path / "back", cfg, params)
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "back")
+    assert back.config.tie_word_embeddings == tied
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k]), k
 
 
 def test_bfloat16_compute_is_close(hf_rm):

@@ -77,7 +77,10 @@ class GPT2Config:
       layer_norm_epsilon: LayerNorm epsilon.
       scale_attn_weights: divide attention logits by ``sqrt(head_dim)``.
       scale_attn_by_inverse_layer_idx: also divide layer ``i``'s logits by ``i + 1``.
-      lm_head: unembed with ``wte.T`` (``GPT2LMHeadModel``).
+      lm_head: an LM head (``GPT2LMHeadModel``): logits ``hidden @ wte.T``, or ``hidden @ embed_out``
+        if not ``tie_word_embeddings``.
+      tie_word_embeddings: unembed with ``wte.T`` (GPT-2: True); False: a separate ``embed_out
+        [D, V]`` (HF's untied ``lm_head.weight``). Only read with ``lm_head``.
       score_head: a scalar score head ``Linear(D, 1, bias=False)`` read at the last real token
         (``GPT2ForSequenceClassification`` with ``num_labels=1``).
       dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
@@ -96,6 +99,7 @@ class GPT2Config:
     scale_attn_weights: bool = True
     scale_attn_by_inverse_layer_idx: bool = False
     lm_head: bool = False
+    tie_word_embeddings: bool = True
     score_head: bool = True
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -206,7 +210,7 @@ class GPT2Output(NamedTuple):
 
 
 class GPT2(nnx.Module):
-    """The GPT-2 network with an optional tied LM head and an optional score head."""
+    """The GPT-2 network with an optional LM head (tied or not) and an optional score head."""
 
     def __init__(self, config: GPT2Config, *, rngs: nnx.Rngs):
         c = config
@@ -216,6 +220,10 @@ class GPT2(nnx.Module):
         self.wpe = nnx.Param(_normal(rngs, (c.n_positions, c.n_embd), 0.01, pd), axes=(None, "embed"))
         self.h = nnx.List([Block(c, i, rngs) for i in range(c.n_layer)])
         self.ln_f = LayerNorm(c.n_embd, c.layer_norm_epsilon, pd)
+        if c.lm_head and not c.tie_word_embeddings:
+            self.embed_out = nnx.Param(
+                _normal(rngs, (c.n_embd, c.vocab_size), c.initializer_range, pd), axes=("embed", "vocab")
+            )
         if c.score_head:
             self.score_kernel = nnx.Param(_normal(rngs, (c.n_embd,), c.initializer_range, pd), axes=("embed",))
 
@@ -244,7 +252,8 @@ class GPT2(nnx.Module):
         hidden = self.ln_f(x)
         out_logits = None
         if logits and c.lm_head:
-            out_logits = jnp.dot(hidden, self.wte[...].T.astype(hidden.dtype), preferred_element_type=jnp.float32)
+            unembed = self.wte[...].T if c.tie_word_embeddings else self.embed_out[...]
+            out_logits = jnp.dot(hidden, unembed.astype(hidden.dtype), preferred_element_type=jnp.float32)
         scores = None
         if c.score_head:
             per_token = jnp.dot(hidden.astype(jnp.float32), self.score_kernel[...].astype(jnp.float32))

@@ -525,8 +525,10 @@ def load_hf(
             for p in (("value_kernel",), ("value_bias",)):
                 values[p] = jax.device_put(values[p], variable_sharding(flat[p], mesh))
     ignored = re.compile(arch.ignored)
-    # A tied unembedding may be stored anyway (a copy of the embedding): skip it.
-    tied = set(arch.tied_names) if getattr(config, "tie_word_embeddings", True) else set()
+    # A tied unembedding may be stored anyway (a copy of the embedding): skip it, but only when
+    # both configs say it is tied (an untied one is read above or reported as unused).
+    is_tied = getattr(config, "tie_word_embeddings", False) and _get(hf_obj, "tie_word_embeddings", True)
+    tied = set(arch.tied_names) if is_tied else set()
     unexpected = [n for n in reader.names() if n not in used and not ignored.search(n) and n not in tied]
     if unexpected:
         head = _head_for_config(config, arch).hf_arch
