@@ -3,15 +3,17 @@
 The one home of the masked sums, means, variances, whitening and explained variance that the
 targets (:mod:`klq_jax.returns`), the losses (:mod:`klq_jax.losses`) and the trainer's rollout
 metrics use. Pure functions; every output is float32 whatever the input dtype; a mask with no
-real entry gives 0, never NaN.
+real entry gives 0, never NaN. Padding entries are selected out (``jnp.where`` on the mask)
+before any arithmetic, so a NaN or inf in a padding slot reaches neither a value nor a gradient.
+A mask of another shape than its array is a one-line ValueError naming the function called.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -31,7 +33,7 @@ def _zero_pads(x: Array, mask: Array) -> Array:
 
 def _check_same_shape(arrays: dict, fn: str, *, rank: Optional[int] = None) -> None:
     """Raise a readable error when the named arrays do not share one shape (and rank)."""
-    shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
+    shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
     first = next(iter(shapes.values()))
     if any(s != first for s in shapes.values()):
         desc = ", ".join(f"{k}{list(s)}" for k, s in shapes.items())
@@ -40,12 +42,9 @@ def _check_same_shape(arrays: dict, fn: str, *, rank: Optional[int] = None) -> N
             "Pass per-token arrays of one shape ([B, T] batched, [T] for one trajectory) and a float "
             "mask of the same shape (1 = real response token, 0 = padding)."
         )
-    if rank is not None:
-        chex.assert_rank(
-            list(arrays.values()),
-            rank,
-            custom_message=f"{fn} expects rank-{rank} arrays ({'[T]' if rank == 1 else '[B, T]'}).",
-        )
+    if rank is not None and len(first) != rank:
+        want = "[T] (one trajectory)" if rank == 1 else "[B, T] (batch-major; x[None] for one row)"
+        raise ValueError(f"{fn}: expected {want} arrays, got shape {list(first)}.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,7 +71,7 @@ def masked_sum(x: Array, mask: Array, axis=None) -> Array:
     """
     x = _f32(x)
     m = _f32(mask)
-    chex.assert_equal_shape([x, m], custom_message="masked_sum: x and mask must have one shape.")
+    _check_same_shape({"x": x, "mask": m}, "masked_sum")
     return jnp.sum(jnp.where(m != 0, x * m, 0.0), axis=axis)
 
 
@@ -104,6 +103,7 @@ def masked_mean(x: Array, mask: Array, axis=None) -> Array:
       [2.0, 5.0]
     """
     m = _f32(mask)
+    _check_same_shape({"x": x, "mask": m}, "masked_mean")
     return _safe_div(masked_sum(x, m, axis=axis), jnp.sum(m, axis=axis))
 
 
@@ -127,8 +127,9 @@ def masked_var(x: Array, mask: Array, unbiased: bool = True) -> Array:
       >>> float(masked_var(x, m)), round(float(masked_var(x, m, unbiased=False)), 6)
       (1.0, 0.666667)
     """
-    x = _f32(x)
     m = _f32(mask)
+    _check_same_shape({"x": x, "mask": m}, "masked_var")
+    x = _zero_pads(_f32(x), m)  # before any arithmetic: no NaN/inf from a pad in the gradient
     mean = masked_mean(x, m)
     var = masked_mean(jnp.square(x - mean), m)
     if unbiased:
@@ -166,8 +167,9 @@ def masked_whiten(
       >>> [round(v, 4) for v in w.tolist()]
       [-1.0, 0.0, 1.0, 0.0]
     """
-    x = _f32(x)
     m = _f32(mask)
+    _check_same_shape({"x": x, "mask": m}, "masked_whiten")
+    x = _zero_pads(_f32(x), m)  # before any arithmetic: no NaN/inf from a pad in the gradient
     mean = masked_mean(x, m)
     var = masked_var(x, m, unbiased=unbiased)
     out = (x - mean) * jax.lax.rsqrt(var + eps)
@@ -192,8 +194,9 @@ def explained_variance(y_pred: Array, y_true: Array, mask: Array) -> Array:
       >>> float(explained_variance(y, y, m)), float(explained_variance(jnp.full(3, 2.0), y, m))
       (1.0, 0.0)
     """
-    y_pred = _f32(y_pred)
-    y_true = _f32(y_true)
+    m = _f32(mask)
+    _check_same_shape({"y_pred": y_pred, "y_true": y_true, "mask": m}, "explained_variance")
+    y_pred, y_true = _zero_pads(_f32(y_pred), m), _zero_pads(_f32(y_true), m)  # before arithmetic
     var_y = masked_var(y_true, mask, unbiased=False)
     var_res = masked_var(y_true - y_pred, mask, unbiased=False)
     return jnp.where(var_y > 0, 1.0 - _safe_div(var_res, var_y), 0.0)

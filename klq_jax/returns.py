@@ -24,11 +24,11 @@ Python floats or traced scalars.
 """
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from klq_jax.masked import masked_whiten
+from klq_jax.masked import _check_same_shape, masked_whiten
 
 Array = jax.Array
 
@@ -48,26 +48,41 @@ __all__ = [
 _F32 = jnp.float32
 
 
-def _prep(arrays: dict, fn: str, rank: int) -> tuple[Array, ...]:
+_VALUE_KEYS = ("values", "v_t")
+
+
+def _prep(arrays: dict, fn: str, rank: int, hint: str | None = None) -> tuple[Array, ...]:
     """Cast to float32, check one shape of the given rank, and zero the padding entries.
 
-    The last entry of ``arrays`` must be the mask; the mask is returned as float32.
+    The last entry of ``arrays`` must be the mask; the mask is returned as float32. ``hint``
+    replaces the default advice on another shape (the ``[T]`` / ``[B, T]`` form to use instead).
     """
-    shapes = {k: tuple(jnp.shape(v)) for k, v in arrays.items()}
+    for k, v in arrays.items():
+        if v is None:
+            why = (
+                " (a rollout has values=None when the policy has no value head: build it with "
+                "value_head=True, e.g. GPTNeoXConfig(..., value_head=True), or wrap it with a critic, "
+                "klq_jax.models.critic.PolicyWithCritic)"
+                if k in _VALUE_KEYS
+                else ""
+            )
+            raise ValueError(f"{fn}: {k} is None{why}; every input must be a per-token array.")
+    shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
     first = next(iter(shapes.values()))
     if any(s != first for s in shapes.values()) or len(first) != rank:
         desc = ", ".join(f"{k}{list(s)}" for k, s in shapes.items())
         want = "[T] (one trajectory)" if rank == 1 else "[B, T] (batch-major)"
-        other = (
-            f"for [B, T] batches use {fn.removesuffix('_single')}"
-            if rank == 1
-            else f"for one [T] trajectory use {fn}_single"
-        )
+        if hint is None:
+            alt = fn.removesuffix("_single") if rank == 1 else f"{fn}_single"
+            hint = (
+                (f"for [B, T] batches use {alt}" if rank == 1 else f"for one [T] trajectory use {alt}")
+                if alt in __all__
+                else "for one [T] trajectory pass x[None] (a batch of one row)"
+            )
         raise ValueError(
-            f"{fn}: expected arrays of one shape {want}, got {desc}; {other}. Every per-token "
+            f"{fn}: expected arrays of one shape {want}, got {desc}; {hint}. Every per-token "
             "array and the float mask (1 = real token, 0 = padding) must have the same shape."
         )
-    chex.assert_rank(list(arrays.values()), rank)
     vals = [jnp.asarray(v).astype(_F32) for v in arrays.values()]
     mask = vals[-1]
     real = mask != 0
@@ -234,6 +249,7 @@ def kl_shaped_rewards(rewards: Array, logp: Array, ref_logp: Array, mask: Array,
         {"rewards": rewards, "logp": logp, "ref_logp": ref_logp, "mask": mask},
         "kl_shaped_rewards",
         rank=rank if rank in (1, 2) else 2,
+        hint="it takes [B, T] batches or one [T] trajectory",
     )
     return jnp.where(mask != 0, rewards - tau * (logp - ref_logp), 0.0)
 
@@ -393,7 +409,8 @@ def whiten_advantages(
       >>> [round(v, 4) for v in w[0].tolist()]
       [-0.7071, 0.7071, 0.0]
     """
-    B = advantages.shape[0]
+    _check_same_shape({"advantages": advantages, "mask": mask}, "whiten_advantages", rank=2)
+    B = jnp.shape(advantages)[0]
     if groups < 1 or B % groups:
         raise ValueError(
             f"whiten_advantages: groups={groups} must be >= 1 and divide the batch of {B} rows; "
@@ -401,7 +418,7 @@ def whiten_advantages(
         )
     if groups == 1:
         return masked_whiten(advantages, mask, shift_mean=True, unbiased=unbiased)
-    split = lambda x: jnp.asarray(x).reshape((groups, B // groups) + x.shape[1:])  # noqa: E731
+    split = lambda x: jnp.asarray(x).reshape((groups, B // groups) + jnp.shape(x)[1:])  # noqa: E731
     out = jax.vmap(lambda a, m: masked_whiten(a, m, shift_mean=True, unbiased=unbiased))(
         split(advantages), split(mask)
     )
@@ -448,6 +465,12 @@ def ppo_targets(
       >>> A.tolist(), R.tolist()
       ([[1.0, 1.0]], [[1.0, 1.0]])
     """
+    scores_per_token, logp, ref_logp, values, mask = _prep(
+        {"scores_per_token": scores_per_token, "logp": logp, "ref_logp": ref_logp,
+         "values": values, "mask": mask},
+        "ppo_targets",
+        rank=2,
+    )
     rewards_bar = kl_shaped_rewards(scores_per_token, logp, ref_logp, mask, tau=tau)
     advantages = gae(rewards_bar, values, mask, gamma=gamma, lam=lam)
     returns = ppo_value_targets(

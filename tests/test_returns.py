@@ -238,6 +238,29 @@ def test_shape_errors_are_explained():
         ppo_value_targets(*(jnp.zeros((1, 2)),) * 4, mode="td")
 
 
+def test_errors_name_existing_functions_and_missing_values():
+    z3, z2 = jnp.zeros((2, 3, 1)), jnp.zeros((2, 3))
+    # kl_shaped_rewards takes [B, T] or [T]; there is no kl_shaped_rewards_single to point at
+    with pytest.raises(ValueError, match=r"^kl_shaped_rewards: .*\[B, T\] batches or one \[T\]") as e:
+        kl_shaped_rewards(z3, z3, z3, z3, tau=0.1)
+    assert "_single" not in str(e.value)
+    # ppo_targets on [T] inputs: its own name and an alternative that exists (no gae_single)
+    with pytest.raises(ValueError, match=r"^ppo_targets: .*x\[None\]") as e:
+        ppo_targets(*(jnp.zeros(3),) * 4, jnp.ones(3), tau=0.1)
+    assert "gae" not in str(e.value)
+    # values=None (a rollout of a policy without a value head): said by name, with the fix
+    for call in (lambda: klq_targets(z2, z2, None, z2, z2 + 1, tau=0.1),
+                 lambda: ppo_targets(z2, z2, z2, None, z2 + 1, tau=0.1),
+                 lambda: gae(z2, None, z2 + 1)):
+        with pytest.raises(ValueError, match=r"values is None .*no value head.*value_head=True.*PolicyWithCritic"):
+            call()
+    # nested Python lists are arrays of their shape (not rank-0 pytrees)
+    np.testing.assert_allclose(np.asarray(klq_targets([[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 0.0]], [[0.0, 1.0]],
+                                                      [[1.0, 1.0]], tau=0.1, lam=1.0)), [[1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"^whiten_advantages: .*same shape"):
+        whiten_advantages(z2, jnp.ones((2, 2)))
+
+
 # ---------------------------------------------------------------------------- PPO targets ---
 
 
@@ -308,6 +331,14 @@ def test_whiten_advantages_is_trl_masked_whiten():
     np.testing.assert_allclose(
         np.asarray(whiten_advantages(A, mask, unbiased=False)), want_b, rtol=1e-5, atol=1e-5
     )
+    # NaN in padded slots: the same values, and a finite gradient equal to the clean one
+    dirty = np.where(mask > 0, A, np.nan).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(whiten_advantages(dirty, mask)), np.asarray(whiten_advantages(A, mask)))
+    for groups in (1, 7):
+        f = lambda a: jnp.sum(whiten_advantages(a, mask, groups=groups) * jnp.arange(9.0))  # noqa: E731
+        g = np.asarray(jax.grad(f)(jnp.asarray(dirty)))
+        assert np.all(np.isfinite(g)) and np.all(g[mask == 0] == 0.0)
+        np.testing.assert_array_equal(g, np.asarray(jax.grad(f)(jnp.asarray(np.where(mask > 0, A, 0.0)))))
 
 
 def test_ppo_targets_pipeline():
