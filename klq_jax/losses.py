@@ -14,10 +14,13 @@ averaging). A minibatch with no real token gives a loss of 0, never NaN.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
+
+from klq_jax.config import range_problems
 
 from klq_jax.masked import (  # noqa: F401  (masked statistics live in klq_jax.masked)
     _check_same_shape,
@@ -46,6 +49,18 @@ __all__ = [
 _F32 = jnp.float32
 
 
+def check_temperature(temperature, fn: str) -> None:
+    """Refuse a concrete ``temperature`` that is not a finite number > 0 in one line (a traced
+    one cannot be looked at and passes)."""
+    if isinstance(temperature, jax.core.Tracer) or not isinstance(temperature, numbers.Real):
+        return
+    for problem in range_problems("temperature", temperature, 0, low_open=True):
+        raise ValueError(
+            f"{fn}: {problem} (the distributions are softmax(logits / temperature); for argmax "
+            "decoding sample with SamplingConfig(greedy=True))."
+        )
+
+
 def token_logprobs(logits: Array, tokens: Array, *, temperature: float = 1.0) -> Array:
     """Log-probabilities of the taken tokens, ``log softmax(logits / temperature)[tokens]``.
 
@@ -58,7 +73,14 @@ def token_logprobs(logits: Array, tokens: Array, *, temperature: float = 1.0) ->
     Args:
       logits: ``[B, T, V]`` (any leading shape), any float dtype.
       tokens: ``[B, T]`` integer ids in ``[0, V)``.
-      temperature: sampling temperature the distribution refers to (> 0).
+      temperature: sampling temperature the distribution refers to: a finite number > 0 (a
+        concrete one that is not is refused; a traced one is not checked).
+
+    Logits must be finite at every position, padding included: the log-sum-exp runs over every
+    position, so a NaN or inf logit on a padded position makes the gradient NaN (upstream
+    parameters included) even when the result is masked with ``jnp.where`` after the call. Give
+    padded positions finite logits (the library's models do), e.g. ``jnp.where`` on the hidden
+    states or logits *before* the call. (A ``-inf`` logit for a masked vocabulary entry is fine.)
 
     Returns:
       ``[B, T]`` float32 log-probabilities; NaN where an id is outside ``[0, V)`` (ids are
@@ -82,6 +104,7 @@ def token_logprobs(logits: Array, tokens: Array, *, temperature: float = 1.0) ->
         )
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(f"token_logprobs: tokens must be integer ids, got dtype {tokens.dtype}.")
+    check_temperature(temperature, "token_logprobs")
     z = logits.astype(_F32) / temperature
     # out of range (negative, or >= V: also uint32 ids past int32): NaN, not wrapped or clipped
     ids = jnp.where((tokens < 0) | (tokens >= z.shape[-1]), z.shape[-1], tokens).astype(jnp.int32)
@@ -93,11 +116,13 @@ def entropy_from_logits(logits: Array, *, temperature: float = 1.0) -> Array:
     """Entropy of ``softmax(logits / temperature)`` at every position, float32.
 
     ``H_t = −Σ_v p_v log p_v = logsumexp(z_t) − Σ_v p_v z_{t,v}``, ``z = logits / temperature``
-    (TRL's ``policy/entropy_avg`` diagnostic is its mean).
+    (TRL's ``policy/entropy_avg`` diagnostic is its mean). Entries of probability 0 (a ``-inf``
+    logit: a masked or padded vocabulary slot) contribute 0, to the value and to the gradient:
+    the entropy of the distribution over the finite entries.
 
     Args:
-      logits: ``[B, T, V]`` (any leading shape).
-      temperature: > 0.
+      logits: ``[B, T, V]`` (any leading shape); ``-inf`` allowed, at least one finite per row.
+      temperature: a finite number > 0 (a concrete one that is not is refused).
 
     Returns:
       ``[B, T]`` float32.
@@ -108,10 +133,12 @@ def entropy_from_logits(logits: Array, *, temperature: float = 1.0) -> Array:
       >>> round(float(entropy_from_logits(jnp.zeros((1, 1, 4)))[0, 0]), 6)  # log 4
       1.386294
     """
+    check_temperature(temperature, "entropy_from_logits")
     z = jnp.asarray(logits).astype(_F32) / temperature
     lse = jax.nn.logsumexp(z, axis=-1)
     p = jax.nn.softmax(z, axis=-1)
-    return lse - jnp.sum(p * z, axis=-1)
+    # 0·(−inf) would be NaN: z is replaced where p = 0, so neither branch's gradient sees −inf
+    return lse - jnp.sum(p * jnp.where(p > 0, z, 0.0), axis=-1)
 
 
 def kl_estimate(logp: Array, ref_logp: Array, kind: str = "k1") -> Array:
@@ -211,7 +238,8 @@ def klq_loss(
     targets = jax.lax.stop_gradient(_f32(targets))
     mask = _f32(mask)
     _check_same_shape(
-        {"logp": logp, "ref_logp": ref_logp, "values": values, "targets": targets, "mask": mask},
+        {"logp": logp, "ref_logp": ref_logp, "values": values, "targets": targets, "mask": mask}
+        | ({} if entropy is None else {"entropy": entropy}),
         "klq_loss",
     )
     logp, ref_logp, values, targets = (
@@ -427,6 +455,8 @@ def ppo_loss(
       >>> round(float(g[0, 0]), 6)  # d/dlogp of -A*exp(logp - old) / 6
       -0.166667
     """
+    if entropy is not None:
+        _check_same_shape({"entropy": entropy, "mask": mask}, "ppo_loss")
     pg_loss, pg_metrics = ppo_policy_loss(logp, old_logp, advantages, mask, clip_eps=clip_eps)
     vf_loss, vf_metrics = ppo_value_loss(
         values, old_values, returns, mask, clip=value_clip, half=half_value_loss

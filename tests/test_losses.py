@@ -149,6 +149,85 @@ def test_masked_reductions_match_numpy_and_trl():
     assert 0.9 < ev <= 1.0
 
 
+
+def test_masked_statistics_ignore_nan_padding_in_value_and_gradient():
+    # a NaN (or inf) in a padded slot reaches neither the value nor the gradient of any entry
+    x = jnp.array([1.0, 2.0, 4.0, jnp.nan])
+    y = jnp.array([0.5, 2.5, 3.0, jnp.inf])
+    m = jnp.array([1.0, 1.0, 1.0, 0.0])
+    clean_x, clean_y = x.at[3].set(0.0), y.at[3].set(0.0)
+    real = np.array([1.0, 2.0, 4.0])
+    fns = {
+        "masked_var": lambda a, b: masked_var(a, m),
+        "masked_whiten": lambda a, b: masked_whiten(a, m)[0],
+        "explained_variance": lambda a, b: explained_variance(a, b, m),
+    }
+    for name, f in fns.items():
+        g_dirty = np.asarray(jax.grad(f, argnums=(0, 1))(x, y))
+        g_clean = np.asarray(jax.grad(f, argnums=(0, 1))(clean_x, clean_y))
+        assert np.all(np.isfinite(g_dirty)), name
+        np.testing.assert_array_equal(g_dirty, g_clean, err_msg=name)
+        assert np.all(g_dirty[:, 3] == 0.0), name
+        assert float(f(x, y)) == float(f(clean_x, clean_y)), name
+    # independent values (float64 NumPy over the real entries)
+    np.testing.assert_allclose(float(masked_var(x, m)), real.var(ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(masked_whiten(x, m)),
+        np.append((real - real.mean()) / np.sqrt(real.var(ddof=1) + 1e-8), 0.0), rtol=1e-5)
+    yr = np.array([0.5, 2.5, 3.0])
+    np.testing.assert_allclose(float(explained_variance(x, y, m)), 1 - (yr - real).var() / yr.var(), rtol=1e-5)
+    # d var / dx_i = 2 (x_i - mean) / (n - 1) on the real entries
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda a: masked_var(a, m))(x))[:3],
+                               2 * (real - real.mean()) / 2, rtol=1e-6)
+
+
+def test_entropy_with_minus_inf_logits_is_over_the_finite_entries():
+    logits = np.array([[[2.0, -np.inf, 0.5, -1.0, -np.inf]], [[0.0, 1.0, -np.inf, -np.inf, 3.0]]], np.float32)
+    for temp in (1.0, 0.7):
+        got = np.asarray(entropy_from_logits(jnp.asarray(logits), temperature=temp))
+        want = np.zeros(got.shape)
+        for b in range(2):
+            z = logits[b, 0][np.isfinite(logits[b, 0])].astype(np.float64) / temp
+            p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+            want[b, 0] = -(p * np.log(p)).sum()
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    g = np.asarray(jax.grad(lambda z: entropy_from_logits(z).sum())(jnp.asarray(logits)))
+    assert np.all(np.isfinite(g)) and np.all(g[~np.isfinite(logits)] == 0.0)
+    # dH/dz_v = -p_v (z_v - Σ p z) on the finite entries (autodiff of the finite sub-vector agrees)
+    finite = jnp.asarray(logits[0, 0, [0, 2, 3]])
+    np.testing.assert_allclose(g[0, 0, [0, 2, 3]], np.asarray(jax.grad(lambda z: entropy_from_logits(z))(finite)),
+                               rtol=1e-6, atol=1e-7)
+    # finite logits: unchanged maths (bit for bit against the plain formula)
+    z = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 6)).astype(np.float32))
+    plain = jax.nn.logsumexp(z, -1) - jnp.sum(jax.nn.softmax(z, -1) * z, -1)
+    np.testing.assert_array_equal(np.asarray(entropy_from_logits(z)), np.asarray(plain))
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_concrete_bad_temperature_is_refused_in_one_line(temperature):
+    logits, tokens = jnp.zeros((1, 2, 4)), jnp.array([[0, 3]])
+    for call in (lambda: token_logprobs(logits, tokens, temperature=temperature),
+                 lambda: entropy_from_logits(logits, temperature=temperature)):
+        with pytest.raises(ValueError, match=r"temperature=.* must be a finite number > 0") as e:
+            call()
+        assert "\n" not in str(e.value)
+    # a traced temperature is not checked (and still works)
+    got = jax.jit(lambda t: token_logprobs(logits, tokens, temperature=t))(0.5)
+    np.testing.assert_allclose(np.asarray(got), np.log(0.25), rtol=1e-6)
+
+
+def test_mask_shape_errors_name_the_function_called():
+    x, bad = jnp.zeros((2, 3)), jnp.ones((2, 2))
+    for name, call in (("masked_mean", lambda: masked_mean(x, bad)),
+                       ("masked_var", lambda: masked_var(x, bad)),
+                       ("masked_whiten", lambda: masked_whiten(x, bad)),
+                       ("explained_variance", lambda: explained_variance(x, x, bad)),
+                       ("klq_loss", lambda: klq_loss(x, x, x, x, x + 1, tau=0.1, entropy=bad)),
+                       ("ppo_loss", lambda: ppo_loss(x, x, x, x, x, x, x + 1, entropy=bad))):
+        with pytest.raises(ValueError, match=f"^{name}: .*same shape") as e:
+            call()
+        assert "\n" not in str(e.value)
+
 # ------------------------------------------------------------------------------------ KLQ ---
 
 
