@@ -34,7 +34,7 @@ token included), exactly what :func:`klq_jax.sampling.sample` returns.
 from __future__ import annotations
 
 import functools
-import math
+import numbers
 import time
 from typing import Any, Callable
 
@@ -45,9 +45,18 @@ import numpy as np
 from flax import nnx
 
 from klq_jax import masked, sharding
-from klq_jax.losses import token_logprobs
+from klq_jax.config import range_problems
+from klq_jax.losses import check_temperature, token_logprobs
 from klq_jax.models import gpt_neox
-from klq_jax.sampling import SamplingConfig, _sample_jit, check_sampling_inputs, sample_traced
+from klq_jax.sampling import (
+    SamplingConfig,
+    _concrete,
+    _sample_jit,
+    check_sampling_inputs,
+    check_shared_vocab,
+    check_token_ids,
+    sample_traced,
+)
 from klq_jax.types import DeviceReward, Rollout
 
 Array = jax.Array
@@ -107,6 +116,17 @@ def map_micro_batches(fn: Callable, arrays: tuple, micro_batch_size: int | None,
 
     out = jax.lax.map(lambda xs: fn(*xs), tuple(prep(a) for a in arrays))
     return jax.tree_util.tree_map(unprep, out)
+
+
+def check_omega(omega, fn: str) -> None:
+    """Refuse a concrete missing-stop-token penalty ω that is not a finite number >= 0 in one line
+    (a traced ω cannot be looked at and passes)."""
+    if not isinstance(omega, numbers.Real):
+        if not (_concrete(omega) and np.ndim(omega) == 0):
+            return
+        omega = float(np.asarray(omega))
+    for problem in range_problems("omega", omega, 0):
+        raise ValueError(f"{fn}: {problem} (the missing-stop-token penalty; 0.0 turns it off).")
 
 
 def check_micro_batch_size(micro_batch_size):
@@ -182,13 +202,18 @@ def response_logprobs(
       prompt_ids, prompt_mask: ``[B, Tq]`` left-padded prompts.
       response_ids, response_mask: ``[B, Tr]`` right-padded responses (mask 1 on real tokens).
       temperature: the sampling temperature ``T`` (the distributions are ``softmax(logits / T)``,
-        as in TRL).
+        as in TRL): a finite number > 0.
       micro_batch_size: run the forward in ``lax.map`` chunks of this many rows (bounds the
         ``[mb, Tr, V]`` logits in memory); ``None`` = the whole batch at once.
 
     Returns:
       ``(logp [B, Tr] float32, values [B, Tr] float32 or None when there is no value head)``,
       both 0 on padding.
+
+    Raises:
+      ValueError: mismatched shapes, empty prompts, a concrete temperature that is not a finite
+        number > 0, or (concrete inputs) response ids outside ``[0, vocab_size)`` at any position
+        (an out-of-range id on padding would spread NaN to the real positions through attention).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -207,6 +232,9 @@ def response_logprobs(
             "at the last prompt slot, so pass prompts of at least one (left-padded) token."
         )
     check_micro_batch_size(micro_batch_size)
+    check_temperature(temperature, "response_logprobs")
+    check_token_ids(response_ids, nnx.merge(graphdef, params).config.vocab_size, "response_ids",
+                    fn="response_logprobs")
     return _response_logprobs(
         graphdef, params, prompt_ids, prompt_mask, response_ids, response_mask,
         jnp.asarray(temperature, jnp.float32), micro_batch_size,
@@ -231,7 +259,8 @@ def sequence_rewards(scores: Array, response_mask: Array, stopped: Array, *, ome
       stopped: ``[B]`` bool, the response ended on a stop token (``SampleResult.stopped``);
         rows with ``stopped = False`` have no stop token (truncated at ``T_max``) and get ``−ω``;
         a row of exactly ``T_max`` tokens ending in a stop token is stopped and gets no penalty.
-      omega: the missing-stop-token penalty ω >= 0 (TRL's ``missing_eos_penalty``).
+      omega: the missing-stop-token penalty ω >= 0 (TRL's ``missing_eos_penalty``); a concrete
+        ω that is negative or not finite is refused (a traced one is not checked).
 
     Returns:
       ``[B, Tr]`` float32 rewards.
@@ -243,6 +272,7 @@ def sequence_rewards(scores: Array, response_mask: Array, stopped: Array, *, ome
       ...                  jnp.array([True, False]), omega=1.0).tolist()
       [[0.0, 2.0, 0.0], [0.0, 0.0, 1.0]]
     """
+    check_omega(omega, "sequence_rewards")
     scores = jnp.asarray(scores).astype(jnp.float32)
     response_mask = jnp.asarray(response_mask)
     stopped = jnp.asarray(stopped).astype(bool)
@@ -409,7 +439,8 @@ def make_rollout(
 
     Raises:
       ValueError: ``omega < 0``, or ``omega > 0`` with ``sampling_config.stop_token_ids=()`` (every
-        response would be penalised); a ``reward_fn`` that does not return one score per row.
+        response would be penalised); a reference model whose ``vocab_size`` is not the policy's
+        (π and π_b must share a tokenizer); a ``reward_fn`` that does not return one score per row.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -424,9 +455,7 @@ def make_rollout(
       >>> float(ro.rewards.sum()), float(jnp.abs(ro.logp - ro.ref_logp).max())
       (4.0, 0.0)
     """
-    if not (math.isfinite(omega) and omega >= 0):
-        raise ValueError(f"make_rollout: omega={omega} must be a finite number >= 0 (the missing-stop-token "
-                         "penalty).")
+    check_omega(omega, "make_rollout")
     if omega > 0 and not sampling_config.stop_token_ids:
         raise ValueError(
             f"make_rollout: omega={omega} penalises responses without a stop token, but "
@@ -434,7 +463,9 @@ def make_rollout(
             "pass the EOS id in stop_token_ids, or omega=0.0."
         )
     check_micro_batch_size(micro_batch_size)
-    check_sampling_inputs(policy_graphdef, policy_params, prompt_ids, prompt_mask, sampling_config)
+    policy_cfg = check_sampling_inputs(policy_graphdef, policy_params, prompt_ids, prompt_mask,
+                                       sampling_config)
+    check_shared_vocab(policy_cfg, ref_graphdef, ref_params, "the reference model π_b", "make_rollout")
     if mesh is not None:
         prompt_ids, prompt_mask = sharding.shard_batch((prompt_ids, prompt_mask), mesh)
     else:

@@ -367,6 +367,36 @@ def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer) and getattr(x, "is_fully_addressable", True)
 
 
+def check_token_ids(ids, vocab_size: int, name: str, fn: str | None = None) -> None:
+    """Refuse concrete token ``ids`` outside ``[0, vocab_size)`` in one line, at every position:
+    padding slots included, since an out-of-range id embeds as NaN and the attention's zero
+    weights times NaN spread it to the real positions. Traced ids cannot be looked at and pass."""
+    if not _concrete(ids):
+        return
+    ids = np.asarray(ids)
+    outside = (ids < 0) | (ids >= vocab_size)
+    if outside.any():
+        rows = np.nonzero(outside.any(axis=1))[0].tolist()
+        raise ValueError(
+            f"{fn + ': ' if fn else ''}{name} hold token ids outside the model's vocabulary [0, {vocab_size}) "
+            f"(rows {rows[:10]}, e.g. {int(ids[outside][0])}; padding slots too): tokenize with the "
+            "policy's tokenizer and pad with a valid id (e.g. the pad token), or check that the "
+            "model's vocab_size covers it."
+        )
+
+
+def check_shared_vocab(policy_cfg, graphdef, params, what: str, fn: str) -> None:
+    """Refuse a model that is to read the policy's token ids (π_b, a same-tokenizer reward model)
+    but has another ``vocab_size``: its embedding lookups of the policy's ids would be NaN."""
+    other = getattr(nnx.merge(graphdef, params).config, "vocab_size", None)
+    if other is not None and other != policy_cfg.vocab_size:
+        raise ValueError(
+            f"{fn}: {what} has vocab_size {other} != the policy's vocab_size {policy_cfg.vocab_size}: "
+            "π and π_b (and a same-tokenizer reward model) must share a tokenizer; load them from "
+            "checkpoints of one model family (π_b is normally the policy's SFT checkpoint)."
+        )
+
+
 def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> gpt_neox.GPTNeoXConfig:
     if not isinstance(config, SamplingConfig):
         raise TypeError(f"config must be a SamplingConfig, got {type(config).__name__}")
@@ -377,19 +407,16 @@ def check_sampling_inputs(graphdef, params, prompt_ids, prompt_mask, config) -> 
             f"prompt_ids and prompt_mask must both be [B, Tq]; got {shape_ids} and {shape_mask}. "
             "Pass a left-padded batch with a 0/1 mask of the same shape."
         )
+    if shape_ids[1] == 0:
+        raise ValueError(
+            f"The prompts are empty ({list(shape_ids)}): each prompt needs at least one token "
+            "(the first response token is predicted from the last prompt slot); pass left-padded "
+            "[B, Tq] prompts with Tq >= 1, e.g. a BOS token."
+        )
     if not jnp.issubdtype(jnp.result_type(prompt_ids), jnp.integer):
         raise ValueError(f"prompt_ids must be integer token ids, got dtype {jnp.result_type(prompt_ids)}")
     check_model_for_sampling(model_cfg, config, prompt_width=shape_ids[1])
-    if _concrete(prompt_ids):  # traced ids cannot be looked at; JAX would clamp the gather
-        ids = np.asarray(prompt_ids)
-        outside = (ids < 0) | (ids >= model_cfg.vocab_size)
-        if outside.any():
-            rows = np.nonzero(outside.any(axis=1))[0].tolist()
-            raise ValueError(
-                f"prompt_ids hold token ids outside the model's vocabulary [0, {model_cfg.vocab_size}) "
-                f"(rows {rows[:10]}, e.g. {int(ids[outside][0])}): tokenize with the policy's "
-                "tokenizer, or check that the model's vocab_size covers it."
-            )
+    check_token_ids(prompt_ids, model_cfg.vocab_size, "prompt_ids")
     if _concrete(prompt_mask):
         m = np.asarray(prompt_mask) != 0
         if m.size and not m[:, -1].all():
@@ -535,8 +562,9 @@ def sample(
       stopped and truncated flags.
 
     Raises:
-      ValueError: bad shapes, right-padded prompts, ``Tq + T_max > max_position_embeddings``, or
-        stop/pad ids outside the vocabulary.
+      ValueError: bad shapes, empty prompts (``Tq = 0``), right-padded prompts, prompt ids
+        outside the vocabulary, ``Tq + T_max > max_position_embeddings``, or stop/pad ids outside
+        the vocabulary.
 
     Example:
       >>> import jax, jax.numpy as jnp

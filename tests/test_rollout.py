@@ -124,6 +124,35 @@ def test_response_logprobs_micro_batches_and_no_value_head(policy, reference, ba
         response_logprobs(gd, p, p_ids, p_mask, r_ids[1:], r_mask[1:])
 
 
+def test_response_logprobs_refuses_ids_outside_the_vocabulary_and_bad_temperature(policy, batch):
+    _, config, gd, p = policy
+    p_ids, p_mask, r_ids, r_mask = batch
+    for bad in (-5, config.vocab_size):
+        ids = r_ids.copy()
+        ids[1, 2] = bad  # a real response token of row 1
+        with pytest.raises(ValueError, match=rf"^response_logprobs: response_ids .*\[0, {config.vocab_size}\) "
+                                             rf"\(rows \[1\], e.g. {bad};") as e:
+            response_logprobs(gd, p, p_ids, p_mask, ids, r_mask, temperature=0.7)
+        assert "\n" not in str(e.value)
+    # on padding too (such an id would embed as NaN and reach the real positions through attention)
+    ids = np.where(r_mask != 0, r_ids, -100).astype(np.int32)
+    with pytest.raises(ValueError, match=r"response_ids .*\(rows \[1, 2, 3\], e.g. -100; padding slots too\)"):
+        response_logprobs(gd, p, p_ids, p_mask, ids, r_mask, temperature=0.7)
+    for t in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"^response_logprobs: temperature=.* must be a finite number > 0"):
+            response_logprobs(gd, p, p_ids, p_mask, r_ids, r_mask, temperature=t)
+
+
+def test_make_rollout_refuses_a_reference_model_of_another_vocabulary():
+    gd, p = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(value_head=True), jax.random.key(0))
+    rgd, rp = gpt_neox.init(gpt_neox.GPTNeoXConfig.tiny(vocab_size=32), jax.random.key(1))
+    with pytest.raises(ValueError, match=r"^make_rollout: the reference model π_b has vocab_size 32 != the "
+                                         r"policy's vocab_size 64: π and π_b .*must share a tokenizer") as e:
+        make_rollout(gd, p, rgd, rp, lambda *a: jnp.zeros(1), jnp.array([[5, 6]]), jnp.ones((1, 2)),
+                     jax.random.key(2), SamplingConfig(max_new_tokens=2))
+    assert "\n" not in str(e.value)
+
+
 def test_response_logprobs_is_differentiable(policy, batch):
     _, _, gd, p = policy
     p_ids, p_mask, r_ids, r_mask = batch
@@ -182,6 +211,11 @@ def test_sequence_rewards_penalty_and_placement():
     assert r[1, 3] == -3.0  # truncated: R − ω
     assert r[3, 3] == 3.0  # stopped on its last slot: no penalty
     assert r[0].sum() == 1.0 and r[0, 2] == 1.0  # on the last real token (the stop token), not after
+    for omega in (-1.0, float("nan"), float("inf"), jnp.float32(-0.5)):  # a concrete ω is checked
+        with pytest.raises(ValueError, match=r"^sequence_rewards: omega=.* must be a finite number >= 0"):
+            sequence_rewards(scores, mask, stopped, omega=omega)
+    traced = jax.jit(lambda w: sequence_rewards(scores, mask, stopped, omega=w))(2.5)  # traced: unchecked
+    np.testing.assert_allclose(np.asarray(traced), _rewards_loop(scores, mask, stopped, 2.5), atol=1e-7)
 
 
 @pytest.fixture(scope="module")

@@ -340,6 +340,9 @@ def test_errors(tiny, prompts):
         sample(gd, p, ids, mask[:, 1:], jax.random.key(0), cfg)
     with pytest.raises(ValueError, match="vocab_size"):
         sample(gd, p, ids, mask, jax.random.key(0), SamplingConfig(max_new_tokens=2, stop_token_ids=(10_000,)))
+    with pytest.raises(ValueError, match=r"^The prompts are empty \(\[5, 0\]\): each prompt needs at least one token") as e:
+        sample(gd, p, ids[:, :0], mask[:, :0], jax.random.key(0), cfg)
+    assert "\n" not in str(e.value)
 
 
 def test_result_type(greedy_free_run):
