@@ -105,7 +105,8 @@ class AlgoConfig:
 
     Attributes:
       name: the algorithm, klq or ppo.
-      tau: KL coefficient τ (both algorithms; paper: 0.05).
+      tau: KL coefficient τ (both algorithms; paper: 0.05). KLQ needs τ > 0 (with
+        Q = τ·log(π/π_b) + V the policy gets no gradient at τ = 0); PPO takes τ >= 0.
       gamma: discount γ (paper: 1).
       lam: λ of the λ-returns / GAE (paper: 0.95).
       alpha: KLQ's conservativeness α of Eq. (7) (paper experiments: 1).
@@ -137,7 +138,10 @@ class AlgoConfig:
         problems = []
         if self.name not in ALGORITHMS_NAMES:
             problems.append(f"name={self.name!r} is not one of {ALGORITHMS_NAMES}")
-        problems += range_problems("tau", self.tau, 0)
+        problems += range_problems("tau", self.tau, 0) or (range_problems(
+            "tau", self.tau, 0, low_open=True,
+            note="KLQ's Q = tau*log(pi/pi_b) + V gives the policy no gradient at tau = 0; "
+                 "for no KL penalty use name='ppo' with tau=0") if self.name == "klq" else [])
         problems += range_problems("gamma", self.gamma, 0, 1)
         problems += range_problems("lam", self.lam, 0, 1)
         problems += range_problems("alpha", self.alpha, 0, 1, low_open=True)

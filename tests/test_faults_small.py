@@ -198,6 +198,9 @@ def test_nan_and_infinity_are_refused_by_name(make, message):
     (lambda: OptimConfig(schedule="step"), "schedule='step' must be 'linear', 'cosine' or 'constant'"),
     (lambda: AlgoConfig(vf_coef=-1.0), "Invalid AlgoConfig: vf_coef=-1.0 must be a finite number >= 0"),
     (lambda: AlgoConfig(value_clip=-0.2), "value_clip=-0.2 must be a finite number > 0 or None"),
+    (lambda: AlgoConfig(name="klq", tau=0.0), "tau=0.0 must be a finite number > 0 (KLQ's Q = tau*log(pi/pi_b) "
+                                              "+ V gives the policy no gradient at tau = 0; for no KL penalty "
+                                              "use name='ppo' with tau=0)"),
     (lambda: TrainConfig(log_samples_every=-1), "log_samples_every=-1 must be an integer >= 0 (0: never)"),
     (lambda: TrainConfig(num_logged_samples=-1), "num_logged_samples=-1 must be an integer >= 0"),
     (lambda: TrainConfig(score_micro_batch_size=0), "score_micro_batch_size=0 must be an integer >= 1 or None"),
@@ -226,6 +229,8 @@ def test_every_bad_field_is_named_in_one_error_and_the_edges_are_accepted():
     # The ends of each range that are allowed (a constant schedule is end_lr_fraction=1).
     OptimConfig(b1=0.0, b2=0.0, eps=1e-30, weight_decay=0.0, end_lr_fraction=1.0, warmup_steps=0)
     AlgoConfig(vf_coef=0.0, value_clip=None)
+    assert AlgoConfig(name="ppo", tau=0.0).tau == 0.0  # PPO without a KL penalty is meaningful
+    assert AlgoConfig(name="klq", tau=1e-6).tau == 1e-6
     TrainConfig(log_samples_every=0, num_logged_samples=0, seed=0, eval_seed=2**63 - 1)
     TaskConfig(reward="length", target_token=-1)  # the length reward has no target token
     MeshConfig(data=-1)
