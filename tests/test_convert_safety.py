@@ -169,7 +169,7 @@ def test_overwrite_swaps_atomically_and_restores_when_the_swap_fails(tmp_path, t
         return real_rename(a, b)
 
     monkeypatch.setattr(os, "rename", flaky)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(hf.ConversionError, match=f"in place at {re.escape(str(tmp_path / 'out'))} .*Input/output error"):
         hf.save_flax(tmp_path / "out", config, params, overwrite=True)
     assert _snapshot(tmp_path / "out") == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
@@ -324,6 +324,86 @@ def test_a_read_only_dst_location_is_one_line_naming_dst(tmp_path, tiny_src, cap
         assert err.startswith(f"klq convert: error: Cannot create the output directory {dst} (") and "\n" not in err, err
         assert "choose a writable output directory" in err and ".tmp-" not in err and "Errno" not in err, err
     assert os.listdir(ro) == []
+
+
+@pytest.mark.parametrize("how", ["safetensors", "config-file", "tokenizer-copy"])
+def test_a_full_disk_while_writing_is_one_line_naming_dst(tmp_path, tiny_src, capsys, monkeypatch, how):
+    """review s7 F7: safetensors' SafetensorError on a full disk gave a traceback and exit 1; an
+    OSError from writing a config or copying the tokenizer named our temp directory."""
+    import errno
+    import pathlib
+
+    import safetensors.numpy
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        if how == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    target = {"safetensors": (safetensors.numpy, "save_file"), "config-file": (pathlib.Path, "write_text"),
+              "tokenizer-copy": (shutil, "copy2")}[how]
+    monkeypatch.setattr(*target, full)
+    dst = tmp_path / "out"
+    capsys.readouterr()
+    assert _cli("hf-to-flax", tiny_src, dst) == 2
+    err = _one_error_line(capsys)
+    assert f"Could not write the output directory {dst} (OSError: No space left on device)" in err, err
+    assert "free disk space or choose another output directory" in err and ".tmp-" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dst_that_is_a_mount_point_is_refused_before_writing(tmp_path, tiny_src, capsys, monkeypatch):
+    """review s7 F6: a mounted DST (a container volume) was written whole beside it, then the swap
+    failed with EBUSY naming our temp directory."""
+    dst = tmp_path / "volume"
+    dst.mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == str(dst) or real(p))
+    written = []
+    monkeypatch.setattr(files, "write_weights", lambda *a, **k: written.append(a))
+    monkeypatch.setattr("klq_jax.models.hf.convert.write_weights", lambda *a, **k: written.append(a))
+    capsys.readouterr()
+    assert _cli("hf-to-flax", tiny_src, dst) == 2
+    err = _one_error_line(capsys)
+    assert f"{dst} is a mount point" in err and f"new directory inside it, e.g. {dst / 'model'}" in err, err
+    assert written == [] and os.listdir(tmp_path) == ["volume"] and os.listdir(dst) == []
+
+
+@pytest.mark.parametrize("code", ["EBUSY", "EXDEV"])
+def test_a_swap_the_os_refuses_names_dst_and_keeps_it(tmp_path, tiny_src, capsys, monkeypatch, code):
+    import errno
+
+    assert _cli("hf-to-flax", tiny_src, tmp_path / "out") == 0
+    before = _snapshot(tmp_path / "out")
+
+    def refuse(a, b):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)), str(a))
+
+    monkeypatch.setattr(files, "_exchange", refuse)
+    capsys.readouterr()
+    assert _cli("hf-to-flax", "--overwrite", tiny_src, tmp_path / "out") == 2
+    err = _one_error_line(capsys)
+    assert f"in place at {tmp_path / 'out'} (OSError: {os.strerror(getattr(errno, code))})" in err, err
+    assert ".tmp-" not in err and "convert into a new directory" in err, err
+    assert _snapshot(tmp_path / "out") == before and os.listdir(tmp_path) == ["out"]
+
+
+@pytest.mark.parametrize("dst_at_start", ["absent", "empty"])
+def test_a_dst_another_process_fills_meanwhile_is_left_alone(tmp_path, dst_at_start):
+    """review s7 F8: two conversions into one new DST both said "wrote"; the second replaced the first."""
+    dst = tmp_path / "out"
+    if dst_at_start == "empty":
+        dst.mkdir()
+    with pytest.raises(hf.ConversionError, match="written by another process meanwhile"):
+        with files.AtomicDir(dst, False) as tmp:
+            (tmp / "ours.txt").write_text("ours")
+            dst.mkdir(exist_ok=True)
+            (dst / "theirs.txt").write_text("theirs")  # the other process finished first
+    assert _snapshot(dst) == {"theirs.txt": b"theirs"} and os.listdir(tmp_path) == ["out"]
+    with files.AtomicDir(tmp_path / "new", False) as tmp:  # absent and left so: written
+        (tmp / "ours.txt").write_text("ours")
+    assert _snapshot(tmp_path / "new") == {"ours.txt": b"ours"}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import re
@@ -347,7 +348,10 @@ def write_weights(
             if arr.shape != tuple(t.shape):
                 raise ConversionError(f"Internal error: tensor {n} has shape {arr.shape}, expected {t.shape}")
             arrays[n] = np.ascontiguousarray(arr) if arr.ndim else arr.copy()
-        save_file(arrays, str(directory / fname), metadata=dict(metadata or {}))
+        try:
+            save_file(arrays, str(directory / fname), metadata=dict(metadata or {}))
+        except Exception as e:  # safetensors' own SafetensorError: an OSError if it is one
+            raise _as_os_error(e, directory / fname) from e
         del arrays
         written.append(fname)
     if split.is_sharded:
@@ -355,6 +359,15 @@ def write_weights(
         (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append(f"{stem}.safetensors.index.json")
     return written
+
+
+def _as_os_error(err: Exception, file: Path) -> Exception:
+    """An :class:`OSError` (errno, ``file``) for a safetensors error that reports one
+    (``... I/O error: No space left on device (os error 28)``); ``err`` itself otherwise."""
+    m = re.search(r"\(os error (\d+)\)", str(err))
+    if isinstance(err, OSError) or not m:
+        return err
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(file))
 
 
 def tokenizer_size(directory: str | os.PathLike) -> int | None:
@@ -462,6 +475,23 @@ def cannot_create(path: str | os.PathLike, err: OSError, *, what: str, option: s
                  f"choose a writable {option}.")
 
 
+def cannot_write(path: str | os.PathLike, err: OSError, *, what: str, option: str,
+                 error: Callable[[str], Exception] = OSError) -> Exception:
+    """The one-line ``error`` for writing into the directory ``path`` that failed with ``err``
+    (a full disk, an I/O error), naming ``path`` (never a temp name of ours) and what to do.
+
+    Example::
+
+        >>> import errno
+        >>> str(cannot_write("out/ck", OSError(errno.ENOSPC, "No space left on device", "out/.ck.tmp-1/x"),
+        ...                  what="the output directory", option="output directory"))
+        'Could not write the output directory out/ck (OSError: No space left on device); free disk space or choose another output directory.'
+    """
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return error(f"Could not write {what} {os.fspath(path)} ({type(err).__name__}: {err.strerror or err}); "
+                 + ("free disk space or choose another " if full else "choose another writable ") + f"{option}.")
+
+
 def make_dir(path: str | os.PathLike, *, what: str, option: str,
              error: Callable[[str], Exception] = OSError) -> bool:
     """Create the directory ``path`` and its parents unless it is one; return whether it was absent.
@@ -547,6 +577,12 @@ class AtomicDir:
     a non-empty directory ``path`` is replaced only if ``replaceable(path)`` (which raises to refuse)
     lets it. A ``path`` that is a symlink to a directory is replaced as a link: the new directory
     takes its place, the directory it pointed to is not touched (nor checked).
+
+    Every failure is one :class:`ConversionError` line naming ``path`` (never the temp sibling, which
+    is removed): a mount point ``path`` (it cannot be replaced) is refused before anything is
+    written; a write into the temp directory that fails (a full disk) says so
+    (:func:`cannot_write`); without ``overwrite`` a ``path`` another process filled meanwhile is left
+    alone; a swap the OS refuses leaves ``path`` as it was.
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool,
@@ -563,6 +599,11 @@ class AtomicDir:
         if os.path.lexists(self.path) and not self.path.is_dir():
             what = "a broken symlink" if not os.path.exists(self.path) else "not a directory"
             raise ConversionError(f"{self.path} exists and is {what}; choose another output path.")
+        if os.path.ismount(self.path):  # the swap could not replace it (EBUSY): refuse before writing
+            raise ConversionError(
+                f"{self.path} is a mount point, which a conversion cannot replace; convert into a new "
+                f"directory inside it, e.g. {self.path / 'model'}."
+            )
         if self.path.is_dir() and any(self.path.iterdir()):
             if not self.overwrite:
                 raise ConversionError(
@@ -584,18 +625,46 @@ class AtomicDir:
         os.chmod(self.tmp, 0o777 & ~umask)
         return self.tmp
 
+    def _ours(self, err: OSError) -> bool:
+        """Whether ``err`` is a failure to write into our temp directory (no file named, or one of ours)."""
+        return all(f is None or os.fspath(f).startswith(os.fspath(self.tmp)) for f in (err.filename, err.filename2))
+
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and self._ours(exc):  # a full disk: name DST, not our temp
+                raise cannot_write(self.path, exc, what="the output directory", option="output directory",
+                                   error=ConversionError) from exc
             return False
         try:
             self._swap()
+        except OSError as err:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise ConversionError(
+                f"Could not put the new output in place at {self.path} ({type(err).__name__}: "
+                f"{err.strerror or err}); {self.path} is left as it was: convert into a new directory "
+                f"(e.g. {self.path.parent / (self.path.name + '-new')})."
+            ) from err
         except BaseException:
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         return False
 
     def _swap(self):
+        if not self.overwrite and not self.path.is_symlink():
+            # Empty or absent at __enter__: a plain rename, which replaces an empty directory and
+            # fails on one another process filled meanwhile (atomically: no check-then-act window).
+            try:
+                os.rename(self.tmp, self.path)
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise
+                raise ConversionError(
+                    f"{self.path} was written by another process meanwhile (it was empty or absent when "
+                    "this conversion started); it is left as it is and this output discarded: choose "
+                    "another output directory."
+                ) from err
+            return
         if not os.path.lexists(self.path):
             os.rename(self.tmp, self.path)
             return
