@@ -151,14 +151,13 @@ def _hf_to_flax(args) -> str:
 
 
 def _flax_to_hf(args) -> str:
-    from pathlib import Path
-
     from klq_jax.models import hf
+    from klq_jax.models.hf.files import tokenizer_files_in
 
     hf.refuse_overlap(args.src, args.dst)
     config, _, params = hf.load_flax(args.src)
     tokenizer = args.tokenizer
-    if tokenizer is None and any((Path(args.src) / n).is_file() for n in hf.TOKENIZER_FILES[:5]):
+    if tokenizer is None and tokenizer_files_in(args.src):  # every tokenizer file kept in SRC
         tokenizer = args.src
     hf.save_hf(
         args.dst,

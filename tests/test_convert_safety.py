@@ -454,3 +454,21 @@ def test_tokenizer_from_vocab_and_added_tokens_larger_than_embedding_refused(tmp
         load_file(str(tmp_path / "hf" / "model.safetensors"))["gpt_neox.embed_in.weight"],
         load_file(str(tiny_src / "model.safetensors"))["gpt_neox.embed_in.weight"],
     )
+
+
+@pytest.mark.parametrize("kept", [("vocab.txt",), ("tokenizer.model",), ("tokenizer.json", "chat_template.jinja")])
+def test_flax_to_hf_copies_every_tokenizer_file_kept_in_src(tmp_path, tiny_src, kept):
+    """review s7 F5: only tokenizer.json / tokenizer_config.json / special_tokens_map.json /
+    vocab.json / merges.txt made SRC count as a tokenizer: a vocab.txt-only (BERT) or
+    tokenizer.model-only (sentencepiece) tokenizer was dropped without a word."""
+    src = tmp_path / "hf"
+    shutil.copytree(tiny_src, src)
+    contents = {"vocab.txt": "[PAD]\n[UNK]\nhello\n", "tokenizer.model": "\x00sentencepiece bytes",
+                "tokenizer.json": json.dumps({"model": {"vocab": {"a": 0, "b": 1}}, "added_tokens": []}),
+                "chat_template.jinja": "{{ messages }}"}
+    for n in kept:
+        (src / n).write_text(contents[n])
+    assert _cli("hf-to-flax", src, tmp_path / "flax") == 0
+    assert _cli("flax-to-hf", tmp_path / "flax", tmp_path / "back") == 0
+    for n in kept:
+        assert (tmp_path / "back" / n).read_text() == contents[n], n
