@@ -176,6 +176,13 @@ def test_value_head_saved_beside_and_read_back(lm, batch, tmp_path):
         np.asarray(_apply(graphdef2, params2, *batch).values),
         np.asarray(_apply(graphdef, params, *batch).values), atol=1e-6,
     )
+    # Loaded without value_head, the head beside would be dropped: a warning saying how to keep it
+    # (review s7 F4), an error under strict.
+    with pytest.warns(UserWarning, match="value_head.safetensors .*pass --value-head"):
+        config3, _, _ = hf.load_hf(tmp_path / "hf")
+    assert not config3.value_head
+    with pytest.raises(hf.ConversionError, match="value_head.safetensors .*pass --value-head"):
+        hf.load_hf(tmp_path / "hf", strict=True)
 
 
 # ------------------------------------------------------------------------------------------------
