@@ -210,8 +210,18 @@ def test_overwrite_refuses_a_directory_that_is_no_conversion_output_and_deletes_
     mine.mkdir()
     (mine / "config.json").write_text('{"my": "settings"}')
     (mine / "tokenizer.json").write_text("{}")
+    # review s7 F2: a directory (or a link to one) under an output file's name was deleted with what it held.
+    shutil.copytree(hf_dir, tmp_path / "hf2")
+    (tmp_path / "hf2" / "README.md").unlink()
+    (tmp_path / "hf2" / "tokenizer.json").mkdir()
+    (tmp_path / "hf2" / "tokenizer.json" / "precious").write_text("x")
+    shutil.copytree(tmp_path / "hf2", tmp_path / "hf3")
+    shutil.rmtree(tmp_path / "hf3" / "tokenizer.json")
+    (tmp_path / "hf3" / "vocab.txt").symlink_to(docs, target_is_directory=True)
     for dst, named in ((hf_dir, "README.md (not written by a conversion)"),
-                       (mine, "config.json (not the config of a Hugging Face export)")):
+                       (mine, "config.json (not the config of a Hugging Face export)"),
+                       (tmp_path / "hf2", "tokenizer.json (a directory; a conversion writes a file)"),
+                       (tmp_path / "hf3", "vocab.txt (a symbolic link)")):
         before = _snapshot(dst)
         capsys.readouterr()
         assert _cli("hf-to-flax", "--overwrite", tiny_src, dst) == 2

@@ -571,11 +571,19 @@ def _conversion_config(path: str, flax: bool) -> str | None:
     return None if ok else f"not the config of a {'klq_jax checkpoint' if flax else 'Hugging Face export'}"
 
 
+def _regular_file(path: str) -> str | None:
+    """None if ``path`` is a regular file (what a conversion writes), else what it is."""
+    if os.path.isfile(path):
+        return None
+    return f"{'a directory' if os.path.isdir(path) else 'not a regular file'}; a conversion writes a file"
+
+
 def refuse_unless_conversion_output(path: str | os.PathLike) -> None:
     """Raise unless the directory ``path`` is a previous conversion output, which ``overwrite``
     (``klq convert --overwrite``) may replace: a klq_jax checkpoint (only :func:`save_flax`'s files,
     its ``klq_config.json`` one of ours) or a Hugging Face export (only :func:`save_hf`'s files, its
-    ``config.json`` a transformers config), whose run lock no live process holds.
+    ``config.json`` a transformers config), whose run lock no live process holds. Each entry must be
+    a regular file: a directory or a symbolic link under an output file's name is not a conversion's.
 
     Raises:
       RunLockedError: a live process (a training run) holds the directory's lock.
@@ -590,8 +598,10 @@ def refuse_unless_conversion_output(path: str | os.PathLike) -> None:
     config = FLAX_CONFIG_FILE if flax else "config.json"
     if os.path.lexists(os.path.join(path, config)):  # a conversion's directory: its files only
         names = re.compile(FLAX_FILES if flax else SAVE_HF_FILES)
-        foreign = run_dir.foreign_entries(path, {config: lambda p: _conversion_config(p, flax)}, only_these=True,
-                                          writer="a conversion", ignore=lambda n: n != config and names.search(n))
+        # Under an output file's name a conversion writes a regular file (a link or a directory is not its).
+        checks = {n: _regular_file for n in os.listdir(path) if names.search(n)}
+        checks[config] = lambda p: _conversion_config(p, flax)
+        foreign = run_dir.foreign_entries(path, checks, only_these=True, writer="a conversion")
     else:  # without its config nothing there is recognisably a conversion's
         foreign = run_dir.foreign_entries(path, {}, only_these=True, writer="a conversion")
     if foreign:
