@@ -482,3 +482,32 @@ def test_flax_to_hf_copies_every_tokenizer_file_kept_in_src(tmp_path, tiny_src, 
     assert _cli("flax-to-hf", tmp_path / "flax", tmp_path / "back") == 0
     for n in kept:
         assert (tmp_path / "back" / n).read_text() == contents[n], n
+
+
+def test_values_beyond_float16_range_are_refused_not_made_inf(tmp_path, capsys):
+    """review s7 F9: a bias of 1e5 became inf in float16 both ways, exit 0 (a numpy warning only)."""
+    import torch
+
+    model = testing.tiny_hf_gpt_neox()
+    with torch.no_grad():
+        model.gpt_neox.layers[0].mlp.dense_h_to_4h.bias[3] = -1.0e5
+    model.save_pretrained(tmp_path / "hf")
+    capsys.readouterr()
+    assert _cli("hf-to-flax", "--param-dtype", "float16", tmp_path / "hf", tmp_path / "f16") == 2
+    line = _one_error_line(capsys)
+    assert "Tensor 'gpt_neox.layers.0.mlp.dense_h_to_4h.bias'" in line and "values up to 1e+05" in line, line
+    assert "bfloat16 or float32" in line and not (tmp_path / "f16").exists(), line
+    assert _cli("hf-to-flax", tmp_path / "hf", tmp_path / "f32") == 0  # float32 holds it; so does bfloat16
+    assert _cli("flax-to-hf", "--dtype", "bfloat16", tmp_path / "f32", tmp_path / "bf16") == 0
+    capsys.readouterr()
+    assert _cli("flax-to-hf", "--dtype", "float16", tmp_path / "f32", tmp_path / "hf16") == 2
+    line = _one_error_line(capsys)
+    assert "Tensor 'gpt_neox.layers.0.mlp.dense_h_to_4h.bias' has values up to 1e+05" in line, line
+    assert not (tmp_path / "hf16").exists()
+    # Values within range still convert (the largest finite float16 included).
+    with torch.no_grad():
+        model.gpt_neox.layers[0].mlp.dense_h_to_4h.bias[3] = 65504.0
+    model.save_pretrained(tmp_path / "hf-ok")
+    assert _cli("hf-to-flax", "--param-dtype", "float16", tmp_path / "hf-ok", tmp_path / "ok16") == 0
+    _, _, params = hf.load_flax(tmp_path / "ok16")
+    assert float(params["layers"][0]["mlp"]["up_bias"][...][3]) == 65504.0

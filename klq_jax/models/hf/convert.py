@@ -25,6 +25,7 @@ from klq_jax.models.hf.files import (
     TensorSpec,
     WeightReader,
     SAVE_HF_FILES,
+    cast,
     check_shard_size,
     copy_tokenizer,
     output_files,
@@ -517,7 +518,7 @@ def load_hf(
                 f"Tensor '{disk}' in {reader.file_of(disk)} has shape {found}, expected {hf_shape} "
                 f"(from config.json: {sizes}). The weights and config.json do not belong together."
             )
-        arr = np.asarray(tf.to_ours(reader.get(disk), tuple(var.shape))).astype(pd)
+        arr = cast(tf.to_ours(reader.get(disk), tuple(var.shape)), pd, f"Tensor '{disk}' in {reader.file_of(disk)}")
         values[p] = jnp.asarray(arr) if mesh is None else jax.device_put(arr, variable_sharding(var, mesh))
         used.add(disk)
     if ("value_kernel",) in flat:

@@ -84,6 +84,32 @@ class ConversionError(ValueError):
     """A checkpoint or config that cannot be converted; the message says which file and what to do."""
 
 
+def cast(arr, dtype: np.dtype, what: str) -> np.ndarray:
+    """``arr`` as a numpy array of ``dtype``; finite values beyond float16's range (±65504), which
+    the cast would make inf, are refused in one :class:`ConversionError` naming ``what`` (a tensor)
+    and its largest magnitude.
+
+    Example::
+
+        >>> cast(np.array([1.0, 1e5], np.float32), np.dtype(np.float16), "Tensor 'x'")
+        Traceback (most recent call last):
+        ...
+        klq_jax.models.hf.files.ConversionError: Tensor 'x' has values up to 1e+05, beyond float16's range (±65504): as float16 they would become inf. Convert to bfloat16 or float32 instead.
+    """
+    src = np.asarray(arr)
+    with np.errstate(over="ignore"):
+        out = src.astype(dtype, copy=False)
+    if out.dtype == np.float16 and src.dtype != np.float16 and np.isinf(out).any():
+        wide = src.astype(np.float32)
+        finite = np.isfinite(wide)
+        if (np.isinf(out) & finite).any():
+            raise ConversionError(
+                f"{what} has values up to {float(np.abs(wide[finite]).max()):.4g}, beyond float16's range "
+                "(±65504): as float16 they would become inf. Convert to bfloat16 or float32 instead."
+            )
+    return out
+
+
 def read_json(path: Path, what: str) -> dict:
     """The JSON object in ``path``; a clear :class:`ConversionError` if absent, corrupt or not an object."""
     if not path.is_file():
@@ -344,7 +370,7 @@ def write_weights(
         arrays = {}
         for n in names:
             t = tensors[n]
-            arr = np.asarray(t.produce()).astype(t.dtype, copy=False)
+            arr = cast(t.produce(), t.dtype, f"Tensor '{n}'")
             if arr.shape != tuple(t.shape):
                 raise ConversionError(f"Internal error: tensor {n} has shape {arr.shape}, expected {t.shape}")
             arrays[n] = np.ascontiguousarray(arr) if arr.ndim else arr.copy()
