@@ -511,3 +511,19 @@ def test_values_beyond_float16_range_are_refused_not_made_inf(tmp_path, capsys):
     assert _cli("hf-to-flax", "--param-dtype", "float16", tmp_path / "hf-ok", tmp_path / "ok16") == 0
     _, _, params = hf.load_flax(tmp_path / "ok16")
     assert float(params["layers"][0]["mlp"]["up_bias"][...][3]) == 65504.0
+
+
+def test_written_weights_are_the_same_bytes_whatever_the_metadata_order(tmp_path):
+    """safetensors writes its metadata keys in a random order (a Rust HashMap): two exports of one
+    model differed in their bytes (save_hf's format + klq_jax_export mark, save_flax's format + version)."""
+    spec = {"w": files.TensorSpec((2, 3), np.dtype(np.float32), lambda: np.arange(6.0).reshape(2, 3))}
+    meta = {"format": "pt", "klq_jax_export": "1", "version": "1", "z": "last"}
+    outs = set()
+    for i in range(12):
+        (tmp_path / str(i)).mkdir()
+        files.write_weights(tmp_path / str(i), spec, metadata=meta)
+        outs.add((tmp_path / str(i) / "model.safetensors").read_bytes())
+    assert len(outs) == 1
+    (out,) = outs
+    assert b'{"__metadata__":{"format":"pt","klq_jax_export":"1","version":"1","z":"last"},' in out
+    np.testing.assert_array_equal(load_file(tmp_path / "0" / "model.safetensors")["w"], np.arange(6.0).reshape(2, 3))

@@ -379,12 +379,33 @@ def write_weights(
         except Exception as e:  # safetensors' own SafetensorError: an OSError if it is one
             raise _as_os_error(e, directory / fname) from e
         del arrays
+        _sort_metadata(directory / fname)
         written.append(fname)
     if split.is_sharded:
         index = {"metadata": dict(split.metadata), "weight_map": dict(sorted(split.tensor_to_filename.items()))}
         (directory / f"{stem}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         written.append(f"{stem}.safetensors.index.json")
     return written
+
+
+def _sort_metadata(file: Path) -> None:
+    """Rewrite the header of the safetensors ``file`` in place with its ``__metadata__`` keys sorted:
+    safetensors writes them in a per-process random order (a Rust ``HashMap``), so the same tensors
+    and metadata would give different bytes in each run. The header keeps its length (same JSON,
+    keys reordered); anything unexpected leaves the file as written."""
+    with open(file, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        text = raw.rstrip(b" ")
+        doc = json.loads(text)
+        meta = doc.get("__metadata__")
+        if not isinstance(meta, dict) or len(meta) < 2:
+            return
+        doc["__metadata__"] = dict(sorted(meta.items()))
+        new = json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+        if new != text and len(new) == len(text):
+            f.seek(8)
+            f.write(new)
 
 
 def _as_os_error(err: Exception, file: Path) -> Exception:
