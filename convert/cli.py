@@ -66,7 +66,8 @@ class HfToFlax:
       seed: PRNG seed of a new value head.
       strict: fail on unexpected tensors instead of warning.
       overwrite: replace DST if it is a previous conversion output (a klq_jax checkpoint or a
-        Hugging Face export); a DST holding anything else, or a live training run, is refused.
+        Hugging Face export written by klq convert); a DST holding anything else (e.g. a model
+        transformers saved), or a live training run, is refused.
     """
 
     src: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")]
@@ -90,7 +91,8 @@ class FlaxToHf:
       max_shard_size: largest safetensors shard, e.g. 5GB, 500MB, 2GiB.
       dtype: storage dtype of the written tensors (default: the checkpoint's param dtype).
       overwrite: replace DST if it is a previous conversion output (a klq_jax checkpoint or a
-        Hugging Face export); a DST holding anything else, or a live training run, is refused.
+        Hugging Face export written by klq convert); a DST holding anything else (e.g. a model
+        transformers saved), or a live training run, is refused.
     """
 
     src: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="SRC")]

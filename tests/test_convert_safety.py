@@ -218,7 +218,10 @@ def test_overwrite_refuses_a_directory_that_is_no_conversion_output_and_deletes_
     shutil.copytree(tmp_path / "hf2", tmp_path / "hf3")
     shutil.rmtree(tmp_path / "hf3" / "tokenizer.json")
     (tmp_path / "hf3" / "vocab.txt").symlink_to(docs, target_is_directory=True)
-    for dst, named in ((hf_dir, "README.md (not written by a conversion)"),
+    # review s7 F3: a model the user saved with transformers (names as an export's) is not ours to replace.
+    testing.tiny_hf_gpt_neox(tmp_path / "finetuned", seed=5)
+    for dst, named in ((tmp_path / "finetuned", "model.safetensors (not written by klq convert: no klq_jax_export mark"),
+                       (hf_dir, "README.md (not written by a conversion)"),
                        (mine, "config.json (not the config of a Hugging Face export)"),
                        (tmp_path / "hf2", "tokenizer.json (a directory; a conversion writes a file)"),
                        (tmp_path / "hf3", "vocab.txt (a symbolic link)")):

@@ -39,6 +39,10 @@ FLAX_PARAMS_STEM = "params"
 FLAX_HF_CONFIG_FILE = "hf_config.json"
 VALUE_HEAD_FILE = "value_head.safetensors"
 _FLAX_VERSION = 1
+# The safetensors metadata save_hf writes in its weights: what marks a Hugging Face export as ours
+# (which --overwrite may replace), unlike a model transformers saved.
+EXPORT_METADATA = {"format": "pt", "klq_jax_export": "1"}
+_HF_WEIGHTS = re.compile(r"^model(-\d+-of-\d+)?\.safetensors$")
 _MISSING = object()
 # The names of the files save_flax writes in its directory (SAVE_HF_FILES: save_hf's).
 FLAX_FILES = output_files((FLAX_CONFIG_FILE, FLAX_HF_CONFIG_FILE), (FLAX_PARAMS_STEM,))
@@ -579,11 +583,30 @@ def _regular_file(path: str) -> str | None:
     return f"{'a directory' if os.path.isdir(path) else 'not a regular file'}; a conversion writes a file"
 
 
+def _marked_export(path: str) -> str | None:
+    """None if ``path`` is a weights file :func:`save_hf` wrote (its metadata holds
+    :data:`EXPORT_METADATA`'s mark; only the header is read), else why not."""
+    why = _regular_file(path)
+    if why:
+        return why
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = f.metadata() or {}
+    except Exception:  # not a readable safetensors file
+        meta = {}
+    if meta.get("klq_jax_export") == EXPORT_METADATA["klq_jax_export"]:
+        return None
+    return "not written by klq convert: no klq_jax_export mark in its metadata, e.g. a model transformers saved"
+
+
 def refuse_unless_conversion_output(path: str | os.PathLike) -> None:
     """Raise unless the directory ``path`` is a previous conversion output, which ``overwrite``
     (``klq convert --overwrite``) may replace: a klq_jax checkpoint (only :func:`save_flax`'s files,
     its ``klq_config.json`` one of ours) or a Hugging Face export (only :func:`save_hf`'s files, its
-    ``config.json`` a transformers config), whose run lock no live process holds. Each entry must be
+    ``config.json`` a transformers config, its ``model*.safetensors`` marked by :data:`EXPORT_METADATA`:
+    a model saved by ``transformers`` is not one), whose run lock no live process holds. Each entry must be
     a regular file: a directory or a symbolic link under an output file's name is not a conversion's.
 
     Raises:
@@ -602,7 +625,11 @@ def refuse_unless_conversion_output(path: str | os.PathLike) -> None:
         # Under an output file's name a conversion writes a regular file (a link or a directory is not its).
         checks = {n: _regular_file for n in os.listdir(path) if names.search(n)}
         checks[config] = lambda p: _conversion_config(p, flax)
+        weights = [] if flax else [n for n in checks if _HF_WEIGHTS.search(n)]
+        checks.update({n: _marked_export for n in weights})
         foreign = run_dir.foreign_entries(path, checks, only_these=True, writer="a conversion")
+        if not flax and not weights:
+            foreign.insert(0, "model.safetensors (missing: an export of klq convert holds its weights)")
     else:  # without its config nothing there is recognisably a conversion's
         foreign = run_dir.foreign_entries(path, {}, only_these=True, writer="a conversion")
     if foreign:
@@ -635,7 +662,8 @@ def save_hf(
     ``config.json`` (written by the architecture's ``transformers`` config class), the weights as
     ``model.safetensors`` or ``model-0000i-of-0000n.safetensors`` shards +
     ``model.safetensors.index.json`` (split by ``huggingface_hub``), ``generation_config.json`` for
-    a causal LM, and the tokenizer files of ``tokenizer_dir``. A value head goes beside, to
+    a causal LM, and the tokenizer files of ``tokenizer_dir``; the safetensors metadata holds
+    :data:`EXPORT_METADATA` (``klq_jax_export``: what ``overwrite`` looks for). A value head goes beside, to
     ``value_head.safetensors`` (``v_head.summary.{weight,bias}``, TRL's names); transformers
     ignores it and :func:`load_hf` reads it back. The directory appears whole or not at all.
 
@@ -667,14 +695,14 @@ def save_hf(
         for p, (name, tf) in _plan(arch, config, flat, bare=head.bare).items()
     }
     with AtomicDir(path, overwrite, refuse_unless_conversion_output) as tmp:
-        write_weights(tmp, tensors, stem="model", max_shard_size=max_shard_size, metadata={"format": "pt"})
+        write_weights(tmp, tensors, stem="model", max_shard_size=max_shard_size, metadata=EXPORT_METADATA)
         if ("value_kernel",) in flat:
             k, b = values[("value_kernel",)], values[("value_bias",)]
             f32 = DTYPES["float32"]
             write_weights(tmp, {
                 "v_head.summary.weight": TensorSpec((1, k.shape[0]), f32, lambda: np.asarray(k).reshape(1, -1)),
                 "v_head.summary.bias": TensorSpec((1,), f32, lambda: np.asarray(b).reshape(1)),
-            }, stem="value_head", metadata={"format": "pt"})
+            }, stem="value_head", metadata=EXPORT_METADATA)
         hf_obj.save_pretrained(tmp)
         if getattr(config, "lm_head", False):
             import transformers
