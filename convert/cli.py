@@ -14,6 +14,7 @@ replaced whole, never while SRC is inside it).
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import warnings
 from typing import Annotated, Literal, Union
@@ -64,7 +65,8 @@ class HfToFlax:
       value_head: add a value head (SRC/value_head.safetensors if present, else a random one
         drawn with the seed).
       seed: PRNG seed of a new value head.
-      strict: fail on unexpected tensors instead of warning.
+      strict: fail on unexpected tensors (and on a value_head.safetensors in SRC that is not
+        converted, without --value-head) instead of warning.
       overwrite: replace DST if it is a previous conversion output (a klq_jax checkpoint or a
         Hugging Face export written by klq convert); a DST holding anything else (e.g. a model
         transformers saved), or a live training run, is refused.
@@ -133,6 +135,12 @@ def _hf_to_flax(args) -> str:
     from klq_jax.models import hf
 
     hf.refuse_overlap(args.src, args.dst)
+    if not args.value_head and os.path.isfile(os.path.join(args.src, hf.VALUE_HEAD_FILE)):
+        msg = (f"{args.src} holds {hf.VALUE_HEAD_FILE} (a value head), which this conversion drops: "
+               "pass --value-head to keep it.")
+        if args.strict:
+            raise hf.ConversionError(msg)
+        warnings.warn(msg, stacklevel=2)
     config, _, params = hf.load_hf(
         args.src,
         dtype=args.dtype,

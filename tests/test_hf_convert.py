@@ -176,13 +176,14 @@ def test_value_head_saved_beside_and_read_back(lm, batch, tmp_path):
         np.asarray(_apply(graphdef2, params2, *batch).values),
         np.asarray(_apply(graphdef, params, *batch).values), atol=1e-6,
     )
-    # Loaded without value_head, the head beside would be dropped: a warning saying how to keep it
-    # (review s7 F4), an error under strict.
+    # Converted without --value-head, the head beside would be dropped: a warning saying how to keep
+    # it (review s7 F4), an error under --strict.
     with pytest.warns(UserWarning, match="value_head.safetensors .*pass --value-head"):
-        config3, _, _ = hf.load_hf(tmp_path / "hf")
-    assert not config3.value_head
+        assert convert_cli.main(["hf-to-flax", str(tmp_path / "hf"), str(tmp_path / "flax")]) == 0
+    assert not hf.read_flax_config(tmp_path / "flax").value_head
     with pytest.raises(hf.ConversionError, match="value_head.safetensors .*pass --value-head"):
-        hf.load_hf(tmp_path / "hf", strict=True)
+        convert_cli.main(["hf-to-flax", "--strict", str(tmp_path / "hf"), str(tmp_path / "flax2")])
+    assert not (tmp_path / "flax2").exists()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -478,8 +478,7 @@ def load_hf(
       param_dtype: dtype of the loaded parameters (float32 by default, whatever the file holds).
       value_head: add a value head.
       key: PRNG key for a new value head.
-      strict: raise (instead of warn) on tensors in the files that the model does not use, and on a
-        value_head.safetensors there when ``value_head`` is False (it would be dropped).
+      strict: raise (instead of warn) on tensors in the files that the model does not use.
       mesh: place each tensor, as it is read, with the sharding that :mod:`klq_jax.sharding`'s
         rules give it on this mesh (default: the default device).
 
@@ -536,20 +535,13 @@ def load_hf(
     is_tied = getattr(config, "tie_word_embeddings", False) and _get(hf_obj, "tie_word_embeddings", True)
     tied = set(arch.tied_names) if is_tied else set()
     unexpected = [n for n in reader.names() if n not in used and not ignored.search(n) and n not in tied]
-    unused = []
     if unexpected:
         head = _head_for_config(config, arch).hf_arch
-        unused.append(
+        msg = (
             f"{path} holds tensors that a {head} with this config.json does not use: {unexpected[:10]}"
             + (f" (and {len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
             + ". Check that config.json (architectures, number of layers) matches the weights."
         )
-    if arch.value_head and ("value_kernel",) not in flat and (path / VALUE_HEAD_FILE).is_file():
-        unused.append(
-            f"{path} holds {VALUE_HEAD_FILE} (a value head), which is not loaded: pass --value-head "
-            "(value_head=True) to keep it."
-        )
-    for msg in unused:
         if strict:
             raise ConversionError(msg)
         warnings.warn(msg, stacklevel=2)
