@@ -83,3 +83,30 @@ def test_an_empty_result_names_the_filter_counts(tok, tmp_path):
     imdb = fixtures.write_tiny_imdb(tmp_path / "imdb", n=6)
     with pytest.raises(DataError, match=r"'short_review': \d+"):
         load_imdb(tok, "train", name_or_path=imdb, min_review_chars=10**6)
+
+
+def test_a_single_file_or_saved_dataset_has_one_split(tok, tmp_path):
+    """Issue data F2: a single data file (or a save_to_disk directory of one Dataset) has one split,
+    'train'; asking it for another (validation) is refused instead of returning the training rows."""
+    import dataclasses
+
+    import datasets
+
+    from experiments import presets, tasks
+
+    rows = [_tldr_row(post=f"My cat number {i}.") for i in range(3)]
+    path = _jsonl(tmp_path / "tldr.jsonl", rows)
+    assert len(load_tldr(tok, "train", name_or_path=path)) == 3
+    for split in ("validation", "test", "trian"):
+        with pytest.raises(DataError, match=rf"tldr.jsonl is a single data file, which has one split \('train'\), "
+                                            rf"not '{split}': pass a directory with one data file per split"):
+            load_tldr(tok, split, name_or_path=path)
+    saved = str(tmp_path / "saved")
+    datasets.Dataset.from_list(rows).save_to_disk(saved)
+    assert len(load_tldr(tok, "train", name_or_path=saved)) == 3
+    with pytest.raises(DataError, match=r"saved is a save_to_disk directory of one Dataset, which has one split"):
+        load_tldr(tok, "validation", name_or_path=saved)
+    # validation through the task builder: refused, not the training rows
+    task = dataclasses.replace(presets.get("tldr-klq").task, dataset=path, max_prompt_len=128)
+    with pytest.raises(DataError, match=r"not 'validation'"):
+        tasks.load_validation_prompts(task, tok, 2)

@@ -231,8 +231,11 @@ def load_split(
       optionally a README.md with ``configs``) -> ``datasets.load_dataset(name_or_path,
       name=config_name, data_dir=data_dir, data_files=data_files, split=split)``;
     * a directory written by ``Dataset(Dict).save_to_disk`` -> ``datasets.load_from_disk``;
-    * a single data file (.jsonl[.gz], .json, .parquet, .csv, .arrow) -> the matching builder with
-      ``data_files={split: path}``.
+    * a single data file (.jsonl[.gz], .json, .parquet, .csv, .arrow) -> the matching builder.
+
+    A single data file, or a ``save_to_disk`` directory of ONE Dataset, has one split, served under
+    the name ``"train"``; any other ``split`` is refused (:class:`~klq_jax.errors.DataError`), so a
+    validation split never silently returns the training rows.
 
     ``text_columns``: fields that must hold text (or null, which the loaders report by row). A local
     JSON file where one of them holds another JSON value (a number, a list, an object) is refused
@@ -371,6 +374,22 @@ def _text_file_problem(path: str, *, parse: bool) -> str | None:
     return None
 
 
+SINGLE_SPLIT = "train"
+_SET_SPLIT = "set --task.split (training) / --task.eval-split (validation) to one of them"
+
+
+def _require_single_split(path: str, split: str, what: str) -> None:
+    """A single data file or saved Dataset holds ONE split, served as ``"train"`` (the name
+    ``datasets`` gives the rows of data files passed without split names): refuse any other split
+    name, so that validation can never read the training rows under another split's name."""
+    if split != SINGLE_SPLIT:
+        raise DataError(
+            f"{path} is {what}, which has one split ({SINGLE_SPLIT!r}), not {split!r}: pass a "
+            "directory with one data file per split (e.g. train.jsonl and test.jsonl) as "
+            "--task.dataset and name its splits with --task.split / --task.eval-split."
+        )
+
+
 def _load_split(path: str, split: str, *, data_dir, data_files, config_name, cache_dir):
     import datasets  # local import: keeps `import klq_jax.data` light
 
@@ -378,8 +397,9 @@ def _load_split(path: str, split: str, *, data_dir, data_files, config_name, cac
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
             if split not in loaded:
-                raise DataError(f"{path} has splits {list(loaded)}, not {split!r}; pass one of them.")
+                raise DataError(f"{path} has splits {list(loaded)}, not {split!r}: {_SET_SPLIT}.")
             return loaded[split]
+        _require_single_split(path, split, "a save_to_disk directory of one Dataset")
         return loaded
     if os.path.isfile(path):
         lower = path.lower()
@@ -390,6 +410,7 @@ def _load_split(path: str, split: str, *, data_dir, data_files, config_name, cac
                 f"Cannot tell the format of {path}: use one of {sorted(_EXT_TO_BUILDER)}, or pass a "
                 "directory in the hub dataset's layout."
             )
+        _require_single_split(path, split, "a single data file")
         return datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
     if cache_dir is None and os.path.isdir(path):
         cache_dir = _local_cache_dir(path)

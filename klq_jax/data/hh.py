@@ -110,7 +110,8 @@ def load_hh(
     Args:
       tokenizer: the policy's tokenizer, with a pad token.
       split: ``"train"`` or ``"test"`` (hh-rlhf has no validation split).
-      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file.
+      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file (a
+        single file or saved Dataset has one split, "train": see :func:`~klq_jax.data.load_split`).
       data_dir: the subset (``"helpful-base"``); None for all subsets or a single local file.
       data_files: passed to ``datasets.load_dataset``.
       max_prompt_length: prompts with more tokens are dropped (counted as ``"too_long"``).

@@ -60,7 +60,8 @@ def load_imdb(
     Args:
       tokenizer: the policy's tokenizer, with a pad token.
       split: ``"train"``, ``"test"`` or ``"unsupervised"``.
-      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file.
+      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file (a
+        single file or saved Dataset has one split, "train": see :func:`~klq_jax.data.load_split`).
       data_dir, data_files: passed to ``datasets.load_dataset``.
       prompt_length_range: half-open ``[lo, hi)`` range of prompt token counts (TRL: (2, 8)).
       min_review_chars: keep reviews with strictly more characters (None keeps all).

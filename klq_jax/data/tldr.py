@@ -200,7 +200,8 @@ def load_tldr(
     Args:
       tokenizer: the policy's tokenizer, with a pad token (Pythia + ``[PAD]``).
       split: ``"train"``, ``"validation"`` or ``"test"``.
-      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file.
+      name_or_path: hub name, local directory in the hub layout, saved dataset, or data file (a
+        single file or saved Dataset has one split, "train": see :func:`~klq_jax.data.load_split`).
       source: ``"query_token"`` uses the pre-tokenised ids, ``"raw"`` re-encodes from
         ``subreddit``/``title``/``post``; ``"auto"`` picks ``query_token`` when the column exists.
       query_length: the token budget and padded width (N+: 512). Pre-tokenised rows of another
