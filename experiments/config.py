@@ -38,6 +38,9 @@ class TaskConfig:
         task's default (TL;DR validation, HH and IMDb test; the synthetic task draws a separate
         prompt set disjoint from the training prompts).
       max_prompt_len: prompt token budget (TL;DR: 512).
+      tldr_source: TL;DR prompts from the pre-tokenised query_token ids (query_token; they must be
+        left-padded with the tokenizer's pad id), re-encoded from subreddit/title/post with the
+        policy's tokenizer (raw), or query_token when the dataset has it (auto).
       tokenizer: tokenizer source (default: the policy's directory).
       reward_tokenizer: the reward model's tokenizer when it differs from the policy's (HH).
       reward_label: the class whose logit is the reward, for a classifier reward model (IMDb's
@@ -63,6 +66,7 @@ class TaskConfig:
     split: str = "train"
     eval_split: str | None = None
     max_prompt_len: int = 512
+    tldr_source: Literal["auto", "query_token", "raw"] = "auto"
     tokenizer: str | None = None
     reward_tokenizer: str | None = None
     reward_label: str = "POSITIVE"
@@ -79,6 +83,8 @@ class TaskConfig:
             p.append(f"kind={self.kind!r} is not one of 'synthetic', 'tldr', 'hh', 'imdb'")
         if self.reward not in ("target_token", "low_tokens", "length"):
             p.append(f"reward={self.reward!r} is not one of 'target_token', 'low_tokens', 'length'")
+        if self.tldr_source not in ("auto", "query_token", "raw"):
+            p.append(f"tldr_source={self.tldr_source!r} is not one of 'auto', 'query_token', 'raw'")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             p.append(f"dtype={self.dtype!r} must be float32, bfloat16 or float16")
         for name in ("num_prompts", "prompt_len", "max_prompt_len"):

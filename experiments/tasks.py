@@ -345,7 +345,7 @@ def load_prompts(task: TaskConfig, tokenizer, *, seed: int = 0):
     try:
         if task.kind == "tldr":
             return load_tldr(tokenizer, task.split, name_or_path=source, query_length=task.max_prompt_len,
-                             data_dir=task.dataset_subset)
+                             data_dir=task.dataset_subset, source=task.tldr_source)
         if task.kind == "hh":
             return load_hh(tokenizer, task.split, name_or_path=source,
                            data_dir=task.dataset_subset if task.dataset_subset is not None else "helpful-base",

@@ -7,6 +7,7 @@ import pytest
 from tests.helpers import fixtures
 from klq_jax.data import tldr
 from klq_jax.data.common import PromptDataset
+from klq_jax.errors import DataError
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +165,43 @@ def test_errors(tok, tmp_path):
     small = fixtures.make_tiny_tokenizer(vocab_size=300)
     with pytest.raises(ValueError, match="tokenizer the ids were made with"):
         tldr.load_tldr(small, "train", name_or_path=d, query_length=96, source="query_token")
+
+
+def test_query_token_padded_with_another_id_is_refused(tok, tmp_path):
+    """Issue data F4: a tokenizer whose pad id is not the dataset's (pad = EOS, as TRL-trained SFT
+    tokenizers often are), or right-padded query_token, is refused naming both ids, instead of the
+    padding run becoming prompt text."""
+    import datasets
+
+    d = fixtures.write_tiny_tldr(tmp_path / "tldr", tok, n=4, query_length=96)
+    eos_pad = fixtures.make_tiny_tokenizer()
+    eos_pad.pad_token = eos_pad.eos_token
+    assert eos_pad.pad_token_id != tok.pad_token_id
+    rows = datasets.load_dataset(d, split="train").to_list()
+    padded = sum(r["query_token"][:2] == [tok.pad_token_id] * 2 for r in rows)
+    assert padded > 0
+    with pytest.raises(DataError, match=rf"{padded} of 4 rows of query_token start with a run of id {tok.pad_token_id} "
+                                        rf"\('\[PAD\]'\), .* the tokenizer's pad id is {eos_pad.pad_token_id} .*"
+                                        r"--task.tldr-source raw"):
+        tldr.load_tldr(eos_pad, "train", name_or_path=d, query_length=96)
+    raw = tldr.load_tldr(eos_pad, "train", name_or_path=d, query_length=96, source="raw")  # the way out
+    assert raw.prompt_texts == tldr.load_tldr(tok, "train", name_or_path=d, query_length=96).prompt_texts
+    with_pad = sum(tok.pad_token_id in r["query_token"] for r in rows)
+    for r in rows:  # right padding: the same ids, the pad run moved to the end
+        real = [i for i in r["query_token"] if i != tok.pad_token_id]
+        r["query_token"] = real + [tok.pad_token_id] * (96 - len(real))
+    path = str(tmp_path / "right.parquet")
+    datasets.Dataset.from_list(rows).to_parquet(path)
+    with pytest.raises(DataError, match=rf"{with_pad} of 4 rows of query_token end with the pad id "
+                                        rf"{tok.pad_token_id} \(right-padded\): LEFT-pad them, or .* raw"):
+        tldr.load_tldr(tok, "train", name_or_path=path, query_length=96)
+    # the command line's way out: --task.tldr-source raw reaches the loader
+    import dataclasses
+
+    from experiments import presets, tasks
+
+    task = dataclasses.replace(presets.get("tldr-klq").task, dataset=d, max_prompt_len=96)
+    with pytest.raises(DataError, match="--task.tldr-source raw"):
+        tasks.load_prompts(task, eos_pad)
+    via_task = tasks.load_prompts(dataclasses.replace(task, tldr_source="raw"), eos_pad)
+    assert via_task.prompt_texts == raw.prompt_texts

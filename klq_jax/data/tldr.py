@@ -177,6 +177,39 @@ def truncate_query(
     return format_query(subreddit, title, post), ids
 
 
+def _padding_problem(ids: np.ndarray, pad_id: int, tokenizer) -> str | None:
+    """Why the ``[N, T]`` pre-tokenised queries ``ids`` are not LEFT-padded with ``pad_id`` and what
+    to do (the caller adds the ``source='raw'`` way out), or None.
+
+    * right padding: a row that is not all padding ends with ``pad_id``;
+    * another pad id: more rows start with a run (two or more) of one id ``c != pad_id`` than start
+      with ``pad_id`` (a TL;DR query starts ``"SUBREDDIT: r/"``, never with a repeated token): ``c``
+      is the id the dataset padded with, and masking ``pad_id`` would make that run prompt text.
+    """
+    if ids.size == 0 or ids.shape[1] < 2:
+        return None
+    all_pad = np.all(ids == pad_id, axis=1)
+    right = (ids[:, -1] == pad_id) & ~all_pad
+    if right.any():
+        return (f"{int(right.sum())} of {len(ids)} rows of query_token end with the pad id {pad_id} "
+                "(right-padded): LEFT-pad them")
+    run = ids[:, 0] == ids[:, 1]
+    firsts = ids[run, 0]
+    firsts = firsts[firsts != pad_id]
+    if not firsts.size:
+        return None
+    values, counts = np.unique(firsts, return_counts=True)
+    other, n_other = int(values[np.argmax(counts)]), int(counts.max())
+    if n_other <= int(np.sum(ids[:, 0] == pad_id)):
+        return None
+    def tok(i):
+        return repr(tokenizer.convert_ids_to_tokens(i))
+    return (f"{n_other} of {len(ids)} rows of query_token start with a run of id {other} ({tok(other)}), "
+            f"the padding the dataset was made with, but the tokenizer's pad id is {pad_id} ({tok(pad_id)}): "
+            "pass the tokenizer the ids were made with (its pad token must be the dataset's, e.g. Pythia "
+            "+ '[PAD]')")
+
+
 def _reference_from_response(text: str, eos: str | None) -> str:
     if eos and text.endswith(eos):
         return text[: -len(eos)]
@@ -204,6 +237,9 @@ def load_tldr(
         single file or saved Dataset has one split, "train": see :func:`~klq_jax.data.load_split`).
       source: ``"query_token"`` uses the pre-tokenised ids, ``"raw"`` re-encodes from
         ``subreddit``/``title``/``post``; ``"auto"`` picks ``query_token`` when the column exists.
+        ``query_token`` must be LEFT-padded with the tokenizer's pad id: right-padded ids, or ids
+        padded with another id (a tokenizer whose pad is EOS), are refused
+        (:class:`~klq_jax.errors.DataError` naming both ids) rather than read as prompt text.
       query_length: the token budget and padded width (N+: 512). Pre-tokenised rows of another
         width are re-padded; those with more real tokens than ``query_length`` are dropped.
       data_dir, data_files: passed to ``datasets.load_dataset``.
@@ -247,6 +283,9 @@ def load_tldr(
                 f"{name}: query_token ids lie in [{ids.min()}, {ids.max()}] but the tokenizer has {vocab} "
                 "tokens: pass the tokenizer the ids were made with (Pythia's, with '[PAD]' added)."
             )
+        problem = _padding_problem(ids, pad_id, tokenizer)
+        if problem:
+            raise DataError(f"{name}: {problem}, or re-encode the text with source='raw' (--task.tldr-source raw).")
         mask = mask_from_left_padded(ids, pad_id)
         lengths = mask.sum(axis=1).astype(np.int64)
         if "query" in columns:
