@@ -43,3 +43,24 @@ def test_no_filter_and_splits(tok, tmp_path):
     assert len(imdb.load_imdb(tok, "test", name_or_path=d, min_review_chars=None)) == 3
     with pytest.raises(ValueError, match="half-open"):
         imdb.load_imdb(tok, "train", name_or_path=d, prompt_length_range=(3, 3))
+
+
+def test_bos_adding_tokenizer_prompts_start_with_bos(tok, tmp_path):
+    """Issue data F1: with a tokenizer that prepends a BOS on encode (Llama 3), the prompts are
+    TRL's ``tokenizer.encode(review)[:k]``: BOS + the first k-1 review tokens; tokenizers that add
+    nothing (the Pythia-like ``tok``) keep the first k review tokens (test_prefix_prompts_exact)."""
+    import datasets
+
+    llama = fixtures.make_tiny_llama_tokenizer()
+    llama.pad_token = llama.eos_token  # as load_policy_tokenizer(pad_with_eos=True) for Llama 3.2
+    assert imdb.prepended_bos(llama) == llama.bos_token_id and imdb.prepended_bos(tok) is None
+    d = fixtures.write_tiny_imdb(tmp_path, n=9)
+    kept = [r["text"] for r in datasets.load_dataset(d, split="train") if len(r["text"]) > 200]
+    ds = imdb.load_imdb(llama, "train", name_or_path=d, seed=5)
+    assert ds.width == 7 and len(ds) == len(kept)
+    # the lengths k are the same draws as for a tokenizer without BOS; the BOS counts in the k
+    assert ds.lengths.tolist() == imdb.load_imdb(tok, "train", name_or_path=d, seed=5).lengths.tolist()
+    for text, k, ids, prompt in zip(kept, ds.lengths.tolist(), ds.prompt_ids.tolist(), ds.prompt_texts):
+        trl = llama(text)["input_ids"][:k]  # TRL v0.9.6: tokenizer.encode(review)[: input_size()]
+        assert trl[0] == llama.bos_token_id and ids == [llama.pad_token_id] * (7 - k) + trl
+        assert prompt == llama.decode(trl[1:]) and text.startswith(prompt)

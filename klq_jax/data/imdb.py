@@ -5,13 +5,18 @@ Source: ``stanfordnlp/imdb``, config ``plain_text``, splits ``train`` (25k), ``t
 (rlhf_facts.md §3).
 
 Prompts follow the old TRL example (huggingface/trl@v0.9.6 ``examples/scripts/ppo.py``; rlhf_facts.md
-§3): keep reviews of more than ``min_review_chars`` characters (TRL: ``len(review) > 200``), encode
-each review without special tokens and keep its first ``k`` tokens, with ``k`` drawn per review from
+§3): keep reviews of more than ``min_review_chars`` characters (TRL: ``len(review) > 200``) and keep
+the first ``k`` tokens of ``tokenizer.encode(review)``, with ``k`` drawn per review from
 ``range(*prompt_length_range)`` (TRL's ``LengthSampler(2, 8)``: ``np.random.choice(range(2, 8))``, so
-2..7 tokens; the range is half-open). Here the draws come from ``np.random.default_rng(seed)`` in row
-order, so the prompts are a pure function of (dataset, tokenizer, seed). The prompt text is the
-decoded prefix; prompts are LEFT-padded to ``max(range)`` tokens. The review labels go to
-``extras["label"]``; there are no references.
+2..7 tokens; the range is half-open). TRL encodes with special tokens: a tokenizer that prepends a
+BOS on encode (Llama 3: ``<|begin_of_text|>``; decided per tokenizer: ``tokenizer("x")`` starts with
+``bos_token_id`` and ``tokenizer("x", add_special_tokens=False)`` does not) gives prompts
+``[BOS] + the first k-1 review tokens`` (the BOS counts in the ``k``); GPT-2 / Pythia tokenizers add
+nothing, so there the prompt is the first ``k`` review tokens. Here the draws come from
+``np.random.default_rng(seed)`` in row order, so the prompts are a pure function of (dataset,
+tokenizer, seed). The prompt text is the decoded review tokens (without the BOS); prompts are
+LEFT-padded to ``max(range) - 1`` tokens. The review labels go to ``extras["label"]``; there are no
+references.
 
 Example (offline):
 
@@ -38,9 +43,25 @@ from klq_jax.data.common import (
     require_pad_id,
 )
 
-__all__ = ["IMDB_DATASET", "load_imdb"]
+__all__ = ["IMDB_DATASET", "load_imdb", "prepended_bos"]
 
 IMDB_DATASET = "stanfordnlp/imdb"
+
+
+def prepended_bos(tokenizer) -> int | None:
+    """The BOS id ``tokenizer`` prepends when encoding with special tokens (Llama 3's
+    ``<|begin_of_text|>``), or None when it adds none (GPT-2, Pythia).
+
+    Example:
+      >>> prepended_bos(fixtures.make_tiny_tokenizer()) is None, prepended_bos(fixtures.make_tiny_llama_tokenizer())
+      (True, 398)
+    """
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    with_special = list(tokenizer("x")["input_ids"])
+    without = list(tokenizer("x", add_special_tokens=False)["input_ids"])
+    return int(bos) if with_special[:1] == [bos] and without[:1] != [bos] else None
 
 
 def load_imdb(
@@ -89,8 +110,11 @@ def load_imdb(
     rng = np.random.default_rng(seed)
     ks = rng.integers(lo, hi, size=len(keep))
     full = encode_texts(tokenizer, [texts[i] for i in keep])
-    token_lists = [toks[:k] for toks, k in zip(full, ks)]
-    prompts = [tokenizer.decode(t) for t in token_lists]
+    bos = prepended_bos(tokenizer)
+    lead = [] if bos is None else [bos]
+    review_tokens = [toks[: k - len(lead)] for toks, k in zip(full, ks)]
+    token_lists = [lead + toks for toks in review_tokens]
+    prompts = [tokenizer.decode(t) for t in review_tokens]
     return prompt_dataset_from_tokens(
         token_lists,
         prompts,
