@@ -176,7 +176,6 @@ def _flax_to_hf(args) -> str:
         tokenizer_dir=tokenizer,
         max_shard_size=args.max_shard_size,
         dtype=args.dtype,
-        hf_config=hf.read_flax_hf_config(args.src),
         overwrite=args.overwrite,
     )
     return f"wrote {args.dst}"

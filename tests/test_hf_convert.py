@@ -427,3 +427,34 @@ def test_load_hf_straight_into_a_mesh(tmp_path):
     for path, got in jax.tree_util.tree_flatten_with_path(placed)[0]:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(flat_plain[path]))
     assert any("fsdp" in str(s.spec) for s in jax.tree_util.tree_leaves(want))
+
+
+# ------------------------------------------------------------------------------------------------
+# Token ids survive load_hf -> save_hf without hf_config= (review s7 F4)
+# ------------------------------------------------------------------------------------------------
+
+
+def _ids(path):
+    return {k: json.loads(Path(path).read_text()).get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
+@pytest.mark.parametrize("cls, ids", [
+    ("LlamaForCausalLM", {"bos_token_id": 60, "eos_token_id": [61, 62], "pad_token_id": None}),
+    ("LlamaForSequenceClassification", {"bos_token_id": 60, "eos_token_id": 61, "pad_token_id": 61}),
+])
+def test_library_round_trip_keeps_token_ids(tmp_path, cls, ids):
+    """Not the architecture's defaults (Llama: bos 1, eos 2): the checkpoint's own ids, in
+    config.json and generation_config.json; a reward model keeps its pad id (HF needs it to run
+    batched)."""
+    testing.tiny_hf_llama(tmp_path / "src", cls=cls, num_labels=1, **ids)
+    assert _ids(tmp_path / "src" / "config.json") == ids
+    config, _, params = hf.load_hf(tmp_path / "src")
+    hf.save_hf(tmp_path / "out", config, params)
+    assert _ids(tmp_path / "out" / "config.json") == ids
+    if cls.endswith("CausalLM"):
+        assert _ids(tmp_path / "out" / "generation_config.json") == {**ids, "pad_token_id": None}
+    # through our checkpoint format too, and an explicit hf_config= still wins
+    hf.save_flax(tmp_path / "flax", config, params)
+    config2, _, params2 = hf.load_flax(tmp_path / "flax")
+    hf.save_hf(tmp_path / "out2", config2, params2, hf_config={"eos_token_id": 7})
+    assert _ids(tmp_path / "out2" / "config.json") == {**ids, "eos_token_id": 7}

@@ -54,6 +54,14 @@ def dtypes(config: Any, names: Iterable[str] = ("dtype", "param_dtype")) -> list
     ]
 
 
+def hf_token_ids_field():
+    """The ``hf_token_ids`` field every model config carries: the ``bos/eos/pad_token_id`` of the
+    Hugging Face config the model was read from (``{}`` for a model built here), which
+    :func:`klq_jax.models.hf.save_hf` writes back. Not part of the network: ``==`` and ``hash``
+    ignore it."""
+    return dataclasses.field(default_factory=dict, compare=False)
+
+
 def raise_if(problems: list[str], config_name: str) -> None:
     """``ValueError("Invalid <config_name>: <problems joined by ; >")`` if there are any."""
     if problems:

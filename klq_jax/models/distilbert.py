@@ -60,7 +60,7 @@ class DistilBertConfig:
       activation: ``"gelu"`` (exact) or ``"relu"``.
       labels: the label names in id order (``config.id2label``); ``num_labels = len(labels)``.
       layer_norm_eps: LayerNorm epsilon (DistilBERT: 1e-12).
-      dtype, param_dtype, initializer_range: as the other networks.
+      dtype, param_dtype, initializer_range, hf_token_ids: as the other networks.
     """
 
     vocab_size: int = 30522
@@ -75,6 +75,7 @@ class DistilBertConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    hf_token_ids: dict = checks.hf_token_ids_field()
 
     def __post_init__(self):
         problems = checks.positive(self, ("vocab_size", "max_position_embeddings", "dim", "n_layers",

@@ -86,6 +86,7 @@ class GPT2Config:
       dtype: compute dtype (``"float32"``, ``"bfloat16"``, ``"float16"``).
       param_dtype: storage dtype of the parameters.
       initializer_range: std of the normal init of the weights.
+      hf_token_ids: as :class:`klq_jax.models.gpt_neox.GPTNeoXConfig`.
     """
 
     vocab_size: int = 50257
@@ -104,6 +105,7 @@ class GPT2Config:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    hf_token_ids: dict = checks.hf_token_ids_field()
 
     def __post_init__(self):
         problems = checks.positive(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))

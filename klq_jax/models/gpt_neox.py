@@ -93,6 +93,8 @@ class GPTNeoXConfig:
       dtype: compute dtype of activations and matmuls (``"float32"`` or ``"bfloat16"``).
       param_dtype: storage dtype of parameters (float32).
       initializer_range: std of the normal init of weights (HF: 0.02).
+      hf_token_ids: ``bos/eos/pad_token_id`` of the Hugging Face config it was read from (``{}``:
+        none), written back by ``save_hf``; ignored by ``==`` (:func:`checks.hf_token_ids_field`).
     """
 
     vocab_size: int = 50304
@@ -114,6 +116,7 @@ class GPTNeoXConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    hf_token_ids: dict = checks.hf_token_ids_field()
 
     def __post_init__(self):
         checks.raise_if(checks.positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads",

@@ -79,7 +79,7 @@ class LlamaConfig:
       max_position_embeddings: longest sequence the model is meant for.
       rms_norm_eps: RMSNorm epsilon.
       tie_word_embeddings: unembed with ``embed_in.T`` (Llama 3.2 1B/3B: True).
-      lm_head, value_head, score_head, dtype, param_dtype, initializer_range: as
+      lm_head, value_head, score_head, dtype, param_dtype, initializer_range, hf_token_ids: as
         :class:`klq_jax.models.gpt_neox.GPTNeoXConfig`.
     """
 
@@ -105,6 +105,7 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     initializer_range: float = 0.02
+    hf_token_ids: dict = checks.hf_token_ids_field()
 
     def __post_init__(self):
         problems = checks.positive(self, ("vocab_size", "hidden_size", "num_layers", "num_heads",

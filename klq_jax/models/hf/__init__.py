@@ -12,6 +12,13 @@ Both directions, as a library (the ``klq-convert`` CLI is a thin layer over it):
     >>> config2 == config
     True
 
+The round trip keeps the checkpoint's ``bos/eos/pad_token_id`` (an ``eos_token_id`` list too):
+:func:`load_hf` returns them on ``config.hf_token_ids`` and :func:`save_hf` writes them into
+``config.json`` and ``generation_config.json`` (pass ``hf_config=`` to write others)::
+
+    >>> config2.hf_token_ids
+    {'bos_token_id': 0, 'eos_token_id': 0, 'pad_token_id': None}
+
 How it is built
 ---------------
 * :mod:`.tables`: per architecture, a declarative table — our parameter path ↔ HF tensor name
@@ -44,8 +51,8 @@ Our checkpoint format (:func:`save_flax` / :func:`load_flax`)
 A directory with ``klq_config.json`` (``{"format": "klq_jax.<arch>", "version": 1, "config":
 {...}}``, every field of our config, compute dtype and heads included), ``params.safetensors``
 (every parameter under its NNX path, e.g. ``layers.0.attention.qkv_kernel``, in our layout;
-sharded above 5GB), optionally ``hf_config.json`` (the original HF ``config.json``, whose token ids
-``save_hf`` carries back) and tokenizer files. It stores a model exactly as the library holds it —
+sharded above 5GB), optionally ``hf_config.json`` (the original HF ``config.json``; its token ids
+fill ``config.hf_token_ids`` of a checkpoint whose ``klq_config.json`` has none) and tokenizer files. It stores a model exactly as the library holds it —
 including models with no HF architecture (an LM with a score head) — and loads without any
 layout transform; the end of a training run writes a Hugging Face directory instead.
 """

@@ -227,13 +227,24 @@ def config_from_hf(
             continue
         kwargs[f.ours] = f.to_ours(v) if (f.to_ours is not None and v is not None) else v
     kwargs.update(head.flags)
-    kwargs.update(dtype=dtype, param_dtype=param_dtype)
+    kwargs.update(dtype=dtype, param_dtype=param_dtype, hf_token_ids=_token_ids(hf_obj))
     if arch.value_head:
         kwargs["value_head"] = value_head
     try:
         return _config_class(arch)(**kwargs)
     except (ValueError, TypeError) as e:
         raise ConversionError(f"{source}: this config is not supported: {e}") from None
+
+
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _token_ids(hf_config) -> dict:
+    """The ``bos/eos/pad_token_id`` that ``hf_config`` (a dict or a ``transformers`` config) sets
+    (an ``eos_token_id`` list stays a list): what a model's ``hf_token_ids`` carries to
+    :func:`save_hf`."""
+    ids = {k: _get(hf_config, k) for k in TOKEN_ID_KEYS}
+    return {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in ids.items() if v is not _MISSING}
 
 
 def _head_for_config(config, arch: tables.Arch) -> tables.Head:
@@ -267,8 +278,9 @@ def _hf_config_object(config, *, base: Mapping[str, Any] | None = None, torch_dt
     if head.num_labels is not None:
         kwargs["num_labels"] = head.num_labels
     kwargs.update(arch.token_ids)
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if base and k in base:
+    base = {**config.hf_token_ids, **(base or {})}
+    for k in TOKEN_ID_KEYS:
+        if k in base:
             kwargs[k] = base[k]
     kwargs["architectures"] = [head.hf_arch]
     kwargs["dtype"] = torch_dtype
@@ -280,8 +292,9 @@ def _hf_config_object(config, *, base: Mapping[str, Any] | None = None, torch_dt
 def config_to_hf(config, *, base: Mapping[str, Any] | None = None, torch_dtype: str = "float32") -> dict:
     """The Hugging Face ``config.json`` dict of ``config`` (built by its ``transformers`` class).
 
-    Token ids (``bos/eos/pad_token_id``) come from ``base`` (e.g. the original HF config) when
-    given, else the architecture's defaults (Pythia: ``bos = eos = 0``, no pad).
+    Each token id (``bos/eos/pad_token_id``) comes from ``base`` (e.g. the original HF config) if
+    it has it, else from ``config.hf_token_ids`` (those of the checkpoint it was read from), else
+    the architecture's default (Pythia: ``bos = eos = 0``, no pad).
 
     Example::
 
@@ -665,7 +678,9 @@ def save_hf(
       tokenizer_dir: copy the tokenizer files found there (refused if larger than the embedding).
       max_shard_size: largest shard, bytes or a string like ``"5GB"``.
       dtype: storage dtype of the HF tensors (default ``config.param_dtype``).
-      hf_config: an original HF config whose token ids (``bos/eos/pad_token_id``) are kept.
+      hf_config: a HF config dict whose token ids (``bos/eos/pad_token_id``) are written; the
+        ids it lacks come from ``config.hf_token_ids``, those of the checkpoint :func:`load_hf` /
+        :func:`load_flax` read (else the architecture's defaults).
       overwrite: replace an existing non-empty ``path`` if it is a previous conversion output
         (:func:`refuse_unless_conversion_output`); it stays whole until the new one is complete.
 
@@ -801,6 +816,9 @@ def load_flax(path: str | os.PathLike, *, dtype: str | None = None):
     """
     path = Path(path)
     config = read_flax_config(path)
+    kept = read_flax_hf_config(path)
+    if not config.hf_token_ids and kept:  # a checkpoint written before configs carried the ids
+        config = config.replace(hf_token_ids=_token_ids(kept))
     if dtype is not None:
         config = config.replace(dtype=_check_dtype("dtype", dtype))
     reader = WeightReader(path, stems=(FLAX_PARAMS_STEM,), bin_files=False)
