@@ -75,6 +75,7 @@ __all__ = [
     "heldout_synthetic_prompts",
     "load_validation_prompts",
     "DEFAULT_EVAL_SPLITS",
+    "VALIDATION_SEED",
     "DEFAULT_DATASETS",
     "DEFAULT_SCORE_MICRO_BATCH_SIZE",
     "load_policy_tokenizer",
@@ -91,6 +92,10 @@ DEFAULT_DATASETS = {
     "hh": "Anthropic/hh-rlhf",
     "imdb": "stanfordnlp/imdb",
 }
+
+# Seeds the choice of the validation prompts (and IMDb's validation prefix lengths): a constant,
+# so that every run of a dataset validates on the same prompts whatever its --seed.
+VALIDATION_SEED = 0
 
 # Rows per reward-model forward pass (TrainConfig.score_micro_batch_size of the paper presets).
 DEFAULT_SCORE_MICRO_BATCH_SIZE = 48
@@ -142,19 +147,30 @@ def heldout_synthetic_prompts(train, num_prompts: int, max_len: int, vocab_size:
     )
 
 
-def load_validation_prompts(task: "TaskConfig", tokenizer, num_prompts: int, *, seed: int = 0):
-    """The first ``num_prompts`` prompts of the task's held-out split (``task.eval_split`` or
-    :data:`DEFAULT_EVAL_SPLITS`), a :class:`klq_jax.data.PromptDataset` (real datasets only)."""
+def load_validation_prompts(task: "TaskConfig", tokenizer, num_prompts: int):
+    """``num_prompts`` prompts of the task's held-out split (``task.eval_split`` or
+    :data:`DEFAULT_EVAL_SPLITS`), a :class:`klq_jax.data.PromptDataset` (real datasets only).
+
+    The same prompts for every run of a dataset, whatever its training seed: the first
+    ``num_prompts`` of a permutation of the split's usable prompts drawn from
+    :data:`VALIDATION_SEED` (not the file's first rows: stanfordnlp/imdb's splits are sorted by
+    label), IMDb's prefix lengths drawn from the same constant seed. Fewer usable prompts than
+    ``num_prompts``: all of them, with a warning naming both counts.
+    """
     split = task.eval_split or DEFAULT_EVAL_SPLITS[task.kind]
     if split == task.split:
         raise ValueError(
             f"task.eval_split={split!r} is the training split: validation needs held-out prompts; "
             f"set --task.eval-split to another split."
         )
-    ds = load_prompts(dataclasses.replace(task, split=split), tokenizer, seed=seed)
+    ds = load_prompts(dataclasses.replace(task, split=split), tokenizer, seed=VALIDATION_SEED)
     if len(ds) == 0:
         raise ValueError(f"The {split!r} split of {ds.name} has no usable prompts for validation.")
-    return ds.select(np.arange(min(num_prompts, len(ds))))
+    if num_prompts > len(ds):
+        logger.warning("validation: %d prompts requested (--eval-prompts) but %s has only %d usable "
+                       "held-out prompts: validating on %d", num_prompts, ds.name, len(ds), len(ds))
+    order = np.random.default_rng(VALIDATION_SEED).permutation(len(ds))
+    return ds.select(order[: min(num_prompts, len(ds))])
 
 
 def _local_models_state() -> str:
@@ -556,7 +572,7 @@ def build_experiment(
                                key=key_rm, mesh=mesh)
     heldout = None
     if validation_prompts:
-        heldout = load_validation_prompts(task, tokenizer, validation_prompts, seed=seed)
+        heldout = load_validation_prompts(task, tokenizer, validation_prompts)
     return Experiment(
         validation_prompts=heldout,
         reward_fn=reward_fn,

@@ -64,3 +64,30 @@ def test_bos_adding_tokenizer_prompts_start_with_bos(tok, tmp_path):
         trl = llama(text)["input_ids"][:k]  # TRL v0.9.6: tokenizer.encode(review)[: input_size()]
         assert trl[0] == llama.bos_token_id and ids == [llama.pad_token_id] * (7 - k) + trl
         assert prompt == llama.decode(trl[1:]) and text.startswith(prompt)
+
+
+def test_validation_prompts_are_a_fixed_shuffle_of_the_heldout_split(tok, tmp_path, caplog):
+    """Issue data F10 + F5: validation prompts are K of a fixed-seed permutation of the held-out
+    split, not its first K rows (stanfordnlp/imdb's splits are sorted by label: all neg first);
+    asking for more than there are warns with both counts."""
+    import dataclasses
+    import json
+    import logging
+
+    from experiments import presets, tasks
+
+    d = tmp_path / "imdb_sorted"
+    d.mkdir()
+    long = " ".join(["A long review that goes on and on about the film and its actors."] * 5)
+    for split in ("train", "test"):  # label-sorted, as the real parquet files
+        rows = [{"text": f"{long} number {i}.", "label": int(i >= 6)} for i in range(12)]
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = dataclasses.replace(presets.get("imdb-klq").task, dataset=str(d))
+    val = tasks.load_validation_prompts(task, tok, 6)
+    assert len(val) == 6 and set(val.extras["label"].tolist()) == {0, 1}
+    heldout = imdb.load_imdb(tok, "test", name_or_path=str(d), seed=tasks.VALIDATION_SEED)
+    order = np.random.default_rng(tasks.VALIDATION_SEED).permutation(12)[:6]
+    np.testing.assert_array_equal(val.prompt_ids, heldout.prompt_ids[order])
+    with caplog.at_level(logging.WARNING):
+        assert len(tasks.load_validation_prompts(task, tok, 100)) == 12
+    assert "100 prompts requested (--eval-prompts) but" in caplog.text and "only 12 usable" in caplog.text

@@ -311,3 +311,13 @@ def test_policy_tokenizer_pad_must_fit_the_embedding(tmp_path):
     assert tok.pad_token == "[PAD]" and tok.pad_token_id == 384
     with pytest.raises(ValueError, match="embedding has only 384 rows"):
         tasks.load_policy_tokenizer(str(d), vocab_size=384)
+
+
+def test_imdb_validation_prompts_do_not_depend_on_the_training_seed(local_hub):
+    """Issue data F8: IMDb's validation prefix lengths come from a constant seed, not --seed (the
+    training prompts do follow --seed)."""
+    task = dataclasses.replace(presets.get("imdb-klq").task, dtype="float32")
+    a, b = (tasks.build_experiment(task, batch_size=2, seed=s, validation_prompts=3) for s in (0, 1))
+    np.testing.assert_array_equal(a.validation_prompts.prompt_ids, b.validation_prompts.prompt_ids)
+    assert a.validation_prompts.prompt_texts == b.validation_prompts.prompt_texts
+    assert a.prompts.dataset.lengths.tolist() != b.prompts.dataset.lengths.tolist()
