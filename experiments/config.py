@@ -32,12 +32,15 @@ class TaskConfig:
         target_token: a dense reward that is easy to increase) or length (response length / T_max).
       target_token: the token the target_token reward likes.
       dataset: dataset hub name or local path (the task's default when None).
-      dataset_subset: e.g. HH's helpful-base.
+      dataset_subset: e.g. HH's helpful-base (None, HH: helpful-base, except for a local directory
+        without a helpful-base folder, whose own split files are read: a flat copy).
       split: dataset split for training prompts.
       eval_split: dataset split of the held-out validation prompts (see eval_every); None: the
         task's default (TL;DR validation, HH and IMDb test; the synthetic task draws a separate
         prompt set disjoint from the training prompts).
       max_prompt_len: prompt token budget (TL;DR: 512).
+      hh_single_turn: HH: keep only prompts with exactly one Human turn (default); False keeps
+        multi-turn conversations, the policy generating their final Assistant turn.
       tldr_source: TL;DR prompts from the pre-tokenised query_token ids (query_token; they must be
         left-padded with the tokenizer's pad id), re-encoded from subreddit/title/post with the
         policy's tokenizer (raw), or query_token when the dataset has it (auto).
@@ -67,6 +70,7 @@ class TaskConfig:
     eval_split: str | None = None
     max_prompt_len: int = 512
     tldr_source: Literal["auto", "query_token", "raw"] = "auto"
+    hh_single_turn: bool = True
     tokenizer: str | None = None
     reward_tokenizer: str | None = None
     reward_label: str = "POSITIVE"

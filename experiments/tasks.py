@@ -13,7 +13,8 @@ paper's experiments (§5, App. D Tables 1-2; presets in :mod:`experiments.preset
   be a row of the policy's embedding (Pythia: 50304 rows > 50277 tokens, so ``[PAD]`` = 50277 fits);
   the stop token is the tokenizer's EOS (Pythia ``<|endoftext|>`` = 0);
 * **prompts**: :func:`~klq_jax.data.load_tldr` (``query_length = task.max_prompt_len``),
-  :func:`~klq_jax.data.load_hh` (subset ``task.dataset_subset``, single-turn, prompts over
+  :func:`~klq_jax.data.load_hh` (subset ``task.dataset_subset``, single-turn unless
+  ``task.hh_single_turn`` is False, prompts over
   ``task.max_prompt_len`` tokens dropped) or :func:`~klq_jax.data.load_imdb`, served by a
   :class:`~klq_jax.data.PromptIterator` seeded with ``seed`` (its position is checkpointed);
 * **reward** ``R_φ`` by the reward model's ``config.json`` architecture:
@@ -258,6 +259,11 @@ def _source_problem(name: str, kind: str, state: dict) -> str | None:
         return type(err).__name__
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path (absolute, ``./``, ``../``, ``~``), never a hub name ``org/name``."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~", ".\\"))
+
+
 def check_sources(task: TaskConfig) -> None:
     """Check every model, tokenizer and dataset source of ``task`` before loading any of them.
 
@@ -274,6 +280,9 @@ def check_sources(task: TaskConfig) -> None:
             wanted.append((role, name, "model"))
     if task.kind != "synthetic":
         wanted.append(("dataset", task.dataset or DEFAULT_DATASETS[task.kind], "dataset"))
+    typos = [f"{role} {name!r}" for role, name, _ in wanted if _looks_like_path(name) and not os.path.exists(name)]
+    if typos:
+        raise SourceNotFoundError(f"No such path: {', '.join(typos)}; fix the path (a local path must exist).")
     missing, seen, state = [], {}, {}
     needs_hub = [name for _, name, _ in wanted
                  if not (name.startswith("random:") or os.path.exists(resolve_source(name, kind="dataset")))]
@@ -354,6 +363,15 @@ def _dataset_source(task: TaskConfig) -> str:
     return resolve_source(name, kind="dataset")
 
 
+def _hh_subset(task: TaskConfig, source: str) -> str | None:
+    """HH's subset folder: ``task.dataset_subset``; when None, ``helpful-base``, except for a local
+    directory without a ``helpful-base`` folder (a flat copy: its own split files, data_dir None)."""
+    if task.dataset_subset is not None:
+        return task.dataset_subset
+    flat = os.path.isdir(source) and not os.path.isdir(os.path.join(source, "helpful-base"))
+    return None if flat else "helpful-base"
+
+
 def load_prompts(task: TaskConfig, tokenizer, *, seed: int = 0):
     """The task's training prompts as a :class:`klq_jax.data.PromptDataset` (see the module doc)."""
     name = task.dataset or DEFAULT_DATASETS[task.kind]
@@ -363,9 +381,8 @@ def load_prompts(task: TaskConfig, tokenizer, *, seed: int = 0):
             return load_tldr(tokenizer, task.split, name_or_path=source, query_length=task.max_prompt_len,
                              data_dir=task.dataset_subset, source=task.tldr_source)
         if task.kind == "hh":
-            return load_hh(tokenizer, task.split, name_or_path=source,
-                           data_dir=task.dataset_subset if task.dataset_subset is not None else "helpful-base",
-                           max_prompt_length=task.max_prompt_len)
+            return load_hh(tokenizer, task.split, name_or_path=source, data_dir=_hh_subset(task, source),
+                           max_prompt_length=task.max_prompt_len, single_turn=task.hh_single_turn)
         if task.kind == "imdb":
             return load_imdb(tokenizer, task.split, name_or_path=source, data_dir=task.dataset_subset, seed=seed,
                              prompt_length_range=tuple(task.prompt_length_range))

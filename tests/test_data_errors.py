@@ -110,3 +110,37 @@ def test_a_single_file_or_saved_dataset_has_one_split(tok, tmp_path):
     task = dataclasses.replace(presets.get("tldr-klq").task, dataset=path, max_prompt_len=128)
     with pytest.raises(DataError, match=r"not 'validation'"):
         tasks.load_validation_prompts(task, tok, 2)
+
+
+def test_missing_split_subset_path_and_filter_errors_say_what_to_set(tok, tmp_path):
+    """Issue data F3: a missing split names the splits and the flags; a missing subset names the
+    subsets and --task.dataset-subset; a mistyped local path says it does not exist; an empty result
+    advises raising the token budget only when rows were too long."""
+    import dataclasses
+
+    from experiments import presets, tasks
+    from klq_jax.errors import SourceNotFoundError
+
+    hh = fixtures.write_tiny_hh(tmp_path / "hh", n=6)
+    with pytest.raises(DataError, match=r"hh \(subset helpful-base\) has splits \['train', 'test'\], not 'validation': "
+                                        r"set --task.split \(training\) / --task.eval-split \(validation\) to one of them\.$"):
+        load_hh(tok, "validation", name_or_path=hh)
+    with pytest.raises(DataError, match=r"hh has no subset folder 'harmless-base': set --task.dataset-subset to "
+                                        r"one of \['helpful-base'\]\.$"):
+        load_hh(tok, "train", name_or_path=hh, data_dir="harmless-base")
+    imdb = fixtures.write_tiny_imdb(tmp_path / "imdb", n=6)
+    with pytest.raises(DataError, match=r"has splits \['train', 'test', 'unsupervised'\], not 'validation'"):
+        load_imdb(tok, "validation", name_or_path=imdb)
+    task = dataclasses.replace(presets.get("hh-klq").task, dataset=str(tmp_path / "no-such" / "hh-rlhf"))
+    with pytest.raises(SourceNotFoundError, match=r"^No such path: dataset '.*no-such/hh-rlhf'; fix the path"):
+        tasks.check_sources(task)
+    multi = {"chosen": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: d",
+             "rejected": "\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant: e"}
+    only_multi = fixtures.write_hh_rows(tmp_path / "multi", {"train": [multi, multi]})
+    with pytest.raises(DataError, match=r"dropped \{'multi_turn': 2\}\); keep multi-turn prompts \(single_turn=False, "
+                                        r"--task.no-hh-single-turn\)\.$") as info:
+        load_hh(tok, "train", name_or_path=only_multi)
+    assert "token budget" not in str(info.value)
+    with pytest.raises(DataError, match=r"dropped \{'short_review': 6\}\); lower min_review_chars=1000000") as info:
+        load_imdb(tok, "train", name_or_path=imdb, min_review_chars=10**6)
+    assert "token budget" not in str(info.value)

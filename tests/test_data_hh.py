@@ -103,3 +103,29 @@ def test_no_pad_tokenizer_error(tmp_path):
     d = fixtures.write_hh_rows(tmp_path, {"train": [SINGLE]})
     with pytest.raises(ValueError, match="no pad token"):
         hh.load_hh(fixtures.make_tiny_gpt2_tokenizer(), "train", name_or_path=d)
+
+
+def test_flat_copy_with_subset_none_and_multi_turn_switch(tok, tmp_path):
+    """Issue data F9: --task.dataset-subset None reads a flat local copy's own split files (the
+    preset's helpful-base is refused naming that way out); F7: --task.no-hh-single-turn keeps
+    multi-turn conversations."""
+    import dataclasses
+
+    from experiments import presets, tasks
+    from klq_jax.errors import DataError
+
+    rows = {"train": [SINGLE, MULTI, SHARED_START], "test": [SINGLE]}
+    hub = fixtures.write_hh_rows(tmp_path / "hub", rows)
+    flat = fixtures.write_hh_rows(tmp_path / "flat", rows, data_dir="")
+    preset = dataclasses.replace(presets.get("hh-klq").task, dataset=flat, max_prompt_len=64)
+    with pytest.raises(DataError, match=r"flat has no subset folder 'helpful-base': set --task.dataset-subset "
+                                        r"to None \(its own data files\)\.$"):
+        tasks.load_prompts(preset, tok)
+    task = dataclasses.replace(preset, dataset_subset=None)
+    expected = hh.load_hh(tok, "train", name_or_path=hub, max_prompt_length=64)
+    got = tasks.load_prompts(task, tok)
+    assert got.prompt_texts == expected.prompt_texts and got.drop_reasons == {"multi_turn": 1}
+    assert tasks.load_prompts(dataclasses.replace(task, dataset=hub), tok).prompt_texts == expected.prompt_texts
+    multi = tasks.load_prompts(dataclasses.replace(task, hh_single_turn=False), tok)
+    assert multi.prompt_texts == [hh.extract_prompt(r["chosen"], r["rejected"])[0] for r in rows["train"]]
+    assert multi.prompt_texts[1].count("\n\nHuman:") == 2 and multi.dropped == 0

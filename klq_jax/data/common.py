@@ -390,6 +390,31 @@ def _require_single_split(path: str, split: str, what: str) -> None:
         )
 
 
+def _check_local_layout(path: str, split: str, *, data_dir, data_files, config_name) -> None:
+    """Refuse, saying what to set, a subset folder ``data_dir`` or a ``split`` the local directory
+    ``path`` (a hub repo's layout) does not have."""
+    import datasets
+
+    if data_dir and not os.path.isdir(os.path.join(path, data_dir)):
+        subsets = sorted(d for d in os.listdir(path) if not d.startswith(".")
+                         and os.path.isdir(os.path.join(path, d)) and _local_data_files(os.path.join(path, d), None))
+        own = [f for f in os.listdir(path) if any(f.lower().endswith(e) for e in _EXT_TO_BUILDER)]
+        choices = ([f"one of {subsets}"] if subsets else []) + (["None (its own data files)"] if own else [])
+        raise DataError(
+            f"{path} has no subset folder {data_dir!r}: set --task.dataset-subset to "
+            + (" or ".join(choices) if choices else "a folder of it holding data files") + "."
+        )
+    if data_files is not None:
+        return
+    try:
+        splits = [str(s) for s in datasets.load_dataset_builder(path, name=config_name, data_dir=data_dir).config.data_files or {}]
+    except Exception:  # the load itself reports it
+        return
+    if splits and split.split("[")[0] not in splits:
+        where = f"{path}" + (f" (subset {data_dir})" if data_dir else "")
+        raise DataError(f"{where} has splits {splits}, not {split!r}: {_SET_SPLIT}.")
+
+
 def _load_split(path: str, split: str, *, data_dir, data_files, config_name, cache_dir):
     import datasets  # local import: keeps `import klq_jax.data` light
 
@@ -412,18 +437,19 @@ def _load_split(path: str, split: str, *, data_dir, data_files, config_name, cac
             )
         _require_single_split(path, split, "a single data file")
         return datasets.load_dataset(builder, data_files={split: path}, split=split, cache_dir=cache_dir)
-    if cache_dir is None and os.path.isdir(path):
-        cache_dir = _local_cache_dir(path)
+    if os.path.isdir(path):
+        _check_local_layout(path, split, data_dir=data_dir, data_files=data_files, config_name=config_name)
+        if cache_dir is None:
+            cache_dir = _local_cache_dir(path)
     try:
         return datasets.load_dataset(
             path, name=config_name, data_dir=data_dir, data_files=data_files, split=split,
             cache_dir=cache_dir,
         )
     except (FileNotFoundError, ConnectionError, ValueError) as err:
-        message = (
-            f"Could not load split {split!r} of {path!r} (data_dir={data_dir!r}): {err}\n"
-            "Without network access, pass a local directory in the hub repo's layout (see "
-            "tests.helpers.fixtures for the layouts) or a data file instead of a hub name."
+        message = f"Could not load split {split!r} of {path!r} (data_dir={data_dir!r}): {err}" + (
+            "" if os.path.isdir(path) else "\nWithout network access, pass a local directory in the "
+            "hub repo's layout or a data file instead of a hub name."
         )
         try:
             new_err = type(err)(message)
@@ -540,11 +566,14 @@ def prompt_dataset_from_tokens(
     drop_reasons: Mapping[str, int] | None = None,
     extras: Mapping[str, np.ndarray] | None = None,
     name: str = "",
+    remedies: Mapping[str, str] | None = None,
 ) -> PromptDataset:
     """Drop prompts longer than ``max_length`` tokens (or empty), left-pad the rest.
 
     ``width`` is the padded width; None pads to the longest kept prompt. The drop counts are added
-    to ``drop_reasons`` ("too_long", "empty") and logged.
+    to ``drop_reasons`` ("too_long", "empty") and logged. When no prompt is left, the error advises
+    raising the budget only if rows were too long, and ``remedies[reason]`` for the other reasons
+    that dropped rows.
     """
     reasons = dict(drop_reasons or {})
     keep = []
@@ -556,10 +585,12 @@ def prompt_dataset_from_tokens(
         else:
             keep.append(i)
     if not keep:
+        advice = [f"raise the token budget (max_length={max_length})"] if reasons.get("too_long") else []
+        advice += [text for reason, text in (remedies or {}).items() if reasons.get(reason)]
         raise DataError(
             f"{name or 'dataset'}: no prompt left of {len(token_lists) + sum((drop_reasons or {}).values())} "
-            f"rows after filtering (dropped {reasons}); raise the token budget (max_length={max_length}) "
-            "or relax the filters."
+            f"rows after filtering (dropped {({k: v for k, v in reasons.items() if v})}); "
+            + (" or ".join(advice) if advice else "pass a dataset with rows that pass these filters") + "."
         )
     kept_tokens = [token_lists[i] for i in keep]
     if width is None:

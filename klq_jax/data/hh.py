@@ -162,4 +162,5 @@ def load_hh(
         width=max_prompt_length if pad_to == "budget" else None,
         drop_reasons=reasons,
         name=f"hh:{name_or_path}/{data_dir or ''}:{split}",
+        remedies={"multi_turn": "keep multi-turn prompts (single_turn=False, --task.no-hh-single-turn)"},
     )

@@ -125,4 +125,5 @@ def load_imdb(
         drop_reasons=reasons,
         extras={} if labels is None else {"label": labels[keep]},
         name=f"imdb:{name_or_path}:{split}",
+        remedies={"short_review": f"lower min_review_chars={min_review_chars} (shorter reviews are dropped)"},
     )
