@@ -24,7 +24,8 @@ as the last real token; a row without one was truncated at ``T_max``). The missi
      when it is not a special token), decoded the same way; a truncated row keeps all ``T_max``
      tokens;
    * the RM's ids = ``reward_tokenizer(q, a)`` (``input_format="pair"``, the Ray2333 model card's
-     usage) or ``reward_tokenizer(q + a)`` (``"concat"``), or a callable's output;
+     usage) or ``reward_tokenizer(q + a)`` (``"concat"``; prompt and response ids decoded together,
+     so a character split at their boundary stays whole), or a callable's output;
    * rows longer than ``max_length`` (the RM's context) keep their LAST ``max_length`` tokens
      (the end of the prompt and the whole response survive), counted and logged;
    * rows are sorted by length, cut into micro-batches of ``micro_batch_size`` rows (the last one
@@ -269,8 +270,12 @@ def decode_rollout_texts(
     response_mask,
     *,
     stop_token_ids: Sequence[int] = (),
-) -> tuple[list[str], list[str]]:
-    """``(prompt texts, response texts)`` of a rollout batch, decoded with the POLICY tokenizer.
+    joint: bool = False,
+) -> tuple[list[str], list[str]] | tuple[list[str], list[str], list[str]]:
+    """``(prompt texts, response texts)`` of a rollout batch, decoded with the POLICY tokenizer;
+    with ``joint``, a third list: each prompt + response decoded TOGETHER (a character whose bytes
+    straddle the prompt/response boundary stays whole, where the two separate texts each hold a
+    U+FFFD).
 
     The prompt text is the decoded real (mask 1) prompt tokens. The response text is the decoded
     real response tokens without a final stop token (a row whose last real token is in
@@ -281,6 +286,7 @@ def decode_rollout_texts(
       tokenizer: the policy's tokenizer.
       prompt_ids, prompt_mask: ``[B, Tq]``; response_ids, response_mask: ``[B, Tr]``.
       stop_token_ids: the sampler's stop tokens.
+      joint: also return the jointly decoded texts.
 
     Example::
 
@@ -300,14 +306,17 @@ def decode_rollout_texts(
             f"{pids.shape}, {pmask.shape}, {rids.shape}, {rmask.shape}."
         )
     stops = {int(s) for s in stop_token_ids}
-    prompts, responses = [], []
+    prompt_tokens, response_tokens = [], []
     for b in range(pids.shape[0]):
-        prompts.append(_decode(tokenizer, pids[b][pmask[b]].tolist()))
+        prompt_tokens.append(pids[b][pmask[b]].tolist())
         resp = rids[b][rmask[b]].tolist()
         if resp and resp[-1] in stops:
             resp = resp[:-1]
-        responses.append(_decode(tokenizer, resp))
-    return prompts, responses
+        response_tokens.append(resp)
+    texts = ([_decode(tokenizer, t) for t in prompt_tokens], [_decode(tokenizer, t) for t in response_tokens])
+    if joint:
+        texts += ([_decode(tokenizer, p + r) for p, r in zip(prompt_tokens, response_tokens)],)
+    return texts
 
 
 InputFormat = Literal["pair", "concat"] | Callable[[str, str], Any]
@@ -329,7 +338,8 @@ class RMInputs:
     num_truncated: int
 
 
-def _encode_rm(reward_tokenizer, q: str, a: str, input_format: InputFormat) -> list[int]:
+def _encode_rm(reward_tokenizer, q: str, a: str, qa: str | None, input_format: InputFormat) -> list[int]:
+    """The RM's ids of one row; ``qa``: prompt + response decoded together (for ``"concat"``)."""
     if callable(input_format):
         out = input_format(q, a)
         if isinstance(out, str):
@@ -340,7 +350,7 @@ def _encode_rm(reward_tokenizer, q: str, a: str, input_format: InputFormat) -> l
     if input_format == "pair":
         return list(reward_tokenizer(q, a)["input_ids"])
     if input_format == "concat":
-        return list(reward_tokenizer(q + a)["input_ids"])
+        return list(reward_tokenizer(q + a if qa is None else qa)["input_ids"])
     raise ValueError(f"input_format must be 'pair', 'concat' or a callable, got {input_format!r}.")
 
 
@@ -360,7 +370,8 @@ def build_rm_inputs(
 
     ``q, a`` come from :func:`decode_rollout_texts`; the ids are ``reward_tokenizer(q, a)``
     (``"pair"``: Ray2333/gpt2-large-helpful-reward_model's format, rlhf_facts.md §4),
-    ``reward_tokenizer(q + a)`` (``"concat"``), or from ``input_format(q, a)`` returning a text, a
+    ``reward_tokenizer(decode(prompt + response ids))`` (``"concat"``: ``q + a``, except that a
+    character split at the prompt/response boundary stays whole), or from ``input_format(q, a)`` returning a text, a
     ``(text, text_pair)`` tuple or the ids themselves. Rows with more than ``max_length`` ids keep
     their last ``max_length`` ids.
 
@@ -376,12 +387,14 @@ def build_rm_inputs(
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}.")
-    prompts, responses = decode_rollout_texts(
-        policy_tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, stop_token_ids=stop_token_ids
+    concat = isinstance(input_format, str) and input_format == "concat"
+    prompts, responses, *joint = decode_rollout_texts(
+        policy_tokenizer, prompt_ids, prompt_mask, response_ids, response_mask, stop_token_ids=stop_token_ids,
+        joint=concat,
     )
     token_ids, truncated = [], 0
-    for q, a in zip(prompts, responses):
-        ids = _encode_rm(reward_tokenizer, q, a, input_format)
+    for q, a, qa in zip(prompts, responses, joint[0] if joint else [None] * len(prompts)):
+        ids = _encode_rm(reward_tokenizer, q, a, qa, input_format)
         if len(ids) > max_length:
             ids = ids[-max_length:]
             truncated += 1

@@ -200,3 +200,18 @@ def test_bucket_and_pad_helpers():
     assert ids.tolist() == [[1, 2, 3, 0], [4, 0, 0, 0], [0, 0, 0, 0]]
     assert mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 0, 0, 0]]
 
+
+
+def test_concat_keeps_a_character_split_at_the_prompt_boundary(toks):
+    """Issue data F6: an IMDb prompt cut inside a multi-byte character (byte-level BPE) reaches a
+    "concat" reward model as the text the policy wrote, not as two U+FFFD halves."""
+    ptok, rtok = toks
+    text = "\u4e2d\u6587\u8bc4\u8bba"  # 中文评论: several byte-level tokens per character
+    ids = _enc(ptok, text)
+    cut = next(k for k in range(1, len(ids)) if "\ufffd" in ptok.decode(ids[:k]))
+    p, r = ids[:cut], ids[cut:]
+    q, a = rewards.decode_rollout_texts(ptok, [p], [[1] * len(p)], [r], [[1] * len(r)])
+    assert "\ufffd" in q[0] + a[0]  # the separate texts, as shown in samples
+    x = rewards.build_rm_inputs(ptok, rtok, [p], [[1] * len(p)], [r], [[1] * len(r)],
+                                input_format="concat", max_length=512)
+    assert x.token_ids == [list(rtok(text)["input_ids"])]
