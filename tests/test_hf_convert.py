@@ -458,3 +458,22 @@ def test_library_round_trip_keeps_token_ids(tmp_path, cls, ids):
     config2, _, params2 = hf.load_flax(tmp_path / "flax")
     hf.save_hf(tmp_path / "out2", config2, params2, hf_config={"eos_token_id": 7})
     assert _ids(tmp_path / "out2" / "config.json") == {**ids, "eos_token_id": 7}
+
+
+def test_tied_checkpoint_with_a_different_stored_unembedding_warns(tmp_path):
+    """A tied config whose files also hold an lm_head.weight: an exact copy of the embedding is
+    skipped silently; a different one (transformers 5 would use it) is named with the max
+    difference, a warning, or an error with strict=True (review s7 F6)."""
+    testing.tiny_hf_llama(tmp_path / "src", tie_word_embeddings=True)
+    sd = load_file(str(tmp_path / "src" / "model.safetensors"))
+    emb = sd["model.embed_tokens.weight"]
+    for name, head in (("copy", emb.copy()), ("other", emb + np.float32(0.5))):
+        d = _copy(tmp_path / "src", tmp_path / name)
+        save_file({**sd, "lm_head.weight": head}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf.load_hf(tmp_path / "copy", strict=True)
+    with pytest.warns(UserWarning, match=r"'lm_head.weight', which is not a copy of it \(max \|difference\| 0.5\)"):
+        hf.load_hf(tmp_path / "other")
+    with pytest.raises(hf.ConversionError, match="set tie_word_embeddings to false"):
+        hf.load_hf(tmp_path / "other", strict=True)

@@ -467,6 +467,25 @@ def _value_head(flat, values, path: Path, key, source_dir: Path | None):
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_tied_copy(reader: WeightReader, name: str, embedding: str, path: Path, strict: bool) -> None:
+    """Warn (raise if ``strict``) unless the stored tied unembedding ``name`` equals ``embedding``."""
+    a, b = reader.get(name), reader.get(embedding)
+    if a.shape == b.shape and np.array_equal(a, b):
+        return  # a copy: nothing is lost by using the embedding
+    diff = (f"max |difference| {float(np.max(np.abs(a.astype(np.float32) - b.astype(np.float32)))):.3g}"
+            if a.shape == b.shape else f"shape {a.shape} vs {b.shape}")
+    msg = (
+        f"{path}: config.json ties the unembedding to the embedding '{embedding}', but the files also "
+        f"hold '{name}', which is not a copy of it ({diff}); klq_jax uses the embedding and ignores "
+        f"'{name}': set tie_word_embeddings to false in config.json to use '{name}' instead, or delete "
+        f"it from the files."
+    )
+    if strict:
+        raise ConversionError(msg)
+    warnings.warn(msg, stacklevel=3)
+
+
+
 def load_hf(
     path: str | os.PathLike,
     *,
@@ -514,6 +533,7 @@ def load_hf(
     pd = DTYPES[config.param_dtype]
     values: dict[tuple, Any] = {}
     used: set[str] = set()
+    disk_of: dict[tuple, str] = {}  # our path -> the tensor name read from the files
     for p, (hf_name, tf) in _plan(arch, config, flat).items():
         var = flat[p]
         hf_shape = _hf_shape(tf, var.shape)
@@ -537,6 +557,7 @@ def load_hf(
         arr = cast(tf.to_ours(reader.get(disk), tuple(var.shape)), pd, f"Tensor '{disk}' in {reader.file_of(disk)}")
         values[p] = jnp.asarray(arr) if mesh is None else jax.device_put(arr, variable_sharding(var, mesh))
         used.add(disk)
+        disk_of[p] = disk
     if ("value_kernel",) in flat:
         _value_head(flat, values, path, key, path)
         if mesh is not None:
@@ -547,6 +568,8 @@ def load_hf(
     # both configs say it is tied (an untied one is read above or reported as unused).
     is_tied = getattr(config, "tie_word_embeddings", False) and _get(hf_obj, "tie_word_embeddings", True)
     tied = set(arch.tied_names) if is_tied else set()
+    for name in sorted(tied & set(reader.names())):
+        _check_tied_copy(reader, name, disk_of[(arch.embedding,)], path, strict)
     unexpected = [n for n in reader.names() if n not in used and not ignored.search(n) and n not in tied]
     if unexpected:
         head = _head_for_config(config, arch).hf_arch

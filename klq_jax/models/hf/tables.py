@@ -106,7 +106,8 @@ class Arch:
     prefix: str = ""  # HF name prefix of the trunk, optional when reading
     aliases: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
     ignored: str = r"(?!)"  # regex of buffers to skip when reading (matched on names without prefix)
-    tied_names: tuple[str, ...] = ()  # HF names of a tied unembedding: skipped when reading
+    tied_names: tuple[str, ...] = ()  # HF names of a tied unembedding: skipped when reading...
+    embedding: str = ""  # ...if equal to this parameter's tensor (our path of the embedding)
     token_ids: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # defaults when writing
     hf_constants: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # always written
     value_head: bool = False  # our network can carry a value head
@@ -172,6 +173,7 @@ GPT_NEOX = Arch(
     aliases={"embed_out.weight": ("lm_head.weight",)},
     ignored=r"(^|\.)(attention\.bias|attention\.masked_bias|rotary_emb\.inv_freq)$",
     tied_names=("embed_out.weight", "lm_head.weight"),
+    embedding="embed_in",
     token_ids={"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None},
     hf_constants={"rope_parameters.rope_type": "default"},
     value_head=True,
@@ -223,6 +225,7 @@ GPT2 = Arch(
     prefix="transformer.",
     ignored=r"(^|\.)attn\.(bias|masked_bias)$",
     tied_names=("lm_head.weight",),
+    embedding="wte",
 )
 
 
@@ -280,6 +283,7 @@ LLAMA = Arch(
     prefix="model.",
     ignored=r"(^|\.)rotary_emb\.inv_freq$",
     tied_names=("lm_head.weight",),
+    embedding="embed_in",
     value_head=True,
 )
 
