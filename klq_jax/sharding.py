@@ -86,7 +86,9 @@ def spec_for(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> P:
     """PartitionSpec for an array with logical ``axes`` (one name per dim) and ``shape``.
 
     A dim whose size does not divide by its mesh axis (or whose mesh axis is already used by an
-    earlier dim) is replicated instead, so every model shape works on every mesh.
+    earlier dim) is replicated instead, so every model shape works on every mesh: such a tensor
+    then sits whole along that axis on every device (more memory; :func:`replicated_by_size` lists
+    them, and ``klq train`` logs them).
     """
     if not axes:
         return P()
@@ -119,6 +121,52 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
     value = var.get_value() if hasattr(var, "get_value") else var.value
     axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else getattr(var, "axes", None)
     return NamedSharding(mesh, spec_for(axes, tuple(value.shape), mesh))
+
+
+def replicated_by_size(params: Any, mesh: Mesh) -> list[tuple[str, tuple[int, ...], str, int, int]]:
+    """The parameters that :func:`spec_for` keeps whole over a mesh axis of size > 1 because the
+    dim mapped onto it does not divide it: ``(name, shape, mesh axis, axis size, dim size)`` each.
+
+    Example (vocab 10 over ``tensor=8``; ``embed`` over ``fsdp=1`` is not a replication by size)::
+
+        >>> import jax, jax.numpy as jnp
+        >>> from flax import nnx
+        >>> mesh = jax.sharding.AbstractMesh((1, 1, 8), MESH_AXES)  # (the shape is all it needs)
+        >>> p = nnx.State({"emb": nnx.Param(jnp.zeros((10, 4)), axes=("vocab", "embed"))})
+        >>> replicated_by_size(p, mesh)
+        [('emb', (10, 4), 'tensor', 8, 10)]
+    """
+    out = []
+    for path, var in nnx.to_flat_state(params):
+        if not _is_var(var):
+            continue
+        axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else getattr(var, "axes", None)
+        shape = tuple((var.get_value() if hasattr(var, "get_value") else var.value).shape)
+        used = set(variable_sharding(var, mesh).spec)
+        for name, size in zip(axes or (), shape):
+            axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+            if axis is not None and axis not in used and mesh.shape[axis] > 1 and size % mesh.shape[axis]:
+                out.append((".".join(str(k) for k in path), shape, axis, int(mesh.shape[axis]), int(size)))
+                used.add(axis)  # one entry per (parameter, mesh axis)
+    return out
+
+
+def replication_note(params: Any, mesh: Mesh) -> str | None:
+    """One line naming what :func:`replicated_by_size` finds (layers collapsed to ``layers.*``),
+    or None when every mapped dim divides its mesh axis."""
+    import re
+
+    seen: dict[str, str] = {}
+    for name, shape, axis, n, size in replicated_by_size(params, mesh):
+        key = re.sub(r"(^|\.)\d+(\.|$)", r"\1*\2", name)
+        seen.setdefault(key, f"{key} {list(shape)} (dim {size} over {axis}={n})")
+    if not seen:
+        return None
+    return (
+        f"{len(seen)} parameter(s) sit whole on every device along a mesh axis that their size does not "
+        f"divide (replicated there: more memory per device): {', '.join(seen.values())}. For less memory "
+        "choose mesh sizes that divide these dims."
+    )
 
 
 def param_shardings(params: Any, mesh: Mesh) -> Any:

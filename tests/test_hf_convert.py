@@ -416,16 +416,18 @@ def test_load_hf_straight_into_a_mesh(tmp_path):
 
     testing.tiny_hf_gpt_neox(tmp_path, seed=5, hidden_size=32, num_attention_heads=4, intermediate_size=64)
     mesh = sharding.make_mesh(4, 2, 1, devices=jax.devices()[:8])
-    _, _, plain = hf.load_hf(tmp_path, value_head=True, key=jax.random.key(0))
+    config, _, plain = hf.load_hf(tmp_path, value_head=True, key=jax.random.key(0))
     _, _, placed = hf.load_hf(tmp_path, value_head=True, key=jax.random.key(0), mesh=mesh)
+    hf.save_flax(tmp_path / "flax", config, plain)  # a klq_jax checkpoint is placed the same way
+    _, _, placed_flax = hf.load_flax(tmp_path / "flax", mesh=mesh)
     want = sharding.param_shardings(placed, mesh)
-    for (path, got), (_, w) in zip(
-        jax.tree_util.tree_flatten_with_path(placed)[0], jax.tree_util.tree_flatten_with_path(want)[0]
-    ):
-        assert got.sharding.is_equivalent_to(w, got.ndim), path
     flat_plain = dict(jax.tree_util.tree_flatten_with_path(plain)[0])
-    for path, got in jax.tree_util.tree_flatten_with_path(placed)[0]:
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(flat_plain[path]))
+    for loaded in (placed, placed_flax):
+        for (path, got), (_, w) in zip(
+            jax.tree_util.tree_flatten_with_path(loaded)[0], jax.tree_util.tree_flatten_with_path(want)[0]
+        ):
+            assert got.sharding.is_equivalent_to(w, got.ndim), path
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(flat_plain[path]))
     assert any("fsdp" in str(s.spec) for s in jax.tree_util.tree_leaves(want))
 
 

@@ -215,3 +215,29 @@ def test_models_are_created_sharded(tmp_path, rm_dir):
     # The same random policy built on one device has the same values.
     _, _, single = load_model("random:tiny", key=key, value_head=True)
     _close(nnx.to_pure_dict(params), nnx.to_pure_dict(single), atol=1e-7)  # jit vs eager: 1 ulp
+
+
+def test_replicated_by_size_names_what_a_mesh_axis_does_not_divide():
+    """Vocab 63, 6 query / 2 KV heads over tensor=4 (hand-counted): the embedding, q/out (6 % 4)
+    and k/v (2 % 4) kernels stay whole along `tensor`; the MLP (48 % 4 == 0) and everything over
+    fsdp=2 (hidden 48) split. The placed arrays agree: each listed one is whole on a device."""
+    from klq_jax.models import llama
+
+    cfg = llama.LlamaConfig.tiny(vocab_size=63, hidden_size=48, num_heads=6, num_kv_heads=2, num_layers=1)
+    mesh = sharding.make_mesh(1, 2, 4, devices=jax.devices()[:8])
+    _, params = sharding.build_sharded(llama.init, cfg, jax.random.key(0), mesh=mesh)
+    found = sharding.replicated_by_size(params, mesh)
+    assert {(n, axis, k, size) for n, _, axis, k, size in found} == {
+        ("embed_in", "tensor", 4, 63),
+        ("layers.0.attention.q_kernel", "tensor", 4, 6), ("layers.0.attention.out_kernel", "tensor", 4, 6),
+        ("layers.0.attention.k_kernel", "tensor", 4, 2), ("layers.0.attention.v_kernel", "tensor", 4, 2),
+    }
+    flat = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(params)}
+    for name, shape, _, _, size in found:  # the dim of that size is whole in every shard
+        d = shape.index(size)
+        assert flat[name].shape == shape and flat[name].sharding.shard_shape(shape)[d] == size
+    assert flat["layers.0.mlp.up_kernel"].sharding.shard_shape((48, 48)) == (24, 12)
+    note = sharding.replication_note(params, mesh)
+    assert "\n" not in note and "embed_in [63, 48] (dim 63 over tensor=4)" in note
+    assert "layers.*.attention.k_kernel [48, 2, 8] (dim 2 over tensor=4)" in note
+    assert sharding.replication_note(params, sharding.make_mesh(1, 2, 1, devices=jax.devices()[:2])) is None

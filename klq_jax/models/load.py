@@ -98,7 +98,8 @@ def load_model(
     are applied by ONE function, :func:`apply_model_options`, whatever the source stored: the compute
     ``dtype``, the parameter storage ``param_dtype``, the value head (added from ``value_head.
     safetensors`` or freshly from ``key`` when asked for and missing, dropped when not asked for),
-    and the ``mesh`` placement (a Hugging Face checkpoint is placed tensor by tensor as it is read).
+    and the ``mesh`` placement (a Hugging Face or klq_jax checkpoint is placed tensor by tensor as it
+    is read).
 
     Args:
       source: the model source.
@@ -190,7 +191,7 @@ def _read_model(source: str, *, key, value_head: bool, dtype: str, param_dtype: 
         _, params = sharding.build_sharded(module.init, cfg, key, mesh=mesh)  # born sharded
         return cfg, params
     if os.path.isdir(source) and os.path.exists(os.path.join(source, "klq_config.json")):
-        cfg, _, params = hf.load_flax(source)
+        cfg, _, params = hf.load_flax(source, mesh=mesh)
         return cfg, params
     cfg, _, params = hf.load_hf(
         source, dtype=dtype, param_dtype=param_dtype, value_head=value_head, key=key, mesh=mesh

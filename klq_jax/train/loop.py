@@ -288,6 +288,9 @@ def _train_in(cfg: TrainConfig, experiment: Experiment, mesh, on_iteration) -> T
     total_steps = cfg.num_iterations * cfg.steps_per_iteration
     optimizer, schedule = make_optimizer(cfg.optim, total_steps, cfg.steps_per_iteration)
     state, state_sh = init_state(experiment.params, optimizer, cfg.seed, mesh)
+    note = sharding.replication_note(experiment.params, mesh)
+    if note and jax.process_index() == 0:  # what the mesh leaves whole on every device, said once
+        logging.getLogger(__name__).warning("Policy: %s", note)
     ref_graphdef = experiment.ref_graphdef if experiment.ref_graphdef is not None else experiment.graphdef
     ref_params = experiment.ref_params
     if ref_params is None:  # π_b = θ_0's policy, frozen (a copy: the state is donated)

@@ -375,6 +375,12 @@ def _candidates(arch: tables.Arch, hf_name: str) -> list[str]:
 # ------------------------------------------------------------------------------------------------
 
 
+def _place(arr: np.ndarray, var, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """A tensor just read, on the default device, or (``mesh``) straight into ``var``'s sharding
+    (each device receives only its shard)."""
+    return jnp.asarray(arr) if mesh is None else jax.device_put(arr, variable_sharding(var, mesh))
+
+
 def _fill(abstract: nnx.State, values: Mapping[tuple, Any]) -> nnx.State:
     """Replace every leaf of ``abstract`` by ``values[path]`` (a jax/numpy array)."""
     pure = nnx.to_pure_dict(abstract)
@@ -555,7 +561,7 @@ def load_hf(
                 f"(from config.json: {sizes}). The weights and config.json do not belong together."
             )
         arr = cast(tf.to_ours(reader.get(disk), tuple(var.shape)), pd, f"Tensor '{disk}' in {reader.file_of(disk)}")
-        values[p] = jnp.asarray(arr) if mesh is None else jax.device_put(arr, variable_sharding(var, mesh))
+        values[p] = _place(arr, var, mesh)
         used.add(disk)
         disk_of[p] = disk
     if ("value_kernel",) in flat:
@@ -830,12 +836,14 @@ def read_flax_hf_config(path: str | os.PathLike) -> dict | None:
     return read_json(f, "") if f.is_file() else None
 
 
-def load_flax(path: str | os.PathLike, *, dtype: str | None = None):
+def load_flax(path: str | os.PathLike, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None):
     """Load our checkpoint directory as ``(config, graphdef, params)``.
 
     Args:
       path: directory written by :func:`save_flax` (or ``klq-convert hf-to-flax``).
       dtype: override the compute dtype stored in the config.
+      mesh: place each tensor, as it is read, with its :mod:`klq_jax.sharding` sharding on this
+        mesh, as :func:`load_hf` does (default: the default device).
     """
     path = Path(path)
     config = read_flax_config(path)
@@ -859,7 +867,7 @@ def load_flax(path: str | os.PathLike, *, dtype: str | None = None):
                 f"Tensor '{name}' in {reader.file_of(name)} has shape {reader.shape(name)}, expected "
                 f"{tuple(var.shape)} from {FLAX_CONFIG_FILE}."
             )
-        values[p] = jnp.asarray(reader.get(name).astype(var.dtype))
+        values[p] = _place(reader.get(name).astype(var.dtype), var, mesh)
     extra = sorted(set(reader.names()) - {_join(p) for p in flat})
     if extra:
         raise ConversionError(f"{path} holds tensors {extra[:8]} that {FLAX_CONFIG_FILE}'s model lacks.")
