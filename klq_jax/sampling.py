@@ -18,7 +18,8 @@ One call of :func:`sample` is one compiled XLA program (one compile per batch si
 Sampling distribution
 ---------------------
 With logits ``l`` and temperature ``T``, the sampling distribution is ``p = softmax(l / T)``
-(``π(·|s)^{1/T}`` normalised). ``top_k`` keeps the ``k`` most likely tokens, then ``top_p`` keeps the
+(``π(·|s)^{1/T}`` normalised). ``top_k`` keeps the ``k`` most likely tokens (and any tied with the
+``k``-th, as Hugging Face does), then ``top_p`` keeps the
 smallest set of the remaining (renormalised) most likely tokens whose mass reaches ``top_p``, and
 the token is drawn from ``p`` restricted to the kept set and renormalised (the order of Hugging
 Face's warpers: temperature, top-k, top-p). ``greedy`` takes ``argmax l`` (the first maximum).
@@ -81,7 +82,7 @@ class SamplingConfig:
       max_new_tokens: ``T_max``, the most response tokens per row (>= 1).
       temperature: ``T > 0``; the sampling distribution is ``softmax(logits / T)``. Also used for the
         returned log-probs when ``greedy``.
-      top_k: keep only the ``k`` most likely tokens (0 = off).
+      top_k: keep only the ``k`` most likely tokens, and those tied with the ``k``-th (0 = off).
       top_p: nucleus sampling, keep the smallest top set with mass ``>= top_p`` (1.0 = off).
       greedy: take the argmax of the logits instead of sampling (ignores top_k/top_p and the key).
       stop_token_ids: token ids that end a response (kept as its last real token). Empty: never
@@ -259,13 +260,46 @@ def _nucleus_keep(sorted_logits: Array, top_p: float) -> Array:
     return keep.at[:, 0].set(True)
 
 
+def _candidates(z: Array, k: int, top_p: float) -> tuple[Array, Array, Array]:
+    """``(values, indices, keep)`` ``[B, n]``: the ``n = k or V`` largest of ``z [B, V]`` in
+    descending order (:func:`_ranked`) and which of them top-p keeps."""
+    vals, idx = _ranked(z, k or z.shape[-1])
+    keep = _nucleus_keep(vals, top_p) if top_p < 1.0 else jnp.ones(vals.shape, bool)
+    return vals, idx, keep
+
+
+def _kth(z: Array, k: int) -> Array:
+    """``[B, 1]``: the ``k``-th largest value of each row of ``z [B, V]``."""
+    return _ranked(z, k)[0][:, -1:]
+
+
+def _keeping_kth_ties(z: Array, k: int, fn):
+    """``fn(z, k)`` (a ``[B, ...]`` result per row), except in the rows where more than ``k``
+    tokens reach the ``k``-th largest value: there ``fn(z', 0)`` with ``z'`` = ``z`` where ``z >=
+    kth``, else ``-inf``; every token tied with the ``k``-th survives, as Hugging Face's
+    ``TopKLogitsWarper`` keeps them. Rows without such ties (and ``k = 0``) are exactly ``fn(z, k)``;
+    the full-vocabulary path runs only when some row has ties (``lax.cond``)."""
+    out = fn(z, k)
+    if not k:
+        return out
+    kth = _kth(z, k)
+    tied = jnp.sum(z >= kth, axis=-1) > k  # [B]
+
+    def with_ties():
+        full = fn(jnp.where(z >= kth, z, -jnp.inf), 0)
+        return jnp.where(tied.reshape(tied.shape + (1,) * (out.ndim - 1)), full, out)
+
+    return jax.lax.cond(jnp.any(tied), with_ties, lambda: out)
+
+
 def kept_tokens(logits: Array, config: SamplingConfig) -> Array:
     """``[B, V]`` bool: the tokens ``config`` may draw from ``logits [B, V]`` (top-k, then top-p).
 
-    The support of :func:`sample_from_logits`'s draw: the ``top_k`` most likely tokens, then of
-    those (renormalised) the smallest most-likely set whose mass reaches ``top_p`` (Holtzman et
-    al.; Hugging Face's warpers, ties at the crossing kept by the higher index as HF does). Every
-    token when both are off; the argmax when ``greedy``.
+    The support of :func:`sample_from_logits`'s draw: the ``top_k`` most likely tokens (with every
+    token tied with the ``k``-th: values ``>=`` the ``k``-th largest, as Hugging Face's
+    ``TopKLogitsWarper``), then of those (renormalised) the smallest most-likely set whose mass
+    reaches ``top_p`` (Holtzman et al.; Hugging Face's warpers, ties at the crossing kept by the
+    higher index as HF does). Every token when both are off; the argmax when ``greedy``.
 
     Example:
       >>> import jax.numpy as jnp
@@ -282,9 +316,13 @@ def kept_tokens(logits: Array, config: SamplingConfig) -> Array:
     k = config.top_k if 0 < config.top_k < V else 0
     if not k and config.top_p == 1.0:
         return jnp.ones((B, V), bool)
-    vals, idx = _ranked(z, k or V)
-    keep = _nucleus_keep(vals, config.top_p) if config.top_p < 1.0 else jnp.ones(vals.shape, bool)
-    return jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], idx].set(keep)
+
+    def kept(z, k):
+        _, idx, keep = _candidates(z, k, config.top_p)
+        return jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], idx].set(keep)
+
+    out = _keeping_kth_ties(z, k, kept)
+    return out & (z >= _kth(z, k)) if k else out  # (the masked -inf of tied rows are not kept)
 
 
 def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tuple[Array, Array]:
@@ -316,15 +354,16 @@ def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tup
     lse = jax.nn.logsumexp(z, axis=-1)
     if config.greedy:
         tokens = _argmax(logits.astype(jnp.float32))
-    else:  # top-k and/or top-p
+    else:  # top-k (ties with the k-th kept, see kept_tokens) and/or top-p
         u = 1.0 - jax.random.uniform(key, (B,), jnp.float32)  # (0, 1]
-        vals, idx = _ranked(z, k or V)  # descending; a full sort only for top-p alone
-        keep = jnp.ones(vals.shape, bool)
-        if config.top_p < 1.0:
-            keep = _nucleus_keep(vals, config.top_p)
-        w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
-        j = _inverse_cdf(u, w)
-        tokens = jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+        def draw(z, k):  # descending candidates; a full sort only for top-p alone (or k-th ties)
+            vals, idx, keep = _candidates(z, k, config.top_p)
+            w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+            j = _inverse_cdf(u, w)
+            return jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32)
+
+        tokens = _keeping_kth_ties(z, k, draw)
     picked = jnp.take_along_axis(z, tokens[:, None], axis=1)[:, 0]
     return tokens, picked - lse
 

@@ -118,3 +118,38 @@ def test_exact_boundaries_on_many_rows():
         assert set(np.flatnonzero(ours[0]).tolist()) == _exact_kept(h, top_p), (h, top_p)
         hf_agrees += bool((ours == _hf_kept(logits, top_p)).all())
     assert hf_agrees > 0.8 * len(cases)
+
+
+def _hf_rule_kept(z, top_k, top_p):
+    """numpy, Hugging Face's rule: top-k keeps values >= the k-th largest (every tie); top-p on those
+    (stable ascending sort, drop while the cumulative mass <= 1 - top_p, keep the largest)."""
+    z = np.asarray(z, np.float64)
+    keep = z >= np.sort(z)[::-1][top_k - 1]
+    if top_p < 1.0:
+        zk = np.where(keep, z, -np.inf)
+        order = np.argsort(zk, kind="stable")
+        p = np.exp(zk[order] - zk.max())
+        drop = np.cumsum(p / p.sum()) <= 1 - top_p
+        drop[-1] = False
+        keep[order[drop]] = False
+    return keep
+
+
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0), (3, 0.7), (2, 0.5)])
+def test_top_k_keeps_every_token_tied_with_the_kth(top_k, top_p):
+    """Logits with ties at (and around) the k-th value: kept_tokens is HF's set, and the sampler
+    draws exactly that set (each tied token included); a row without ties in the same batch keeps k."""
+    rows = np.array([
+        [2.0, 1.0, 1.0, 2.0, 0.0, 1.0, -1.0, 1.0],  # 2 tops, then four tied at 1.0
+        [3.0, 3.0, 3.0, 3.0, 3.0, 0.0, 0.0, 0.0],   # five tied tops
+        [0.5, 1.5, 2.5, 3.5, 0.0, -0.5, 1.0, 2.0],  # no ties
+    ], np.float32)
+    ours = _ours(jnp.asarray(rows), top_p, top_k)
+    want = np.stack([_hf_rule_kept(r, top_k, top_p) for r in rows])
+    np.testing.assert_array_equal(ours, want)
+    if top_p == 1.0:
+        np.testing.assert_array_equal(ours, _hf_kept(rows, top_p, top_k))  # torch's own warper
+    if top_p == 1.0:
+        assert want[2].sum() == top_k
+    for r, w in zip(rows, want):
+        assert _drawn(jnp.asarray(r[None]), top_p, top_k, n=256) == set(np.flatnonzero(w).tolist())
