@@ -539,7 +539,10 @@ def apply(
 ) -> ModelOutput:
     """Pure forward pass: ``nnx.merge(graphdef, params)(tokens, mask, cache=cache)``.
 
-    Works for any decoder (GPT-NeoX, Llama): the graphdef carries the network.
+    Works for any decoder (GPT-NeoX, Llama): the graphdef carries the network. With a bfloat16 or
+    float16 compute dtype, call it under ``jax.jit`` on CPU: XLA:CPU's eager (op-by-op) matmul
+    refuses the bf16 × bf16 → float32 products the model accumulates in ("Unsupported element
+    type for DotThunk"); jitted, it runs (float32 runs either way).
 
     Args:
       graphdef, params: from an ``init``, ``abstract_params`` or the HF converter.
