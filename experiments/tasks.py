@@ -562,6 +562,11 @@ def build_experiment(
             ref_graphdef, ref_params = crit_ref_gd, crit_ref_p
     common = dict(graphdef=graphdef, params=params, ref_graphdef=ref_graphdef, ref_params=ref_params)
     if synthetic:
+        if task.reward_model is not None and task.critic != "reward_model":
+            logger.warning(
+                "The synthetic task scores with its programmatic reward %r and ignores --task.reward-model "
+                "%s: drop it, or pick a reward-model task (or --task.critic reward_model to initialise the "
+                "critic from it).", task.reward, task.reward_model)
         problems = task.vocabulary_problems(cfg.vocab_size)
         if problems:  # before the run directory is created (build_experiment comes first)
             raise ConfigError(f"Invalid TaskConfig for the policy {task.policy}: " + "; ".join(problems))

@@ -144,3 +144,15 @@ def test_policy_reference_and_critic_of_a_task_honour_dtype(sources, ref_kind, c
     exp = tasks.build_experiment(dataclasses.replace(task, critic=None), batch_size=2, seed=0)
     out = gpt_neox.apply(exp.graphdef, exp.params, TOKENS, MASK, logits=False)
     assert out.hidden.dtype == jnp.bfloat16 and out.values is not None
+
+
+def test_synthetic_task_warns_that_it_ignores_a_reward_model(sources, caplog):
+    """--task.reward-model on the synthetic task (programmatic reward): one warning naming it; none
+    without one."""
+    task = tasks.TaskConfig(kind="synthetic", policy="random:tiny", num_prompts=4, prompt_len=4)
+    for t, warned in ((dataclasses.replace(task, reward_model=sources["hf_rm"]), True), (task, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="experiments.tasks"):
+            tasks.build_experiment(t, batch_size=2, seed=0)
+        lines = [r.getMessage() for r in caplog.records if "ignores --task.reward-model" in r.getMessage()]
+        assert len(lines) == int(warned) and all(sources["hf_rm"] in l and "\n" not in l for l in lines)
