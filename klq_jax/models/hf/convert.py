@@ -491,7 +491,6 @@ def _check_tied_copy(reader: WeightReader, name: str, embedding: str, path: Path
     warnings.warn(msg, stacklevel=3)
 
 
-
 def load_hf(
     path: str | os.PathLike,
     *,
