@@ -92,35 +92,49 @@ def spec_for(axes: tuple | None, shape: tuple[int, ...], mesh: Mesh) -> P:
     """
     if not axes:
         return P()
-    if len(axes) != len(shape):
-        raise ValueError(f"logical axes {axes} do not match the array shape {shape}")
-    out, used = [], set()
-    for name, size in zip(axes, shape):
-        mesh_axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
-        if (
-            mesh_axis is None
-            or mesh_axis in used
-            or mesh.shape[mesh_axis] == 1
-            or size % mesh.shape[mesh_axis]
-        ):
-            out.append(None)
-        else:
-            out.append(mesh_axis)
-            used.add(mesh_axis)
+    out, _ = _dims_on_mesh(axes, shape, mesh)
     while out and out[-1] is None:
         out.pop()
     return P(*out)
+
+
+def _dims_on_mesh(axes: tuple, shape: tuple[int, ...], mesh: Mesh) -> tuple[list, list[tuple[str, int]]]:
+    """:func:`spec_for`'s rule: the mesh axis of each dim (None: replicated), and the ``(mesh axis,
+    dim size)`` left unused by any dim because the size does not divide the axis (size > 1)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match the array shape {shape}")
+    out, used, by_size = [], set(), []
+    for name, size in zip(axes, shape):
+        mesh_axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
+        if mesh_axis is None or mesh_axis in used or mesh.shape[mesh_axis] == 1:
+            out.append(None)
+        elif size % mesh.shape[mesh_axis]:
+            out.append(None)
+            by_size.append((mesh_axis, size))
+        else:
+            out.append(mesh_axis)
+            used.add(mesh_axis)
+    firsts = {}
+    for mesh_axis, size in by_size:  # one per mesh axis; not one a later dim took
+        if mesh_axis not in used:
+            firsts.setdefault(mesh_axis, size)
+    return out, list(firsts.items())
 
 
 def _is_var(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
-    """The ``NamedSharding`` of one ``nnx.Param`` (concrete or abstract) from its ``axes``."""
+def _axes_and_shape(var: nnx.Variable) -> tuple[tuple | None, tuple[int, ...]]:
+    """The logical ``axes`` metadata and the shape of one ``nnx.Param`` (concrete or abstract)."""
     value = var.get_value() if hasattr(var, "get_value") else var.value
     axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else getattr(var, "axes", None)
-    return NamedSharding(mesh, spec_for(axes, tuple(value.shape), mesh))
+    return axes, tuple(value.shape)
+
+
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """The ``NamedSharding`` of one ``nnx.Param`` (concrete or abstract) from its ``axes``."""
+    return NamedSharding(mesh, spec_for(*_axes_and_shape(var), mesh))
 
 
 def replicated_by_size(params: Any, mesh: Mesh) -> list[tuple[str, tuple[int, ...], str, int, int]]:
@@ -140,14 +154,11 @@ def replicated_by_size(params: Any, mesh: Mesh) -> list[tuple[str, tuple[int, ..
     for path, var in nnx.to_flat_state(params):
         if not _is_var(var):
             continue
-        axes = var.get_metadata().get("axes") if hasattr(var, "get_metadata") else getattr(var, "axes", None)
-        shape = tuple((var.get_value() if hasattr(var, "get_value") else var.value).shape)
-        used = set(variable_sharding(var, mesh).spec)
-        for name, size in zip(axes or (), shape):
-            axis = LOGICAL_AXIS_RULES.get(name) if name is not None else None
-            if axis is not None and axis not in used and mesh.shape[axis] > 1 and size % mesh.shape[axis]:
-                out.append((".".join(str(k) for k in path), shape, axis, int(mesh.shape[axis]), int(size)))
-                used.add(axis)  # one entry per (parameter, mesh axis)
+        axes, shape = _axes_and_shape(var)
+        if not axes:
+            continue
+        for axis, size in _dims_on_mesh(axes, shape, mesh)[1]:
+            out.append((".".join(str(k) for k in path), shape, axis, int(mesh.shape[axis]), int(size)))
     return out
 
 
