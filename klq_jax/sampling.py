@@ -260,36 +260,33 @@ def _nucleus_keep(sorted_logits: Array, top_p: float) -> Array:
     return keep.at[:, 0].set(True)
 
 
-def _candidates(z: Array, k: int, top_p: float) -> tuple[Array, Array, Array]:
-    """``(values, indices, keep)`` ``[B, n]``: the ``n = k or V`` largest of ``z [B, V]`` in
-    descending order (:func:`_ranked`) and which of them top-p keeps."""
-    vals, idx = _ranked(z, k or z.shape[-1])
-    keep = _nucleus_keep(vals, top_p) if top_p < 1.0 else jnp.ones(vals.shape, bool)
-    return vals, idx, keep
+def _top_p_keep(vals: Array, top_p: float) -> Array:
+    """``[B, n]`` bool: which of the descending candidates ``vals [B, n]`` top-p keeps."""
+    return _nucleus_keep(vals, top_p) if top_p < 1.0 else jnp.ones(vals.shape, bool)
 
 
-def _kth(z: Array, k: int) -> Array:
-    """``[B, 1]``: the ``k``-th largest value of each row of ``z [B, V]``."""
-    return _ranked(z, k)[0][:, -1:]
-
-
-def _keeping_kth_ties(z: Array, k: int, fn):
-    """``fn(z, k)`` (a ``[B, ...]`` result per row), except in the rows where more than ``k``
-    tokens reach the ``k``-th largest value: there ``fn(z', 0)`` with ``z'`` = ``z`` where ``z >=
-    kth``, else ``-inf``; every token tied with the ``k``-th survives, as Hugging Face's
-    ``TopKLogitsWarper`` keeps them. Rows without such ties (and ``k = 0``) are exactly ``fn(z, k)``;
-    the full-vocabulary path runs only when some row has ties (``lax.cond``)."""
-    out = fn(z, k)
+def _keeping_kth_ties(z: Array, k: int, fn) -> tuple[Array, Array | None]:
+    """``(fn(vals, idx), kth)``: ``fn`` (a ``[B, ...]`` result per row) of the descending
+    candidates of ``z [B, V]`` (:func:`_ranked`: its ``k`` largest, all ``V`` when ``k = 0``),
+    except in the rows where more than ``k`` tokens reach the ``k``-th largest value: there ``fn``
+    of all ``V`` candidates of ``z'`` = ``z`` where ``z >= kth``, else ``-inf``; every token tied
+    with the ``k``-th survives, as Hugging Face's ``TopKLogitsWarper`` keeps them. Rows without such
+    ties (and ``k = 0``) are exactly ``fn`` of the ``k`` largest; the full-vocabulary path runs only
+    when some row has ties (``lax.cond``). ``kth [B, 1]`` is the ``k``-th largest value (None when
+    ``k = 0``), read from the same ranking."""
+    V = z.shape[-1]
+    vals, idx = _ranked(z, k or V)
+    out = fn(vals, idx)
     if not k:
-        return out
-    kth = _kth(z, k)
+        return out, None
+    kth = vals[:, -1:]
     tied = jnp.sum(z >= kth, axis=-1) > k  # [B]
 
     def with_ties():
-        full = fn(jnp.where(z >= kth, z, -jnp.inf), 0)
+        full = fn(*_ranked(jnp.where(z >= kth, z, -jnp.inf), V))
         return jnp.where(tied.reshape(tied.shape + (1,) * (out.ndim - 1)), full, out)
 
-    return jax.lax.cond(jnp.any(tied), with_ties, lambda: out)
+    return jax.lax.cond(jnp.any(tied), with_ties, lambda: out), kth
 
 
 def kept_tokens(logits: Array, config: SamplingConfig) -> Array:
@@ -317,12 +314,11 @@ def kept_tokens(logits: Array, config: SamplingConfig) -> Array:
     if not k and config.top_p == 1.0:
         return jnp.ones((B, V), bool)
 
-    def kept(z, k):
-        _, idx, keep = _candidates(z, k, config.top_p)
-        return jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], idx].set(keep)
+    def kept(vals, idx):
+        return jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], idx].set(_top_p_keep(vals, config.top_p))
 
-    out = _keeping_kth_ties(z, k, kept)
-    return out & (z >= _kth(z, k)) if k else out  # (the masked -inf of tied rows are not kept)
+    out, kth = _keeping_kth_ties(z, k, kept)
+    return out & (z >= kth) if k else out  # (the masked -inf of tied rows are not kept)
 
 
 def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tuple[Array, Array]:
@@ -357,13 +353,12 @@ def sample_from_logits(key: Array, logits: Array, config: SamplingConfig) -> tup
     else:  # top-k (ties with the k-th kept, see kept_tokens) and/or top-p
         u = 1.0 - jax.random.uniform(key, (B,), jnp.float32)  # (0, 1]
 
-        def draw(z, k):  # descending candidates; a full sort only for top-p alone (or k-th ties)
-            vals, idx, keep = _candidates(z, k, config.top_p)
-            w = jnp.where(keep, jnp.exp(vals - vals[:, :1]), 0.0)
+        def draw(vals, idx):  # descending candidates; a full sort only for top-p alone (or k-th ties)
+            w = jnp.where(_top_p_keep(vals, config.top_p), jnp.exp(vals - vals[:, :1]), 0.0)
             j = _inverse_cdf(u, w)
             return jnp.take_along_axis(idx, j[:, None], axis=1)[:, 0].astype(jnp.int32)
 
-        tokens = _keeping_kth_ties(z, k, draw)
+        tokens, _ = _keeping_kth_ties(z, k, draw)
     picked = jnp.take_along_axis(z, tokens[:, None], axis=1)[:, 0]
     return tokens, picked - lse
 
